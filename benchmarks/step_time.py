@@ -1,0 +1,126 @@
+"""Optimizer step time on GPT-style models with random gradients.
+
+Every implementation steps the same parameters with the same fixed random
+gradients; implementations are timed in interleaved rounds (so a noisy
+neighbour hurts all of them alike) and the median step is reported, with its
+ratio to torch.optim.AdamW (foreach and fused) measured in the same run.
+
+    python benchmarks/step_time.py                       # gpt2-20m and gpt2-160m on CPU
+    python benchmarks/step_time.py --models gpt2-20m --rounds 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import blockopt
+from blockopt.bench.models import build_model
+
+
+def make_optimizers(model, which, lr=1e-4):
+    cfg = model.config
+    out = {}
+    for name in which:
+        if name == "adamw-foreach":
+            out[name] = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+        elif name == "adamw-fused":
+            out[name] = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
+        elif name == "adamw-single":
+            out[name] = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
+        elif name == "adam-mini":
+            out[name] = blockopt.AdamMini(model, lr=lr)
+        elif name == "adam-mini-reference":
+            out[name] = blockopt.AdamMini(model, lr=lr, foreach=False)
+        elif name == "adam-mini-official":
+            try:
+                from adam_mini import Adam_mini
+            except ImportError:
+                print("# adam-mini-official skipped: pip install 'blockopt[official]'", file=sys.stderr)
+                continue
+            out[name] = Adam_mini(model.named_parameters(), lr=lr, dim=cfg.d_model, n_heads=cfg.n_heads,
+                                  n_kv_heads=cfg.kv_heads, verbose=False)
+        else:
+            raise SystemExit(f"unknown implementation {name!r}")
+    return out
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(opt, steps, device):
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_model(name, impls, rounds, steps, warmup, device):
+    model = build_model(name, device=device, seed=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator(device=device).manual_seed(0)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, device=device, dtype=p.dtype) * 1e-3
+    opts = make_optimizers(model, impls)
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    times = {k: [] for k in opts}
+    for _ in range(rounds):
+        for k, opt in opts.items():
+            times[k] += time_steps(opt, steps, device)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    del opts, model
+    gc.collect()
+    return n_params, med
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="gpt2-20m,gpt2-160m")
+    ap.add_argument("--impls", default="adamw-foreach,adamw-fused,adam-mini-official,adam-mini")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per round and implementation")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    impls = [s for s in args.impls.split(",") if s]
+    print(f"# torch {torch.__version__}, {platform.machine()}, device {device}, threads {torch.get_num_threads()}")
+    print(f"# median of {args.rounds} rounds x {args.steps} steps, after {args.warmup} warm-up steps")
+    results = []
+    for name in args.models.split(","):
+        n, med = bench_model(name, impls, args.rounds, args.steps, args.warmup, device)
+        base_f, base_u = med.get("adamw-foreach"), med.get("adamw-fused")
+        print(f"\n{name}: {n / 1e6:.1f}M parameters")
+        print(f"  {'implementation':<22}{'step ms':>10}{'/ foreach':>11}{'/ fused':>9}")
+        for k, ms in med.items():
+            rf = f"{ms / base_f:.2f}x" if base_f else "-"
+            ru = f"{ms / base_u:.2f}x" if base_u else "-"
+            print(f"  {k:<22}{ms:>10.1f}{rf:>11}{ru:>9}")
+        results.append({"model": name, "params": n, "median_ms": med})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                       "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

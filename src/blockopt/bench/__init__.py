@@ -1,0 +1,1 @@
+"""The benchmark harness: data, models, runner, report."""

@@ -1,0 +1,177 @@
+"""Adam-mini step functions: pure math on lists of tensors.
+
+Both implementations share one signature and one contract:
+
+* ``params[i]`` is updated in place; ``exp_avgs[i]`` (first moment, the shape
+  of the parameter, in the state dtype) and ``block_exp_avg_sqs[i]`` (1-D, one
+  second-moment scalar per block) are updated in place; ``state_steps[i]`` is a
+  0-dim float tensor incremented by one.
+* ``geometries[i]`` says which elements form each block (see
+  :mod:`blockopt.kernels.blocks`); ``decay[i]`` says whether decoupled weight
+  decay applies to parameter ``i``.
+* Arithmetic happens in the dtype of the state; a low-precision parameter is
+  updated through an up-cast copy and written back once.
+
+One step for every parameter (``ALGORITHMS.md`` section 1)::
+
+    W   <- W * (1 - lr * wd)                                  # where decay applies
+    m   <- b1 * m + (1 - b1) * G
+    v_b <- b2 * v_b + (1 - b2) * mean_{i in b} G_i**2           # every block b
+    W_i <- W_i - lr / (1 - b1**t) * m_i / (sqrt(v_b) / sqrt(1 - b2**t) + eps)
+
+:func:`adam_mini_reference` is the plain loop the tests trust; it finds blocks
+with an index map built independently of the views that
+:func:`adam_mini_foreach` uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .blocks import Geometry, block_index, block_views
+
+__all__ = ["adam_mini_reference", "adam_mini_foreach"]
+
+
+def adam_mini_reference(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    geometries: Sequence[Geometry],
+    decay: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Plain per-parameter loop; the ground truth for every fast path."""
+    for p, g, m, v, step_t, geometry, wd_on in zip(
+        params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, strict=True
+    ):
+        compute_dtype = m.dtype
+        g = g.to(compute_dtype)
+        if maximize:
+            g = -g
+        w = p.detach().to(compute_dtype, copy=True)
+        step_t += 1
+        step = step_t.item()
+
+        ids = block_index(tuple(p.shape), geometry).reshape(-1).to(p.device)
+        num_blocks = v.numel()
+        g_sq_sum = torch.zeros(num_blocks, dtype=compute_dtype, device=p.device)
+        g_sq_sum.index_add_(0, ids, (g * g).reshape(-1))
+        counts = torch.bincount(ids, minlength=num_blocks).to(compute_dtype)
+        block_mean = g_sq_sum / counts
+
+        if wd_on and weight_decay != 0:
+            w.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).add_(block_mean, alpha=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = v.sqrt() / bias_correction2**0.5 + eps  # one per block
+        per_element_denom = denom[ids].reshape(p.shape)
+        w.addcdiv_(m, per_element_denom, value=-lr / bias_correction1)
+        p.copy_(w)
+
+
+def _is_elementwise(geometry: Geometry) -> bool:
+    axis, segments = geometry
+    return axis == -1 and segments[0][1] == 1
+
+
+def _block_mean_sq(g_views: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of squares within each block, concatenated over the views."""
+    means = []
+    for gv in g_views:
+        dims = tuple(range(1, gv.dim()))
+        n = math.prod(gv.shape[1:])
+        # vector_norm reads g once and makes no g**2 temporary
+        means.append(torch.linalg.vector_norm(gv, 2, dim=dims).square_().div_(n))
+    return means[0] if len(means) == 1 else torch.cat(means)
+
+
+def _apply_update(
+    w: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float, geometry: Geometry
+) -> None:
+    """``w -= step_size * m / denom[block]`` in place, through block views.
+
+    ``addcdiv`` with the per-block denominator broadcast over each block: the
+    same arithmetic as torch's AdamW, so size-1 blocks reproduce it exactly.
+    """
+    start = 0
+    for wv, mv in zip(block_views(w, geometry), block_views(m, geometry), strict=True):
+        n = wv.shape[0]
+        d = denom.narrow(0, start, n).view((n,) + (1,) * (wv.dim() - 1))
+        wv.addcdiv_(mv, d, value=-step_size)
+        start += n
+
+
+def adam_mini_foreach(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    geometries: Sequence[Geometry],
+    decay: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Vectorised step: multi-tensor ops for element-wise work, one reduction per tensor."""
+    if not params:
+        return
+    params = list(params)
+    grads = list(grads)
+    exp_avgs = list(exp_avgs)
+    vs = list(block_exp_avg_sqs)
+
+    # Low-precision parameters: compute on an up-cast copy, write back at the end.
+    work = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, exp_avgs)]
+    grads = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(grads, exp_avgs)]
+    if maximize:
+        grads = torch._foreach_neg(grads)
+
+    torch._foreach_add_(list(state_steps), 1.0)
+    steps = [s.item() for s in state_steps]
+
+    if weight_decay != 0:
+        decayed = [w for w, on in zip(work, decay) if on]
+        if decayed:
+            torch._foreach_mul_(decayed, 1 - lr * weight_decay)
+
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    # per-element blocks: v += (1 - b2) * g * g, as AdamW does it
+    elem = [i for i, geometry in enumerate(geometries) if _is_elementwise(geometry)]
+    if elem:
+        flat = [grads[i].reshape(-1) for i in elem]
+        torch._foreach_addcmul_([vs[i] for i in elem], flat, flat, value=1 - beta2)
+    blocked = [i for i, geometry in enumerate(geometries) if not _is_elementwise(geometry)]
+    if blocked:
+        means = [_block_mean_sq(block_views(grads[i], geometries[i])) for i in blocked]
+        torch._foreach_add_([vs[i] for i in blocked], means, alpha=1 - beta2)
+
+    # denom_b = sqrt(v_b) / sqrt(1 - b2**t) + eps, one per block
+    denoms = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denoms, [(1 - beta2**s) ** 0.5 for s in steps])
+    torch._foreach_add_(denoms, eps)
+
+    for w, m, d, s, geometry in zip(work, exp_avgs, denoms, steps, geometries):
+        _apply_update(w, m, d, lr / (1 - beta1**s), geometry)
+    for p, w in zip(params, work):
+        if w is not p:
+            p.copy_(w)

@@ -1,0 +1,340 @@
+"""AdamMini: Adam's first moment per element, one second moment per Hessian block."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..kernels import adam_mini_foreach, adam_mini_reference
+from ..kernels.blocks import Geometry
+from ..partition import PartitionPlan, PlanEntry, partition
+
+__all__ = ["AdamMini"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_float(name: str, value: Any, *, low: float = 0.0, high: float | None = None, high_open: bool = True) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have one element, got shape {list(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a float")
+    ok = value >= low and math.isfinite(value)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {name}: {value}; expected a finite float {allowed}")
+
+
+def _check_hparams(group: Mapping[str, Any]) -> None:
+    _check_float("lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        try:
+            _check_float(f"beta parameter at index {i}", b, high=1.0)
+        except ValueError as e:
+            raise ValueError(f"{e} (betas={tuple(betas)!r})") from None
+    _check_float("eps", group["eps"])
+    _check_float("weight_decay", group["weight_decay"])
+
+
+class AdamMini(torch.optim.Optimizer):
+    r"""Adam-mini (Zhang et al., 2024): Adam with one second-moment scalar per Hessian block.
+
+    Adam keeps two state tensors per parameter. Adam-mini keeps Adam's first
+    moment but replaces the per-element second moment with one value per
+    block (one attention head of the query/key, one output neuron of the
+    other matrices, one token of the embeddings), so optimizer state is about
+    half of AdamW's, at Adam's quality. The blocks come from a
+    :class:`~blockopt.PartitionPlan` decided once, from the model's structure.
+
+    Update, for each parameter with a gradient ``G`` and step ``t``::
+
+        W   <- W * (1 - lr * weight_decay)          # where the plan says decay applies
+        m   <- beta1 * m + (1 - beta1) * G
+        v_b <- beta2 * v_b + (1 - beta2) * mean_{i in b} G_i**2
+        W_i <- W_i - lr * (m_i / (1 - beta1**t)) / (sqrt(v_b / (1 - beta2**t)) + eps)
+
+    With every block of size one this is exactly :class:`torch.optim.AdamW`.
+
+    Args:
+        model_or_params: an ``nn.Module`` (the plan is built from it with the
+            hints below), or ``model.named_parameters()``, or a list of param
+            group dicts whose ``"params"`` are ``(name, tensor)`` pairs; the
+            last two need ``plan=``.
+        lr, betas, eps, weight_decay: as in :class:`torch.optim.AdamW`.
+            Weight decay is decoupled and applies only where the plan says so
+            (not to biases, norms and other 1-D tensors by default).
+        num_heads, num_kv_heads, head_dim, overrides, value_single_block:
+            passed to :func:`blockopt.partition` when a module is given.
+        plan: an explicit :class:`~blockopt.PartitionPlan`, needed when
+            named parameters are given instead of a module.
+        foreach: ``True``/``None`` (default) use the vectorised step;
+            ``False`` the plain reference loop.
+        maximize: maximise the objective instead of minimising it.
+        state_dtype: dtype of ``exp_avg`` and the block second moments. The
+            default keeps fp32 state for bf16/fp16 parameters and the
+            parameter's dtype otherwise.
+
+    State per parameter: ``step`` (0-dim float32), ``exp_avg`` (shape of the
+    parameter) and ``block_exp_avg_sq`` (1-D, one value per block). The plan
+    travels in :meth:`state_dict` and is checked on :meth:`load_state_dict`.
+
+    Example::
+
+        >>> model = blockopt.bench.models.build_model("llama-tiny")
+        >>> opt = blockopt.AdamMini(model, lr=3e-4, weight_decay=0.1)
+        >>> print(opt.plan)            # what Adam-mini will do, parameter by parameter
+        >>> loss = model(x).loss; loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        model_or_params: nn.Module | Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        num_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        value_single_block: bool = False,
+        plan: PartitionPlan | None = None,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        state_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+                        eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
+        _check_hparams(defaults)
+        if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
+        self.state_dtype = state_dtype
+        if isinstance(model_or_params, nn.Module):
+            if plan is None:
+                plan = partition(model_or_params, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                                 head_dim=head_dim, overrides=overrides, value_single_block=value_single_block)
+            params: Any = [{"params": list(model_or_params.named_parameters())}]
+        else:
+            given = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+                     "overrides": overrides, "value_single_block": value_single_block or None}
+            used = [k for k, v in given.items() if v]
+            if used:
+                raise ValueError(
+                    f"Invalid arguments {used} with named parameters: partition hints are used only when a "
+                    f"module is given; pass the model, or build the plan with blockopt.partition(model, ...) "
+                    f"and pass plan="
+                )
+            if plan is None:
+                raise ValueError(
+                    "Invalid plan: None. AdamMini needs to know each parameter's blocks: pass the model "
+                    "(AdamMini(model)), or named parameters with plan=blockopt.partition(model)"
+                )
+            params = model_or_params
+        if not isinstance(plan, PartitionPlan):
+            raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
+        self.plan = plan
+        self._entries: dict[torch.Tensor, PlanEntry] = {}
+        super().__init__(params, defaults)
+
+    # --- construction ---------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its parameters must be named (``(name, tensor)`` pairs or ``param_names``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hparams(group)
+            names = group.get("param_names")
+            if names is None:
+                raise ValueError(
+                    "Invalid params: AdamMini needs parameter names to find each parameter in the plan; "
+                    "pass model.named_parameters() (or (name, tensor) pairs in each group), not model.parameters()"
+                )
+            entries = {}
+            for name, p in zip(names, group["params"]):
+                if name not in self.plan:
+                    raise ValueError(
+                        f"Invalid params: parameter {name!r} is not in the plan "
+                        f"(plan has {len(self.plan)} entries); build the plan from the same model"
+                    )
+                entry = self.plan[name]
+                if tuple(p.shape) != entry.shape:
+                    raise ValueError(
+                        f"Invalid plan: parameter {name!r} has shape {list(p.shape)} but the plan entry has "
+                        f"{list(entry.shape)}"
+                    )
+                if p.is_sparse:
+                    raise ValueError(f"Invalid params: {name!r} is a sparse tensor; AdamMini needs dense parameters")
+                entries[p] = entry
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        self._entries.update(entries)
+
+    def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
+        if self.state_dtype is not None:
+            return self.state_dtype
+        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+    def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            dtype = self._state_dtype_for(p)
+            entry = self._entries[p]
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            state["block_exp_avg_sq"] = torch.zeros(entry.num_blocks, dtype=dtype, device=p.device)
+        return state
+
+    # --- step -------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # check every gradient before touching any state
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        "AdamMini does not support sparse gradients (got one for a parameter of shape "
+                        f"{list(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
+                    )
+        for group in self.param_groups:
+            params, grads, exp_avgs, vs, steps, geoms, decay = [], [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                entry = self._entries[p]
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                vs.append(state["block_exp_avg_sq"])
+                steps.append(state["step"])
+                geoms.append(entry.geometry)
+                decay.append(entry.weight_decay)
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
+            kernel = adam_mini_reference if group["foreach"] is False else adam_mini_foreach
+            kernel(params, grads, exp_avgs, vs, steps, geoms, decay,
+                   lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                   weight_decay=group["weight_decay"], maximize=group["maximize"])
+        return loss
+
+    # --- state dict -------------------------------------------------------------
+    def _param_entries(self) -> list[PlanEntry]:
+        return [self._entries[p] for g in self.param_groups for p in g["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state dict plus ``"plan"``: the entries of this optimizer's parameters."""
+        sd = super().state_dict()
+        sd["plan"] = {e.name: e.to_dict() for e in self._param_entries()}
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict`.
+
+        Everything is checked before anything changes: a state saved under a
+        different plan, for different parameters, or with tensors of the wrong
+        size raises ``ValueError`` naming the parameter, and leaves this
+        optimizer as it was. State tensors keep their saved dtype (fp32 state
+        of bf16 parameters stays fp32) and move to the parameter's device.
+        """
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Invalid state_dict: expected a mapping with 'state' and 'param_groups'")
+        if "plan" not in state_dict:
+            raise ValueError("Invalid state_dict: it has no 'plan'; it was not saved by blockopt.AdamMini")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state_dict: it has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        saved_plan = state_dict["plan"]
+        id_map: dict[Any, torch.Tensor] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"Invalid state_dict: parameter group {gi} has {len(saved['params'])} parameters, this "
+                    f"optimizer's has {len(group['params'])}"
+                )
+            saved_names = saved.get("param_names", group["param_names"])
+            for name, saved_name, p, pid in zip(group["param_names"], saved_names, group["params"], saved["params"]):
+                entry = self._entries[p]
+                if saved_name != name and saved_name not in entry.aliases:
+                    raise ValueError(
+                        f"Invalid state_dict: parameter {len(id_map)} is {saved_name!r} in the saved state but "
+                        f"{name!r} here"
+                    )
+                if saved_name not in saved_plan:
+                    raise ValueError(f"Invalid state_dict: its plan has no entry for parameter {name!r}")
+                old = PlanEntry.from_dict(saved_plan[saved_name])
+                if not old.same_blocks(entry):
+                    raise ValueError(
+                        f"state_dict was saved with a different partition plan: parameter {name!r} was "
+                        f"{old.describe()} (shape {list(old.shape)}, decay {old.weight_decay}), here "
+                        f"{entry.describe()} (shape {list(entry.shape)}, decay {entry.weight_decay})"
+                    )
+                id_map[pid] = p
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        for pid, s in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"Invalid state_dict: state for unknown parameter index {pid!r}")
+            p = id_map[pid]
+            entry = self._entries[p]
+            missing = {"step", "exp_avg", "block_exp_avg_sq"} - set(s)
+            if missing:
+                raise ValueError(f"Invalid state_dict: state of {entry.name!r} lacks {sorted(missing)}")
+            if tuple(s["exp_avg"].shape) != tuple(p.shape) or s["block_exp_avg_sq"].numel() != entry.num_blocks:
+                raise ValueError(
+                    f"Invalid state_dict: state of {entry.name!r} has exp_avg {list(s['exp_avg'].shape)} and "
+                    f"{s['block_exp_avg_sq'].numel()} block values; expected {list(p.shape)} and {entry.num_blocks}"
+                )
+            new_state[p] = {
+                k: (v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) and k != "step"
+                    else v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                for k, v in s.items()
+            }
+        groups = []
+        for group, saved in zip(self.param_groups, saved_groups):
+            new_group = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
+            new_group["params"] = group["params"]
+            new_group["param_names"] = group["param_names"]
+            _check_hparams(new_group)
+            groups.append(new_group)
+        state: Any = defaultdict(dict)
+        state.update(new_state)
+        self.__setstate__({"state": state, "param_groups": groups})
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+        # after copy/pickle: rebuild the parameter -> plan entry map
+        if "plan" in state:
+            self._entries = {
+                p: self.plan[n] for g in self.param_groups for n, p in zip(g["param_names"], g["params"])
+            }

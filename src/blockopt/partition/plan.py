@@ -1,0 +1,307 @@
+"""PartitionPlan: the partition engine's decision for every parameter, as data."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..kernels.blocks import Geometry, check_geometry
+
+__all__ = ["PlanEntry", "PartitionPlan", "KINDS"]
+
+#: the kinds an entry can have; "fused" is a weight holding several parts
+KINDS = ("element", "tensor", "row", "column", "head", "fused")
+
+_PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """How one parameter is cut into second-moment blocks.
+
+    Attributes:
+        name: the parameter's name in ``model.named_parameters()``.
+        shape: its (global, unsharded) shape.
+        geometry: ``(axis, segments)``, see :mod:`blockopt.kernels.blocks`.
+        role: what the tensor does: ``embedding``, ``position_embedding``,
+            ``output``, ``query``, ``key``, ``value``, ``qkv``,
+            ``attn_out``, ``mlp``, ``norm``, ``bias``, ``conv``, ``other``.
+        rule: the rule that decided the entry, in words.
+        weight_decay: whether the group's weight decay applies to it.
+        parts: for fused weights, the role of each segment (e.g.
+            ``("query", "key", "value")``).
+        aliases: other names of the same tensor (tied weights).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    geometry: Geometry
+    role: str
+    rule: str
+    weight_decay: bool
+    parts: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        axis, segments = self.geometry
+        geometry = Geometry(int(axis), tuple((int(a), int(b)) for a, b in segments))
+        object.__setattr__(self, "geometry", geometry)
+        object.__setattr__(self, "parts", tuple(self.parts))
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+        check_geometry(self.shape, geometry)
+        if self.parts and len(self.parts) != len(geometry.segments):
+            raise ValueError(
+                f"entry {self.name!r}: {len(self.parts)} part names for "
+                f"{len(geometry.segments)} segments"
+            )
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        """How many second-moment scalars this parameter keeps."""
+        return self.geometry.num_blocks
+
+    @property
+    def kind(self) -> str:
+        axis, segments = self.geometry
+        if axis == -1:
+            ((size, unit),) = segments
+            return "element" if unit == 1 and size > 1 else "tensor"
+        if len(segments) > 1:
+            return "fused"
+        ((size, unit),) = segments
+        if unit == size:
+            return "tensor"
+        if unit == 1:
+            return "row" if axis == 0 else "column"
+        return "head"
+
+    def describe(self) -> str:
+        """Short text for tables: ``head x4`` or ``fused q:head x4 | k:head x2 | v:row x16``."""
+        if self.kind != "fused":
+            return f"{self.kind} x{self.num_blocks}"
+        axis = self.geometry.axis
+        out = []
+        for part, (size, unit) in zip(self.parts or ("?",) * 9, self.geometry.segments):
+            kind = "tensor" if unit == size else ("head" if unit > 1 else ("row" if axis == 0 else "column"))
+            out.append(f"{part[0]}:{kind} x{size // unit}")
+        return "fused " + " | ".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "axis": self.geometry.axis,
+            "segments": [list(s) for s in self.geometry.segments],
+            "role": self.role,
+            "rule": self.rule,
+            "weight_decay": self.weight_decay,
+            "parts": list(self.parts),
+            "aliases": list(self.aliases),
+            # derived, for readers of the JSON; ignored on load
+            "kind": self.kind,
+            "num_blocks": self.num_blocks,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PlanEntry":
+        try:
+            return cls(
+                name=d["name"],
+                shape=tuple(d["shape"]),
+                geometry=Geometry(d["axis"], tuple(tuple(s) for s in d["segments"])),
+                role=d["role"],
+                rule=d["rule"],
+                weight_decay=bool(d["weight_decay"]),
+                parts=tuple(d.get("parts", ())),
+                aliases=tuple(d.get("aliases", ())),
+            )
+        except KeyError as e:
+            raise ValueError(f"plan entry {dict(d)!r} lacks the field {e.args[0]!r}") from None
+
+    def same_blocks(self, other: "PlanEntry") -> bool:
+        """Same shape, blocks and weight-decay flag (what state depends on)."""
+        return (
+            self.shape == other.shape
+            and self.geometry == other.geometry
+            and self.weight_decay == other.weight_decay
+        )
+
+
+@dataclass(frozen=True)
+class PartitionPlan(Mapping[str, PlanEntry]):
+    """Which block every parameter belongs to. A read-only mapping name -> :class:`PlanEntry`.
+
+    ``plan[name]`` accepts the canonical name or any alias of a tied parameter.
+    ``print(plan)`` shows a table with totals; :meth:`to_json` / :meth:`from_json`
+    (and :meth:`save` / :meth:`load`) round-trip it.
+    """
+
+    entries: tuple[PlanEntry, ...]
+    options: Mapping[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        index: dict[str, PlanEntry] = {}
+        for e in self.entries:
+            for n in (e.name, *e.aliases):
+                if n in index:
+                    raise ValueError(f"parameter name {n!r} appears twice in the plan")
+                index[n] = e
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "entries", tuple(self.entries))
+
+    # Mapping interface: iteration is over canonical names only.
+    def __getitem__(self, name: str) -> PlanEntry:
+        try:
+            return self._index[name]  # type: ignore[attr-defined]
+        except KeyError:
+            raise KeyError(
+                f"no parameter named {name!r} in the plan; it has {len(self.entries)} entries, "
+                f"e.g. {[e.name for e in self.entries[:3]]}"
+            ) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[str]:
+        return (e.name for e in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PartitionPlan):
+            return NotImplemented
+        return self.entries == other.entries
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # Totals
+    @property
+    def num_params(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    @property
+    def num_blocks(self) -> int:
+        """Second-moment scalars kept by Adam-mini (AdamW keeps ``num_params``)."""
+        return sum(e.num_blocks for e in self.entries)
+
+    def state_bytes(self, state_bytes_per_value: int = 4) -> int:
+        """Adam-mini state: first moment per element plus one value per block."""
+        return state_bytes_per_value * (self.num_params + self.num_blocks)
+
+    def adamw_state_bytes(self, state_bytes_per_value: int = 4) -> int:
+        return 2 * state_bytes_per_value * self.num_params
+
+    def counts(self) -> dict[str, int]:
+        """Number of blocks by kind, e.g. ``{"head": 24, "row": 960, ...}``."""
+        out: dict[str, int] = {}
+        for e in self.entries:
+            out[e.kind] = out.get(e.kind, 0) + e.num_blocks
+        return out
+
+    # Serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _PLAN_FORMAT,
+            "options": dict(self.options),
+            "warnings": list(self.warnings),
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PartitionPlan":
+        if not isinstance(d, Mapping) or "entries" not in d:
+            raise ValueError("not a blockopt plan: expected a mapping with an 'entries' list")
+        if d.get("format", _PLAN_FORMAT) != _PLAN_FORMAT:
+            raise ValueError(f"plan format {d.get('format')!r} is not supported; expected {_PLAN_FORMAT}")
+        return cls(
+            entries=tuple(PlanEntry.from_dict(e) for e in d["entries"]),
+            options=dict(d.get("options", {})),
+            warnings=tuple(d.get("warnings", ())),
+        )
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PartitionPlan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PartitionPlan":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+    def replace_entries(self, entries: Mapping[str, PlanEntry]) -> "PartitionPlan":
+        """A new plan with some entries swapped (keyed by canonical name)."""
+        unknown = [n for n in entries if n not in self]
+        if unknown:
+            raise KeyError(f"entries for unknown parameters: {unknown}")
+        new = tuple(entries.get(e.name, e) for e in self.entries)
+        return replace(self, entries=new)
+
+    # Display
+    def table(self, max_rule: int = 48) -> str:
+        header = ("parameter", "shape", "blocks", "role", "decay", "rule")
+        rows = [
+            (
+                e.name + (f" (= {', '.join(e.aliases)})" if e.aliases else ""),
+                "x".join(map(str, e.shape)) or "scalar",
+                e.describe(),
+                e.role,
+                "yes" if e.weight_decay else "no",
+                e.rule if len(e.rule) <= max_rule else e.rule[: max_rule - 3] + "...",
+            )
+            for e in self.entries
+        ]
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        out = [line(header), line(tuple("-" * w for w in widths))]
+        out += [line(r) for r in rows]
+        n, v = self.num_params, self.num_blocks
+        ours, adamw = self.state_bytes(), self.adamw_state_bytes()
+        out.append("")
+        out.append(
+            f"{len(self.entries)} tensors, {n:,} parameters, {v:,} second-moment values "
+            f"(AdamW: {n:,})"
+        )
+        out.append(
+            f"fp32 state: {_fmt_bytes(ours)} vs AdamW {_fmt_bytes(adamw)} "
+            f"({ours / adamw if adamw else 0:.3f}x)"
+        )
+        by_kind = ", ".join(f"{k} {c:,}" for k, c in sorted(self.counts().items()))
+        out.append(f"blocks by kind: {by_kind}")
+        for w in self.warnings:
+            out.append(f"warning: {w}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return (
+            f"PartitionPlan({len(self.entries)} tensors, {self.num_params:,} parameters, "
+            f"{self.num_blocks:,} blocks)"
+        )
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError
