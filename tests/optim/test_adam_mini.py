@@ -368,3 +368,27 @@ def test_sparse_gradients_are_rejected_before_anything_changes():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "head:2", "tensor", "element"])
+def test_non_contiguous_parameters_follow_the_reference(kind):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)).t())  # [6, 4], strided
+            self.lin = nn.Linear(4, 3)
+
+    a, b = Model(), Model()
+    b.load_state_dict(a.state_dict())
+    assert not a.w.is_contiguous()
+    fast = blockopt.AdamMini(a, lr=1e-2, overrides={"w": kind})
+    slow = blockopt.AdamMini(b, lr=1e-2, overrides={"w": kind}, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(a.parameters(), b.parameters()):
+            grad = torch.randn(p.shape, generator=g)
+            p.grad, q.grad = grad, grad.clone()
+        fast.step()
+        slow.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert max_rel_diff(p, q) <= TOL[torch.float32]

@@ -107,11 +107,15 @@ def _apply_update(
     ``addcdiv`` with the per-block denominator broadcast over each block: the
     same arithmetic as torch's AdamW, so size-1 blocks reproduce it exactly.
     """
+    if _is_elementwise(geometry):
+        w.addcdiv_(m, denom.view(w.shape), value=-step_size)
+        return
     start = 0
     for wv, mv in zip(block_views(w, geometry), block_views(m, geometry), strict=True):
         n = wv.shape[0]
         d = denom.narrow(0, start, n).view((n,) + (1,) * (wv.dim() - 1))
-        wv.addcdiv_(mv, d, value=-step_size)
+        # w and m may differ in memory layout (a non-contiguous parameter, contiguous state)
+        wv.addcdiv_(mv.reshape(wv.shape), d, value=-step_size)
         start += n
 
 

@@ -49,6 +49,8 @@ def check_geometry(shape: tuple[int, ...], geometry: Geometry) -> None:
         raise ValueError(f"geometry axis {axis} does not exist in a tensor of shape {list(shape)}")
     if not segments:
         raise ValueError("geometry has no segments")
+    if axis == -1 and len(segments) != 1:
+        raise ValueError(f"geometry axis -1 (flattened) takes exactly one segment, got {list(segments)}")
     if sum(size for size, _ in segments) != length:
         raise ValueError(
             f"geometry segments {list(segments)} cover {sum(s for s, _ in segments)} indices "
@@ -65,8 +67,11 @@ def block_views(t: torch.Tensor, geometry: Geometry) -> list[torch.Tensor]:
     Writing into a returned view writes into ``t``. Each view has shape
     ``[num_blocks_of_segment, ...]``; a block is everything behind index ``i``
     of dim 0. When ``t`` cannot be flattened without a copy (``axis == -1`` on a
-    non-contiguous tensor), the whole-tensor and per-element cases still return
-    views of the original shape with one leading block dimension.
+    non-contiguous tensor), the whole-tensor case returns ``t.unsqueeze(0)`` and
+    the per-element case raises ``ValueError`` (callers handle element-wise
+    blocks without views). The shape of a view depends on ``t``'s memory layout
+    (``[nb, unit * rest]`` when contiguous, ``[nb, unit, *rest]`` otherwise), so
+    pair views of two tensors with ``reshape`` to a common shape.
     """
     axis, segments = geometry
     if axis == -1:

@@ -255,7 +255,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         return replace(self, entries=new)
 
     # Display
-    def table(self, max_rule: int = 48) -> str:
+    def table(self, max_rule: int = 72) -> str:
         header = ("parameter", "shape", "blocks", "role", "decay", "rule")
         rows = [
             (

@@ -175,7 +175,7 @@ class _Engine:
         self.config = config if config is not None else getattr(model, "config", None)
         self.decisions: dict[int, _Decision] = {}  # id(param) -> decision
         self.attention_modules: set[int] = set()
-        self.unknown: list[str] = []
+        self.unknown: dict[int, str] = {}  # id(param) -> description, for the one warning
         self.heads_used = False
 
     # --- structure ------------------------------------------------------
@@ -202,7 +202,7 @@ class _Engine:
             named or len(projections) >= 2
         )
 
-    def _heads(self, m: nn.Module, mname: str, q_out: int | None) -> _Heads | None:
+    def _heads(self, m: nn.Module, mname: str, q_out: int | None, k_out: int | None = None) -> _Heads | None:
         """Head counts for attention module ``m``; ``None`` when nothing says."""
         h, dh, kv = self.hints["num_heads"], self.hints["head_dim"], self.hints["num_kv_heads"]
         src = []
@@ -228,7 +228,7 @@ class _Engine:
             groups, attr = _int_attr(m, _GROUP_ATTRS)
             if groups is not None and h % groups == 0:
                 kv = h // groups
-                src.append(f"module.{attr}")
+                src.append(f"{attr}")
         if q_out is not None:
             if h is None and dh is not None and q_out % dh == 0:
                 h = q_out // dh
@@ -237,7 +237,16 @@ class _Engine:
                 dh = q_out // h
                 src.append("query shape")
         if h is None or dh is None:
+            if "hints" in src and q_out is not None:
+                given = ", ".join(f"{k}={v}" for k, v in self.hints.items() if v is not None)
+                raise ValueError(
+                    f"Invalid head hints ({given}): the query of {mname or type(m).__name__} has "
+                    f"{q_out} output features, which they do not divide into heads"
+                )
             return None
+        if kv is None and k_out is not None and k_out % dh == 0:
+            kv = k_out // dh
+            src.append("key shape")
         if kv is None:
             kv = h
         self.heads_used = True
@@ -272,7 +281,9 @@ class _Engine:
                     break
         q_child = next((c for n, c in children if roles.get(n) == "query"), None)
         q_out = _in_out(q_child)[1] if q_child is not None else None
-        heads = self._heads(m, mname, q_out)
+        k_child = next((c for n, c in children if roles.get(n) == "key"), None)
+        k_out = _in_out(k_child)[1] if k_child is not None else None
+        heads = self._heads(m, mname, q_out, k_out)
         # by shape and order for children the names did not place
         missing = [r for r in ("query", "key", "value") if r not in roles.values()]
         for n, c in children:
@@ -301,7 +312,7 @@ class _Engine:
         pname = names.get(id(w), cname + ".weight")
         if role in ("query", "key"):
             if heads is None:
-                self.unknown.append(f"{pname} ({role}; no head count found, one block per row)")
+                self.unknown[id(w)] = f"{pname} ({role}; no head count found, one block per row)"
                 self.decisions[id(w)] = _Decision(_rows(shape, axis), role, f"attention {role} ({how}), heads unknown: per row", True)
                 return
             n_heads = heads.num_heads if role == "query" else heads.num_kv_heads
@@ -327,7 +338,7 @@ class _Engine:
     def _decide_fused(self, shape: tuple[int, ...], axis: int, heads: _Heads | None, pname: str, what: str, key: int) -> None:
         out = shape[axis]
         if heads is None:
-            self.unknown.append(f"{pname} (fused qkv; no head count found, one block per row)")
+            self.unknown[key] = f"{pname} (fused qkv; no head count found, one block per row)"
             self.decisions[key] = _Decision(_rows(shape, axis), "qkv", f"{what}, heads unknown: per row", True)
             return
         q, kv = heads.q_size, heads.kv_size
@@ -346,6 +357,12 @@ class _Engine:
 
     def _decide_mha(self, m: nn.MultiheadAttention, mname: str, names: dict[int, str]) -> None:
         hint_h, hint_dh = self.hints["num_heads"], self.hints["head_dim"]
+        hint_kv = self.hints["num_kv_heads"]
+        if hint_kv is not None and hint_kv != (hint_h or m.num_heads):
+            raise ValueError(
+                f"Invalid num_kv_heads: {hint_kv}; {mname or 'nn.MultiheadAttention'} has no grouped-query "
+                f"attention, so its key heads equal its query heads ({hint_h or m.num_heads})"
+            )
         h = hint_h or (m.embed_dim // hint_dh if hint_dh else m.num_heads)
         dh = hint_dh or m.embed_dim // h
         src = "hints" if (hint_h or hint_dh) else "module.num_heads"
@@ -427,10 +444,13 @@ class _Engine:
             return _Decision(_rows(shape, axis), role, f"{type(m).__name__} {where}: per output neuron, {kind}", True)
         if isinstance(m, nn.modules.conv._ConvNd) and local == "weight":
             axis = 1 if m.transposed else 0
-            return _Decision(_rows(shape, axis), "conv", f"{type(m).__name__}: per output channel", True)
+            rule = f"{type(m).__name__}: per output channel"
+            if m.transposed and m.groups > 1:
+                rule = f"{type(m).__name__} (groups={m.groups}): a block is one output column across all groups"
+            return _Decision(_rows(shape, axis), "conv", rule, True)
         if p.dim() <= 1:
             return _Decision(_whole(shape), "other", f"{p.dim()}-D tensor: one block", False)
-        self.unknown.append(f"{pname} {list(shape)} in {type(m).__name__}")
+        self.unknown[id(p)] = f"{pname} {list(shape)} in {type(m).__name__}"
         return _Decision(_rows(shape), "other", "unknown >= 2-D tensor: per row of dim 0 (default)", True)
 
 
@@ -448,9 +468,16 @@ def _parse_override(pattern: str, spec: Any) -> dict[str, Any]:
             f"Invalid overrides[{pattern!r}]: {spec!r}; expected a kind ({', '.join(OVERRIDE_KINDS)}, "
             f"'head:<head_dim>') or a dict with keys kind, head_dim, weight_decay"
         )
-    bad = set(spec) - {"kind", "head_dim", "weight_decay"}
+    bad = set(spec) - {"kind", "head_dim", "weight_decay", "axis"}
     if bad:
-        raise ValueError(f"Invalid overrides[{pattern!r}]: unknown keys {sorted(bad)}; allowed: kind, head_dim, weight_decay")
+        raise ValueError(
+            f"Invalid overrides[{pattern!r}]: unknown keys {sorted(bad)}; allowed: kind, head_dim, weight_decay, axis"
+        )
+    if "axis" in spec and (spec["axis"] not in (0, 1) or spec.get("kind") not in ("row", "head")):
+        raise ValueError(
+            f"Invalid overrides[{pattern!r}] axis: {spec['axis']!r}; allowed: 0 or 1, with kind 'row' or 'head' "
+            f"(axis 1 for weights stored [in, out] such as Conv1D)"
+        )
     kind = spec.get("kind")
     if kind is not None and kind not in OVERRIDE_KINDS:
         raise ValueError(f"Invalid overrides[{pattern!r}] kind: {kind!r}; allowed: {', '.join(OVERRIDE_KINDS)}")
@@ -473,12 +500,12 @@ def _apply_override(pattern: str, spec: dict[str, Any], d: _Decision, shape: tup
         elif kind == "tensor":
             geom = _whole(shape)
         elif kind in ("row", "column", "head"):
-            axis = 1 if kind == "column" else 0
+            axis = 1 if kind == "column" else spec.get("axis", 0)
             if len(shape) <= axis:
                 raise ValueError(f"Invalid overrides[{pattern!r}]: kind {kind!r} needs a tensor with > {axis} dims, but {pname!r} has shape {list(shape)}")
             unit = spec["head_dim"] if kind == "head" else 1
             if shape[axis] % unit:
-                raise ValueError(f"Invalid overrides[{pattern!r}]: head_dim={unit} does not divide dim 0 of {pname!r} (shape {list(shape)})")
+                raise ValueError(f"Invalid overrides[{pattern!r}]: head_dim={unit} does not divide dim {axis} of {pname!r} (shape {list(shape)})")
             geom = _rows(shape, axis, unit)
     wd = spec.get("weight_decay", d.weight_decay)
     return _Decision(geom, d.role, f"override {pattern!r}" + (f" -> {kind}" if kind else "") + (f", decay {wd}" if "weight_decay" in spec else ""), wd, parts)
@@ -506,7 +533,8 @@ def partition(
             (``re.fullmatch``), later patterns win. ``spec`` is a kind
             (``"element"``, ``"tensor"``, ``"row"``, ``"column"``,
             ``"head:<head_dim>"``) or a dict with any of ``kind``, ``head_dim``,
-            ``weight_decay``. A pattern that matches nothing is an error.
+            ``weight_decay``, ``axis`` (0, or 1 for row/head blocks of weights
+            stored ``[in, out]``). A pattern that matches nothing is an error.
         value_single_block: the official release's "single lr for value"
             option (recommended by its authors for runs shorter than ~10-20k
             steps): the value projection keeps one block instead of one per
@@ -565,6 +593,8 @@ def partition(
             if any(regex.fullmatch(x) for x in all_names):
                 matched[pattern] += 1
                 d = _apply_override(pattern, spec, d, tuple(p.shape), n)
+                if "kind" in spec:
+                    engine.unknown.pop(pid, None)  # the user decided it
         entries.append(PlanEntry(n, tuple(p.shape), d.geometry, d.role, d.rule, d.weight_decay, d.parts, tuple(aliases.get(pid, ()))))
 
     unmatched = [pattern for pattern, count in matched.items() if count == 0]
@@ -584,7 +614,7 @@ def partition(
     if engine.unknown:
         msg = (
             f"{len(engine.unknown)} tensor(s) matched no structural rule and use the documented default: "
-            + "; ".join(engine.unknown)
+            + "; ".join(engine.unknown.values())
         )
         plan_warnings = (msg,)
         if warn:
