@@ -37,6 +37,8 @@ def make_optimizers(model, which, lr=1e-4):
             out[name] = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
         elif name == "adam-mini":
             out[name] = blockopt.AdamMini(model, lr=lr)
+        elif name == "adam-mini-foreach":
+            out[name] = blockopt.AdamMini(model, lr=lr, fused=False)
         elif name == "adam-mini-reference":
             out[name] = blockopt.AdamMini(model, lr=lr, foreach=False)
         elif name == "adam-mini-official":
@@ -91,7 +93,7 @@ def bench_model(name, impls, rounds, steps, warmup, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt2-20m,gpt2-160m")
-    ap.add_argument("--impls", default="adamw-foreach,adamw-fused,adam-mini-official,adam-mini")
+    ap.add_argument("--impls", default="adamw-foreach,adamw-fused,adam-mini-official,adam-mini-foreach,adam-mini")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and implementation")
     ap.add_argument("--warmup", type=int, default=2)

@@ -11,7 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels import adam_mini_foreach, adam_mini_reference
+from ..kernels import (
+    adam_mini_foreach,
+    adam_mini_fused_cpu,
+    adam_mini_reference,
+    cpu_kernel_error,
+    fused_cpu_supports,
+    load_cpu_kernel,
+)
 from ..kernels.blocks import Geometry
 from ..partition import PartitionPlan, PlanEntry, partition
 
@@ -82,6 +89,12 @@ class AdamMini(torch.optim.Optimizer):
             named parameters are given instead of a module.
         foreach: ``True``/``None`` (default) use the vectorised step;
             ``False`` the plain reference loop.
+        fused: ``None`` (default) uses the fused CPU kernel (one pass per
+            block, built once on first use) for the parameters it supports
+            (fp32, contiguous, CPU, row/head/tensor/element blocks) unless
+            ``foreach=False``, and the foreach step for the rest; ``True``
+            requires the kernel (an error if it cannot be built); ``False``
+            never uses it.
         maximize: maximise the objective instead of minimising it.
         state_dtype: dtype of ``exp_avg`` and the block second moments. The
             default keeps fp32 state for bf16/fp16 parameters and the
@@ -114,15 +127,23 @@ class AdamMini(torch.optim.Optimizer):
         value_single_block: bool = False,
         plan: PartitionPlan | None = None,
         foreach: bool | None = None,
+        fused: bool | None = None,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
-                        eps=eps, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
+                        eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused, maximize=maximize)
         _check_hparams(defaults)
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
         self.state_dtype = state_dtype
+        for name, flag in (("foreach", foreach), ("fused", fused), ("maximize", maximize)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ValueError(f"Invalid {name}: {flag!r}; expected True, False or None")
+        if fused and foreach is False:
+            raise ValueError("Invalid fused=True with foreach=False: choose one implementation")
+        if fused and load_cpu_kernel() is None:
+            raise RuntimeError(f"fused=True but the fused CPU kernel cannot be built: {cpu_kernel_error()}")
         if isinstance(model_or_params, nn.Module):
             if plan is None:
                 plan = partition(model_or_params, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -233,11 +254,21 @@ class AdamMini(torch.optim.Optimizer):
                 continue
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            lr = lr.item() if isinstance(lr, torch.Tensor) else lr
-            kernel = adam_mini_reference if group["foreach"] is False else adam_mini_foreach
-            kernel(params, grads, exp_avgs, vs, steps, geoms, decay,
-                   lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
-                   weight_decay=group["weight_decay"], maximize=group["maximize"])
+            hyper = dict(lr=lr.item() if isinstance(lr, torch.Tensor) else lr, beta1=beta1, beta2=beta2,
+                         eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+            lists = (params, grads, exp_avgs, vs, steps, geoms, decay)
+            if group["foreach"] is False:
+                adam_mini_reference(*lists, **hyper)
+                continue
+            use_fused = group["fused"] is not False and load_cpu_kernel() is not None
+            on_fused = [
+                use_fused and g.dtype == torch.float32 and fused_cpu_supports(p, m, geo)
+                for p, g, m, geo in zip(params, grads, exp_avgs, geoms)
+            ]
+            if any(on_fused):
+                adam_mini_fused_cpu(*([x for x, f in zip(lst, on_fused) if f] for lst in lists), **hyper)
+            if not all(on_fused):
+                adam_mini_foreach(*([x for x, f in zip(lst, on_fused) if not f] for lst in lists), **hyper)
         return loss
 
     # --- state dict -------------------------------------------------------------
@@ -332,6 +363,7 @@ class AdamMini(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("maximize", False)
         # after copy/pickle: rebuild the parameter -> plan entry map
         if "plan" in state:

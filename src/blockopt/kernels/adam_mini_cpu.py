@@ -1,0 +1,168 @@
+"""The fused CPU step: a small C++ kernel, built once on first use, cached by torch.
+
+:func:`adam_mini_fused_cpu` has the contract of the other step functions in
+:mod:`blockopt.kernels.adam_mini`, for the tensors :func:`fused_cpu_supports`
+accepts: fp32, contiguous, on the CPU, with blocks that are runs of at least two
+consecutive elements (rows, heads, whole tensors, and fused row-wise QKV).
+Everything else (per-element blocks such as biases, column blocks, low
+precision) goes through the foreach path.
+
+The kernel is compiled with ``torch.utils.cpp_extension.load_inline`` the
+first time it is needed (about half a minute on two cores; torch caches the
+build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+When no compiler is available, or ``BLOCKOPT_DISABLE_CPU_KERNEL=1`` is set,
+:func:`load_cpu_kernel` returns ``None`` and callers use the foreach path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .blocks import Geometry
+
+__all__ = ["adam_mini_fused_cpu", "fused_cpu_supports", "load_cpu_kernel", "cpu_kernel_error"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("adam_mini_cpu.cpp")
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+#: elements per unit of parallel work (whole blocks are never split)
+CHUNK_ELEMENTS = 1 << 15
+
+
+def _cpu_tag() -> str:
+    """The build uses -march=native: key it by the CPU model so a cache is never reused on another CPU."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    model += line
+    except OSError:
+        pass
+    return hashlib.sha1(model.encode()).hexdigest()[:8]
+
+
+def load_cpu_kernel():
+    """The compiled extension module, or ``None`` when it cannot be built (see :func:`cpu_kernel_error`)."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        module = None
+        if os.environ.get("BLOCKOPT_DISABLE_CPU_KERNEL", "") not in ("", "0"):
+            _state["error"] = "disabled by BLOCKOPT_DISABLE_CPU_KERNEL"
+        else:
+            source = _SOURCE.read_text()
+            digest = hashlib.sha1(source.encode()).hexdigest()[:8]
+            try:
+                from torch.utils.cpp_extension import load_inline
+
+                log.info("blockopt: building the fused CPU kernel (once; cached by torch)")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    module = load_inline(
+                        name=f"blockopt_adam_mini_cpu_{digest}_{_cpu_tag()}",
+                        cpp_sources=[source],
+                        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"],
+                        verbose=False,
+                    )
+            except Exception as e:  # no compiler, no headers, ...: fall back to foreach
+                _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+                log.warning("blockopt: fused CPU kernel unavailable (%s); using the foreach step", _state["error"])
+        _state["module"] = module
+        return module
+
+
+def cpu_kernel_error() -> str | None:
+    """Why :func:`load_cpu_kernel` returned ``None`` (after it was called)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometry) -> bool:
+    """Whether the fused kernel handles this parameter (the gradient is checked at step time)."""
+    return (
+        p.device.type == "cpu"
+        and p.dtype == torch.float32
+        and exp_avg.dtype == torch.float32
+        and p.is_contiguous()
+        and exp_avg.is_contiguous()
+        and geometry.axis in (-1, 0)
+        and min(bs for _, _, bs, _ in _chunks_of(tuple(p.shape), geometry)) >= 2
+        and type(p) in (torch.nn.Parameter, torch.Tensor)  # not DTensor or other subclasses
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _chunks_of(shape: tuple[int, ...], geometry: Geometry) -> tuple[tuple[int, int, int, int], ...]:
+    """(element offset, blocks, block size, v offset) runs, cut into chunks of whole blocks."""
+    numel = math.prod(shape)
+    axis, segments = geometry
+    inner = 1 if axis == -1 else (numel // shape[0] if shape else 1)
+    out = []
+    off = voff = 0
+    for size, unit in segments:
+        bs = unit * inner
+        nb = size // unit
+        per_chunk = max(1, CHUNK_ELEMENTS // bs)
+        for j in range(0, nb, per_chunk):
+            n = min(per_chunk, nb - j)
+            out.append((off + j * bs, n, bs, voff + j))
+        off += nb * bs
+        voff += nb
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _table(key: tuple[tuple[tuple[int, ...], Geometry], ...]) -> torch.Tensor:
+    rows = [(i, *c, 0) for i, (shape, geometry) in enumerate(key) for c in _chunks_of(shape, geometry)]
+    # big chunks first: better load balance across threads
+    rows.sort(key=lambda r: -r[2] * r[3])
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
+
+
+def adam_mini_fused_cpu(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    geometries: Sequence[Geometry],
+    decay: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """One fused pass per block; same contract as :func:`~blockopt.kernels.adam_mini_foreach`."""
+    if not params:
+        return
+    module = load_cpu_kernel()
+    if module is None:
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu_kernel_error()}")
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    torch._foreach_add_(list(state_steps), 1.0)
+    scalars = []
+    for s, on in zip(state_steps, decay):
+        t = s.item()
+        scalars.append((lr / (1 - beta1**t), (1 - beta2**t) ** 0.5, 1 - lr * weight_decay if on else 1.0))
+    table = _table(tuple((tuple(p.shape), g) for p, g in zip(params, geometries)))
+    module.adam_mini_step(
+        list(params), grads, list(exp_avgs), list(block_exp_avg_sqs), table,
+        torch.tensor(scalars, dtype=torch.float64), beta1, beta2, eps, maximize,
+    )
