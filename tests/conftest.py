@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # run Triton kernels through the interpreter on CPU tensors (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-2}
 

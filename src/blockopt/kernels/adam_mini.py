@@ -66,10 +66,12 @@ def adam_mini_reference(
 
         ids = block_index(tuple(p.shape), geometry).reshape(-1).to(p.device)
         num_blocks = v.numel()
-        g_sq_sum = torch.zeros(num_blocks, dtype=compute_dtype, device=p.device)
-        g_sq_sum.index_add_(0, ids, (g * g).reshape(-1))
-        counts = torch.bincount(ids, minlength=num_blocks).to(compute_dtype)
-        block_mean = g_sq_sum / counts
+        # block sums in float64: the ground truth should be the most accurate path
+        g64 = g.to(torch.float64).reshape(-1)
+        g_sq_sum = torch.zeros(num_blocks, dtype=torch.float64, device=p.device)
+        g_sq_sum.index_add_(0, ids, g64 * g64)
+        counts = torch.bincount(ids, minlength=num_blocks).to(torch.float64)
+        block_mean = (g_sq_sum / counts).to(compute_dtype)
 
         if wd_on and weight_decay != 0:
             w.mul_(1 - lr * weight_decay)

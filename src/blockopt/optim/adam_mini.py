@@ -20,6 +20,7 @@ from ..kernels import (
     load_cpu_kernel,
 )
 from ..kernels.blocks import Geometry
+from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, triton_supports
 from ..partition import PartitionPlan, PlanEntry, partition
 
 __all__ = ["AdamMini"]
@@ -94,7 +95,11 @@ class AdamMini(torch.optim.Optimizer):
             (fp32, contiguous, CPU, row/head/tensor/element blocks) unless
             ``foreach=False``, and the foreach step for the rest; ``True``
             requires the kernel (an error if it cannot be built); ``False``
-            never uses it.
+            never uses it. On CUDA the fused step is a Triton kernel (the
+            ``[gpu]`` extra), used the same way.
+        capturable: keep step counters on the parameter's device and compute
+            bias corrections there (CUDA + Triton only), so the step can be
+            recorded in a CUDA graph; ``lr`` may then be a device tensor.
         maximize: maximise the objective instead of minimising it.
         state_dtype: dtype of ``exp_avg`` and the block second moments. The
             default keeps fp32 state for bf16/fp16 parameters and the
@@ -128,22 +133,24 @@ class AdamMini(torch.optim.Optimizer):
         plan: PartitionPlan | None = None,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
-                        eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused, maximize=maximize)
+                        eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused, capturable=capturable,
+                        maximize=maximize)
         _check_hparams(defaults)
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
         self.state_dtype = state_dtype
-        for name, flag in (("foreach", foreach), ("fused", fused), ("maximize", maximize)):
+        for name, flag in (("foreach", foreach), ("fused", fused), ("maximize", maximize), ("capturable", capturable)):
             if flag is not None and not isinstance(flag, bool):
                 raise ValueError(f"Invalid {name}: {flag!r}; expected True, False or None")
         if fused and foreach is False:
             raise ValueError("Invalid fused=True with foreach=False: choose one implementation")
-        if fused and load_cpu_kernel() is None:
-            raise RuntimeError(f"fused=True but the fused CPU kernel cannot be built: {cpu_kernel_error()}")
+        if capturable and not triton_available():
+            raise RuntimeError("capturable=True needs the Triton step on CUDA: pip install 'blockopt[gpu]'")
         if isinstance(model_or_params, nn.Module):
             if plan is None:
                 plan = partition(model_or_params, num_heads=num_heads, num_kv_heads=num_kv_heads,
@@ -215,7 +222,8 @@ class AdamMini(torch.optim.Optimizer):
         if not state:
             dtype = self._state_dtype_for(p)
             entry = self._entries[p]
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            step_device = p.device if self.defaults.get("capturable") else "cpu"
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
             state["block_exp_avg_sq"] = torch.zeros(entry.num_blocks, dtype=dtype, device=p.device)
         return state
@@ -260,16 +268,36 @@ class AdamMini(torch.optim.Optimizer):
             if group["foreach"] is False:
                 adam_mini_reference(*lists, **hyper)
                 continue
-            use_fused = group["fused"] is not False and load_cpu_kernel() is not None
-            on_fused = [
-                use_fused and g.dtype == torch.float32 and fused_cpu_supports(p, m, geo)
-                for p, g, m, geo in zip(params, grads, exp_avgs, geoms)
-            ]
-            if any(on_fused):
-                adam_mini_fused_cpu(*([x for x, f in zip(lst, on_fused) if f] for lst in lists), **hyper)
-            if not all(on_fused):
-                adam_mini_foreach(*([x for x, f in zip(lst, on_fused) if not f] for lst in lists), **hyper)
+            if group["capturable"]:
+                if any(p.device.type != "cuda" or not triton_supports(p, m, geo)
+                       for p, m, geo in zip(params, exp_avgs, geoms)):
+                    raise RuntimeError(
+                        "capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
+                        "blocks only (see the plan); use capturable=False"
+                    )
+                adam_mini_triton(*lists, **{**hyper, "lr": lr}, capturable=True)
+                continue
+            route = [self._route(p, g, m, geo, group["fused"]) for p, g, m, geo in zip(params, grads, exp_avgs, geoms)]
+            for name, kernel in (("cpu", adam_mini_fused_cpu), ("triton", adam_mini_triton),
+                                 ("foreach", adam_mini_foreach)):
+                if name in route:
+                    kernel(*([x for x, r in zip(lst, route) if r == name] for lst in lists), **hyper)
         return loss
+
+    @staticmethod
+    def _route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, geometry: Geometry, fused: bool | None) -> str:
+        """Which step function handles this parameter."""
+        if fused is False:
+            return "foreach"
+        if p.device.type == "cpu":
+            if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
+                if load_cpu_kernel() is not None:
+                    return "cpu"
+                if fused:
+                    raise RuntimeError(f"fused=True but the fused CPU kernel cannot be built: {cpu_kernel_error()}")
+        elif p.device.type == "cuda" and triton_supports(p, m, geometry):
+            return "triton"
+        return "foreach"
 
     # --- state dict -------------------------------------------------------------
     def _param_entries(self) -> list[PlanEntry]:
@@ -364,6 +392,7 @@ class AdamMini(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("capturable", False)
             group.setdefault("maximize", False)
         # after copy/pickle: rebuild the parameter -> plan entry map
         if "plan" in state:

@@ -1,0 +1,209 @@
+"""The GPU step: Triton kernels that fuse the block reduction with the update.
+
+Same contract as the other step functions in :mod:`blockopt.kernels`. One
+program handles one block: it sums ``g * g`` over the block, updates the
+block's second moment, then sweeps the block again (now in cache) to update
+``m`` and ``p``. Per-element blocks (biases) use an element-wise Adam kernel.
+Parameters may be fp32, bf16 or fp16; arithmetic and state are fp32.
+
+With ``capturable=True`` nothing leaves the device: the step counters are
+device tensors incremented in place, bias corrections are computed inside the
+kernel from them, and a tensor ``lr`` is read from device memory, so the step
+can be recorded in a CUDA graph.
+
+Correctness tests run on CPU tensors with ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .blocks import Geometry
+
+__all__ = ["adam_mini_triton", "triton_available", "triton_supports"]
+
+try:  # Triton is optional (the [gpu] extra)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def triton_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometry) -> bool:
+    """Contiguous tensors whose blocks are runs of consecutive elements (rows, heads, tensors, elements)."""
+    return (
+        triton is not None
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and exp_avg.dtype == torch.float32
+        and p.is_contiguous()
+        and exp_avg.is_contiguous()
+        and geometry.axis in (-1, 0)
+        and type(p) in (torch.nn.Parameter, torch.Tensor)
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _one_minus_pow(ln_beta, t):
+        """1 - beta**t = -expm1(t * ln(beta)), accurate in fp32 where beta**t is close to 1."""
+        x = t * ln_beta
+        series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720))))))
+        return tl.where(tl.abs(x) < 0.1, -series, 1.0 - tl.exp(x))
+
+    @triton.jit
+    def _store_param(ptr, x, mask):
+        """Store fp32 ``x`` in the parameter's dtype, rounding to nearest even for bf16 (by bit arithmetic:
+        the same result on GPUs and in the Triton interpreter, which would otherwise truncate)."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _block_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
+        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay,
+        block_size,
+        DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        base = b.to(tl.int64) * block_size
+        if CAPTURABLE:
+            t = tl.load(step_ptr)
+            lr = tl.load(lr_ptr)
+            step_size = lr / _one_minus_pow(ln_beta1, t)
+            bc2_sqrt = tl.sqrt(_one_minus_pow(ln_beta2, t))
+        acc = tl.zeros([TILE], dtype=tl.float32)
+        for start in range(0, block_size, TILE):
+            offs = start + tl.arange(0, TILE)
+            mask = offs < block_size
+            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += g * g
+        mean = tl.sum(acc, axis=0) / block_size
+        v = tl.load(v_ptr + b) * beta2 + omb2 * mean
+        tl.store(v_ptr + b, v)
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+        for start in range(0, block_size, TILE):
+            offs = start + tl.arange(0, TILE)
+            mask = offs < block_size
+            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            if MAXIMIZE:
+                g = -g
+            m = tl.load(m_ptr + base + offs, mask=mask, other=0.0)
+            m = m + omb1 * (g - m)
+            tl.store(m_ptr + base + offs, m, mask=mask)
+            p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            if DECAY:
+                p = p * (1.0 - lr * weight_decay)
+            p = p - step_size * (m / denom)
+            _store_param(p_ptr + base + offs, p, mask)
+
+    @triton.jit
+    def _element_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
+        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay,
+        n,
+        DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
+    ):
+        offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+        mask = offs < n
+        if CAPTURABLE:
+            t = tl.load(step_ptr)
+            lr = tl.load(lr_ptr)
+            step_size = lr / _one_minus_pow(ln_beta1, t)
+            bc2_sqrt = tl.sqrt(_one_minus_pow(ln_beta2, t))
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        m = m + omb1 * (g - m)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        v = v * beta2 + omb2 * g * g
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if DECAY:
+            p = p * (1.0 - lr * weight_decay)
+        p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        _store_param(p_ptr + offs, p, mask)
+
+
+def _runs(shape: tuple[int, ...], geometry: Geometry) -> list[tuple[int, int, int, int]]:
+    """(element offset, blocks, block size, v offset) for each segment."""
+    numel = math.prod(shape)
+    axis, segments = geometry
+    inner = 1 if axis == -1 else numel // shape[0]
+    out, off, voff = [], 0, 0
+    for size, unit in segments:
+        nb, bs = size // unit, unit * inner
+        out.append((off, nb, bs, voff))
+        off += nb * bs
+        voff += nb
+    return out
+
+
+def adam_mini_triton(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    geometries: Sequence[Geometry],
+    decay: Sequence[bool],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    capturable: bool = False,
+) -> None:
+    """Fused Triton step; with ``capturable`` the steps and ``lr`` live on the device."""
+    if triton is None:
+        raise RuntimeError("Triton is not installed: pip install 'blockopt[gpu]'")
+    if not params:
+        return
+    torch._foreach_add_(list(state_steps), 1.0)
+    if capturable:
+        device = params[0].device
+        lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), device=device)
+        lr_t = lr_t.to(device=device, dtype=torch.float32).reshape(1)
+    for p, g, m, v, step_t, geometry, on in zip(
+        params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay
+    ):
+        g = g if g.is_contiguous() else g.contiguous()
+        if capturable:
+            if step_t.device != p.device:
+                raise ValueError("capturable=True needs the step tensors on the parameter's device")
+            step_size, bc2_sqrt, lr_f, step_ptr, lr_ptr = 0.0, 1.0, 0.0, step_t, lr_t
+        else:
+            t = step_t.item()
+            lr_f = lr.item() if isinstance(lr, torch.Tensor) else lr
+            step_size, bc2_sqrt = lr_f / (1 - beta1**t), (1 - beta2**t) ** 0.5
+            step_ptr = lr_ptr = v  # unused when not capturable
+        flags = dict(DECAY=bool(on and weight_decay != 0), MAXIMIZE=bool(maximize), CAPTURABLE=bool(capturable))
+        # 1 - beta from the host in double: in fp32, 1 - 0.999 cancels to 1.3e-5 off
+        scalars = (lr_f, step_size, bc2_sqrt, math.log(beta1) if beta1 > 0 else -math.inf,
+                   math.log(beta2) if beta2 > 0 else -math.inf, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay)
+        pf, gf, mf = p.view(-1), g.view(-1), m.view(-1)
+        for off, nb, bs, voff in _runs(tuple(p.shape), geometry):
+            n = nb * bs
+            args = (pf[off:off + n], gf[off:off + n], mf[off:off + n], v[voff:voff + nb], step_ptr, lr_ptr, *scalars)
+            if bs == 1:
+                tile = 1024
+                _element_kernel[(triton.cdiv(n, tile),)](*args, n, TILE=tile, **flags)
+            else:
+                tile = min(1024, triton.next_power_of_2(bs))
+                _block_kernel[(nb,)](*args, bs, TILE=tile, **flags)
