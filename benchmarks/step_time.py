@@ -24,6 +24,9 @@ import torch
 import blockopt
 from blockopt.bench.models import build_model
 
+sys.path.insert(0, __import__("os").path.dirname(__file__))
+from bandwidth import BYTES_PER_PARAM, measure_bandwidth  # noqa: E402
+
 
 def make_optimizers(model, which, lr=1e-4):
     cfg = model.config
@@ -107,21 +110,27 @@ def main(argv=None):
     impls = [s for s in args.impls.split(",") if s]
     print(f"# torch {torch.__version__}, {platform.machine()}, device {device}, threads {torch.get_num_threads()}")
     print(f"# median of {args.rounds} rounds x {args.steps} steps, after {args.warmup} warm-up steps")
+    bw = measure_bandwidth(device)
+    gbps = max(bw.values())
+    print("# bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()) + " (bound uses the best)")
     results = []
     for name in args.models.split(","):
         n, med = bench_model(name, impls, args.rounds, args.steps, args.warmup, device)
         base_f, base_u = med.get("adamw-foreach"), med.get("adamw-fused")
         print(f"\n{name}: {n / 1e6:.1f}M parameters")
-        print(f"  {'implementation':<22}{'step ms':>10}{'/ foreach':>11}{'/ fused':>9}")
+        print(f"  {'implementation':<22}{'step ms':>10}{'/ foreach':>11}{'/ fused':>9}{'bound ms':>10}{'/ bound':>9}")
+        bounds = {}
         for k, ms in med.items():
             rf = f"{ms / base_f:.2f}x" if base_f else "-"
             ru = f"{ms / base_u:.2f}x" if base_u else "-"
-            print(f"  {k:<22}{ms:>10.1f}{rf:>11}{ru:>9}")
-        results.append({"model": name, "params": n, "median_ms": med})
+            bound = n * BYTES_PER_PARAM["adamw" if k.startswith("adamw") else "adam-mini"] / (gbps * 1e9) * 1e3
+            bounds[k] = bound
+            print(f"  {k:<22}{ms:>10.1f}{rf:>11}{ru:>9}{bound:>10.1f}{ms / bound:>8.2f}x")
+        results.append({"model": name, "params": n, "median_ms": med, "bound_ms": bounds})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                       "results": results}, f, indent=1)
+                       "bandwidth_gbps": bw, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
