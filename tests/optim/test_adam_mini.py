@@ -195,6 +195,34 @@ def test_state_dict_holds_the_plan_and_groups():
     assert sd["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
 
 
+def test_param_groups_carry_the_plan_so_it_survives_without_the_top_level_key():
+    """DCP's get_optimizer_state_dict keeps only "state" and "param_groups": the plan must live there."""
+    import json
+
+    model = tiny()
+    opt = blockopt.AdamMini(model)
+    train(model, opt, token_batches(64, 1))
+    sd = opt.state_dict()
+    block_plan = sd["param_groups"][0]["block_plan"]
+    assert [json.loads(e)["name"] for e in block_plan] == sd["param_groups"][0]["param_names"]
+    assert blockopt.PlanEntry.from_dict(json.loads(block_plan[1])) == opt.plan.entries[1]
+
+    groups_only = {"state": sd["state"], "param_groups": sd["param_groups"]}
+    other = blockopt.AdamMini(model, value_single_block=True)
+    with pytest.raises(ValueError, match=r"different partition plan: parameter 'blocks\.0\.attn\.v_proj\.weight'"):
+        other.load_state_dict(groups_only)
+    same = blockopt.AdamMini(model)
+    same.load_state_dict(groups_only)
+    assert torch.equal(same.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
+
+    old_format = {**sd, "param_groups": [{k: v for k, v in g.items() if k != "block_plan"}
+                                         for g in sd["param_groups"]]}
+    blockopt.AdamMini(model).load_state_dict(old_format)  # top-level "plan" only: still accepted
+    no_plan = {"state": sd["state"], "param_groups": old_format["param_groups"]}
+    with pytest.raises(ValueError, match="it has no plan"):
+        blockopt.AdamMini(model).load_state_dict(no_plan)
+
+
 # --- torch.optim conventions ---------------------------------------------------
 
 def test_closure_is_called_and_its_loss_returned():

@@ -188,7 +188,7 @@ class TransformerLM(nn.Module):
         logits = self.lm_head(self.norm(x))  # [B, T, V]
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 #: named sizes; ``vocab_size`` is set from the tokenizer when it is not given here

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -11,6 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..distributed.dtensor import check_grad, is_dtensor, local_tensor, make_shard_info, require_initialized
+from ..distributed.sharding import ShardInfo
+from ..distributed.state import gather_block_states, local_block_state, local_exp_avg
+from ..distributed.step import partial_block_sums, reduce_shared_blocks, sharded_adam_mini_update
 from ..kernels import (
     adam_mini_foreach,
     adam_mini_fused_cpu,
@@ -19,8 +24,8 @@ from ..kernels import (
     fused_cpu_supports,
     load_cpu_kernel,
 )
-from ..kernels.blocks import Geometry
 from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, triton_supports
+from ..kernels.blocks import Geometry
 from ..partition import PartitionPlan, PlanEntry, partition
 
 __all__ = ["AdamMini"]
@@ -107,7 +112,38 @@ class AdamMini(torch.optim.Optimizer):
 
     State per parameter: ``step`` (0-dim float32), ``exp_avg`` (shape of the
     parameter) and ``block_exp_avg_sq`` (1-D, one value per block). The plan
-    travels in :meth:`state_dict` and is checked on :meth:`load_state_dict`.
+    travels in :meth:`state_dict` (``param_groups[i]["block_plan"]``) and is
+    checked on :meth:`load_state_dict`.
+
+    Distributed training (``torchrun``; helpers in
+    :mod:`blockopt.distributed.launch`):
+
+    * **DDP** works unchanged: build the optimizer on ``ddp.module`` (or the
+      model before wrapping); DDP averages gradients in backward, so every rank
+      runs the ordinary step on identical full tensors and stays in sync.
+    * **FSDP2** (``fully_shard``): build the optimizer *after* sharding. The
+      plan is the unsharded model's (DTensor shapes are global). Parameters
+      are DTensors with ``Shard(0)`` on a 1-D mesh (uneven ``torch.chunk``
+      shards and empty shards included; ``Replicate()`` also works, other
+      placements raise ``ValueError``). Rows inside one shard need no
+      communication; blocks that cross a shard boundary (split heads,
+      whole-tensor blocks, column blocks) have their partial sums added with
+      **one** ``all_reduce`` per process group per step, whatever the number
+      of parameters (:mod:`blockopt.distributed.step`). The step runs on the
+      local shards; ``exp_avg`` is a DTensor like the parameter and each rank
+      keeps the second moments of the blocks it touches. The same code runs
+      on gloo and NCCL; the group comes from the parameter's device mesh.
+    * **Checkpoints**: :meth:`state_dict` returns full second-moment vectors
+      (collective), so ``torch.distributed.checkpoint`` with
+      ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` saves at one
+      world size and loads at another; see
+      :mod:`blockopt.distributed.checkpoint`. A single-process ``torch.save``
+      state also loads into a sharded optimizer.
+    * **CPU offload**: FSDP2's ``CPUOffloadPolicy`` keeps parameters,
+      gradients and this optimizer's state on the CPU and the step runs there
+      (tested on gloo, with ``pin_memory=False`` on machines without CUDA);
+      under NCCL the per-step reduction buffer is sent through the current
+      CUDA device.
 
     Example::
 
@@ -176,6 +212,8 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
         self.plan = plan
         self._entries: dict[torch.Tensor, PlanEntry] = {}
+        # DTensor parameters: their ShardInfo for Shard(0), None for Replicate()
+        self._dtensors: dict[torch.Tensor, ShardInfo | None] = {}
         super().__init__(params, defaults)
 
     # --- construction ---------------------------------------------------------
@@ -192,6 +230,7 @@ class AdamMini(torch.optim.Optimizer):
                     "pass model.named_parameters() (or (name, tensor) pairs in each group), not model.parameters()"
                 )
             entries = {}
+            dtensors: dict[torch.Tensor, ShardInfo | None] = {}
             for name, p in zip(names, group["params"]):
                 if name not in self.plan:
                     raise ValueError(
@@ -207,10 +246,17 @@ class AdamMini(torch.optim.Optimizer):
                 if p.is_sparse:
                     raise ValueError(f"Invalid params: {name!r} is a sparse tensor; AdamMini needs dense parameters")
                 entries[p] = entry
-        except ValueError:
+                if is_dtensor(p):
+                    if group["capturable"]:
+                        raise ValueError(f"Invalid capturable=True: parameter {name!r} is a DTensor (FSDP2); "
+                                         "capturable steps support plain CUDA tensors only")
+                    dtensors[p] = make_shard_info(p, entry.geometry, name)
+            group["block_plan"] = _block_plan(entries[p] for p in group["params"])
+        except (ValueError, RuntimeError):
             self.param_groups.pop()
             raise
         self._entries.update(entries)
+        self._dtensors.update(dtensors)
 
     def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
         if self.state_dtype is not None:
@@ -225,7 +271,10 @@ class AdamMini(torch.optim.Optimizer):
             step_device = p.device if self.defaults.get("capturable") else "cpu"
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
-            state["block_exp_avg_sq"] = torch.zeros(entry.num_blocks, dtype=dtype, device=p.device)
+            n = entry.num_blocks
+            if self._dtensors.get(p) is not None:  # sharded: the blocks this rank touches
+                n = self._dtensors[p].layout.num_local_blocks
+            state["block_exp_avg_sq"] = torch.zeros(n, dtype=dtype, device=local_tensor(p).device)
         return state
 
     # --- step -------------------------------------------------------------------
@@ -244,27 +293,64 @@ class AdamMini(torch.optim.Optimizer):
                         "AdamMini does not support sparse gradients (got one for a parameter of shape "
                         f"{list(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
                     )
+        if self._dtensors:
+            require_initialized(f"parameter {self._entries[next(iter(self._dtensors))].name!r}")
+        # Pass 1: gather each group's lists; sharded parameters (FSDP2) get their local block sums.
+        # Every sharded parameter of every group is listed (in the same order on every rank, with
+        # None sums where there is no gradient), so one buffer per process group holds all the
+        # blocks that cross a shard boundary.
+        work = []
+        all_infos: list[ShardInfo] = []
+        all_sums: list[torch.Tensor | None] = []
         for group in self.param_groups:
             params, grads, exp_avgs, vs, steps, geoms, decay = [], [], [], [], [], [], []
+            sharded: list[list[Any]] = [[] for _ in range(8)]
             for p in group["params"]:
+                info = self._dtensors.get(p)
                 if p.grad is None:
+                    if info is not None:
+                        all_infos.append(info)
+                        all_sums.append(None)
                     continue
                 state = self._init_state(p)
                 entry = self._entries[p]
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
+                if info is not None:
+                    g = check_grad(p, entry.name)
+                    m = state["exp_avg"].to_local()
+                    (s,) = partial_block_sums([g], [info], [m.dtype])
+                    all_infos.append(info)
+                    all_sums.append(s)
+                    for lst, x in zip(sharded, (p.to_local(), g, m, state["block_exp_avg_sq"], state["step"],
+                                                info, entry.weight_decay, s)):
+                        lst.append(x)
+                    continue
+                if p in self._dtensors:  # Replicate(): every rank holds it all; plain kernels on local tensors
+                    params.append(p.to_local())
+                    grads.append(check_grad(p, entry.name))
+                    exp_avgs.append(state["exp_avg"].to_local())
+                else:
+                    params.append(p)
+                    grads.append(p.grad)
+                    exp_avgs.append(state["exp_avg"])
                 vs.append(state["block_exp_avg_sq"])
                 steps.append(state["step"])
                 geoms.append(entry.geometry)
                 decay.append(entry.weight_decay)
-            if not params:
-                continue
+            work.append((group, (params, grads, exp_avgs, vs, steps, geoms, decay), sharded))
+        # Pass 2: one all_reduce per process group for the boundary blocks of all sharded parameters.
+        if all_infos:
+            reduce_shared_blocks(all_sums, all_infos)
+        # Pass 3: the updates.
+        for group, lists, sharded in work:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             hyper = dict(lr=lr.item() if isinstance(lr, torch.Tensor) else lr, beta1=beta1, beta2=beta2,
                          eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            lists = (params, grads, exp_avgs, vs, steps, geoms, decay)
+            if sharded[0]:
+                sharded_adam_mini_update(*sharded, **hyper)
+            params, grads, exp_avgs, vs, steps, geoms, decay = lists
+            if not params:
+                continue
             if group["foreach"] is False:
                 adam_mini_reference(*lists, **hyper)
                 continue
@@ -304,31 +390,51 @@ class AdamMini(torch.optim.Optimizer):
         return [self._entries[p] for g in self.param_groups for p in g["params"]]
 
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict plus ``"plan"``: the entries of this optimizer's parameters."""
+        """torch.optim's state dict; the plan travels with it.
+
+        Each parameter group carries ``"block_plan"``: one JSON string per
+        parameter (in the group's order), its plan entry. It lives in the
+        groups because ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict`` keeps only ``"state"`` and
+        ``"param_groups"``; strings keep it one opaque value per group in DCP
+        (a nested structure would be split into many checkpoint keys). A
+        top-level ``"plan"`` (name -> entry dict) is kept too, for readers.
+
+        For sharded (FSDP2) parameters, ``block_exp_avg_sq`` is the *full*
+        vector, assembled from all ranks (a collective: call it on every rank)
+        and identical everywhere, so a checkpoint written at one world size
+        loads at any other; ``exp_avg`` is a DTensor laid out like the parameter.
+        """
         sd = super().state_dict()
+        sharded = [(i, p) for i, p in enumerate(self._params_in_order())
+                   if self._dtensors.get(p) is not None and "block_exp_avg_sq" in self.state.get(p, {})]
+        if sharded:
+            require_initialized(f"parameter {self._entries[sharded[0][1]].name!r}")
+            full = gather_block_states([self.state[p]["block_exp_avg_sq"] for _, p in sharded],
+                                       [self._dtensors[p] for _, p in sharded])
+            for (i, _), v in zip(sharded, full):
+                sd["state"][i] = {**sd["state"][i], "block_exp_avg_sq": v}
         sd["plan"] = {e.name: e.to_dict() for e in self._param_entries()}
         return sd
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`.
+    def _check_saved_plan(
+        self, saved_groups: Any, top_plan: Mapping[str, Any] | None = None
+    ) -> dict[Any, torch.Tensor]:
+        """Check saved param groups (names and ``block_plan``, or a top-level plan) against this optimizer.
 
-        Everything is checked before anything changes: a state saved under a
-        different plan, for different parameters, or with tensors of the wrong
-        size raises ``ValueError`` naming the parameter, and leaves this
-        optimizer as it was. State tensors keep their saved dtype (fp32 state
-        of bf16 parameters stays fp32) and move to the parameter's device.
+        Returns saved parameter id -> parameter. Raises ``ValueError`` naming the
+        first parameter whose saved blocks differ from this optimizer's plan.
         """
-        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("Invalid state_dict: expected a mapping with 'state' and 'param_groups'")
-        if "plan" not in state_dict:
-            raise ValueError("Invalid state_dict: it has no 'plan'; it was not saved by blockopt.AdamMini")
-        saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"Invalid state_dict: it has {len(saved_groups)} parameter groups, this optimizer has "
                 f"{len(self.param_groups)}"
             )
-        saved_plan = state_dict["plan"]
+        if top_plan is None and not all("block_plan" in g for g in saved_groups):
+            raise ValueError(
+                "Invalid state_dict: it has no plan (no 'block_plan' in its param_groups, no top-level 'plan'); "
+                "it was not saved by blockopt.AdamMini"
+            )
         id_map: dict[Any, torch.Tensor] = {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if len(group["params"]) != len(saved["params"]):
@@ -337,16 +443,27 @@ class AdamMini(torch.optim.Optimizer):
                     f"optimizer's has {len(group['params'])}"
                 )
             saved_names = saved.get("param_names", group["param_names"])
-            for name, saved_name, p, pid in zip(group["param_names"], saved_names, group["params"], saved["params"]):
+            group_plan = saved.get("block_plan")
+            if group_plan is not None and len(group_plan) != len(saved["params"]):
+                raise ValueError(
+                    f"Invalid state_dict: parameter group {gi} has {len(saved['params'])} parameters but "
+                    f"{len(group_plan)} plan entries"
+                )
+            for k, (name, saved_name, p, pid) in enumerate(
+                zip(group["param_names"], saved_names, group["params"], saved["params"])
+            ):
                 entry = self._entries[p]
                 if saved_name != name and saved_name not in entry.aliases:
                     raise ValueError(
                         f"Invalid state_dict: parameter {len(id_map)} is {saved_name!r} in the saved state but "
                         f"{name!r} here"
                     )
-                if saved_name not in saved_plan:
+                if group_plan is not None:
+                    old = PlanEntry.from_dict(json.loads(group_plan[k]))
+                elif saved_name in top_plan:
+                    old = PlanEntry.from_dict(top_plan[saved_name])
+                else:
                     raise ValueError(f"Invalid state_dict: its plan has no entry for parameter {name!r}")
-                old = PlanEntry.from_dict(saved_plan[saved_name])
                 if not old.same_blocks(entry):
                     raise ValueError(
                         f"state_dict was saved with a different partition plan: parameter {name!r} was "
@@ -354,6 +471,27 @@ class AdamMini(torch.optim.Optimizer):
                         f"{entry.describe()} (shape {list(entry.shape)}, decay {entry.weight_decay})"
                     )
                 id_map[pid] = p
+        return id_map
+
+    def _params_in_order(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` (or through ``torch.distributed.checkpoint``).
+
+        Everything is checked before anything changes: a state saved under a
+        different plan, for different parameters, or with tensors of the wrong
+        size raises ``ValueError`` naming the parameter, and leaves this
+        optimizer as it was. State tensors keep their saved dtype (fp32 state
+        of bf16 parameters stays fp32) and move to the parameter's device.
+        For sharded parameters each rank keeps its range of the full
+        second-moment vector, and ``exp_avg`` is resharded to the parameter's
+        layout (or sliced, when it was saved by a single process).
+        """
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Invalid state_dict: expected a mapping with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        id_map = self._check_saved_plan(saved_groups, state_dict.get("plan"))
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         for pid, s in state_dict["state"].items():
             if pid not in id_map:
@@ -371,13 +509,21 @@ class AdamMini(torch.optim.Optimizer):
             new_state[p] = {
                 k: (v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) and k != "step"
                     else v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                for k, v in s.items()
+                for k, v in s.items() if not (p in self._dtensors and k in ("exp_avg", "block_exp_avg_sq"))
             }
+            if p in self._dtensors:
+                info = self._dtensors[p]
+                new_state[p]["exp_avg"] = local_exp_avg(s["exp_avg"], p)
+                full = s["block_exp_avg_sq"]
+                v = local_block_state(full, info) if info is not None else full.detach().clone()
+                new_state[p]["block_exp_avg_sq"] = v.to(local_tensor(p).device)
         groups = []
         for group, saved in zip(self.param_groups, saved_groups):
-            new_group = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
+            new_group = {k: copy.deepcopy(v) for k, v in saved.items()
+                         if k not in ("params", "param_names", "block_plan")}
             new_group["params"] = group["params"]
             new_group["param_names"] = group["param_names"]
+            new_group["block_plan"] = group["block_plan"]
             _check_hparams(new_group)
             groups.append(new_group)
         state: Any = defaultdict(dict)
@@ -394,8 +540,18 @@ class AdamMini(torch.optim.Optimizer):
             group.setdefault("fused", None)
             group.setdefault("capturable", False)
             group.setdefault("maximize", False)
-        # after copy/pickle: rebuild the parameter -> plan entry map
+        # after copy/pickle: rebuild the parameter -> plan entry map and the shard infos
         if "plan" in state:
             self._entries = {
                 p: self.plan[n] for g in self.param_groups for n, p in zip(g["param_names"], g["params"])
             }
+            self._dtensors = {p: make_shard_info(p, e.geometry, e.name) for p, e in self._entries.items()
+                              if is_dtensor(p)}
+        for group in self.param_groups:
+            if "block_plan" not in group:
+                group["block_plan"] = _block_plan(self._entries[p] for p in group["params"])
+
+
+def _block_plan(entries: Iterable[PlanEntry]) -> list[str]:
+    """A group's ``"block_plan"``: each parameter's plan entry as compact JSON, in the group's order."""
+    return [json.dumps(e.to_dict(), sort_keys=True, separators=(",", ":")) for e in entries]

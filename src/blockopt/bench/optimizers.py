@@ -1,0 +1,389 @@
+"""The optimizers ``blockopt bench`` can compare: name -> factory, and which extra provides each.
+
+Every factory receives the model, the learning rate and one :class:`Hyper` (the
+shared hyperparameters of the sweep, with per-optimizer options applied), so
+every optimizer sees the same weight-decay mask (the one Adam-mini's partition
+plan decides: matrices and embeddings decay, norms and biases do not), the same
+betas where the algorithm has them, and the same learning-rate schedule (set
+by the runner through ``param_groups[i]["lr"]``).
+
+A spec string is a name with optional options, ``name:key=value:key=value``,
+e.g. ``adam-mini:value_single_block=true`` or ``adamw:beta2=0.99``; keys are
+checked against the optimizer's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BenchInputError
+
+__all__ = [
+    "REGISTRY",
+    "CautiousAdamW",
+    "ChainedOptimizer",
+    "Hyper",
+    "OptimizerChoice",
+    "OptimizerSpec",
+    "available",
+    "build_optimizer",
+    "parse_optimizer",
+]
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyperparameters shared by the optimizers of one sweep (``lr`` comes separately)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    value_single_block: bool = False
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What some optimizers need to know about the model's attention shape."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    label: str  # for tables: "AdamW", "Adam-mini"
+    factory: Callable[..., torch.optim.Optimizer]
+    default_lr: float
+    description: str
+    package: str | None = None  # import name of the package it needs, if any
+    pip_name: str | None = None
+    extra: str | None = None  # blockopt extra that installs it
+    options: tuple[str, ...] = ("beta1", "beta2", "eps", "weight_decay")
+
+    def missing(self) -> str | None:
+        """``None`` when usable, else the one-line reason (names the extra to install)."""
+        if self.package is None:
+            return None
+        try:
+            importlib.import_module(self.package)
+        except ImportError:
+            return (f"optimizer {self.name!r} needs the package {self.pip_name or self.package!r}: "
+                    f"pip install 'blockopt[{self.extra}]'")
+        return None
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """One entry of ``--optimizers``: a spec and its options (``key`` is the text as given, canonicalised)."""
+
+    spec: OptimizerSpec
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        if not self.options:
+            return self.spec.name
+        return self.spec.name + "".join(f":{k}={_fmt_opt(v)}" for k, v in sorted(self.options.items()))
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.spec.label
+        return self.spec.label + " (" + ", ".join(f"{k}={_fmt_opt(v)}" for k, v in sorted(self.options.items())) + ")"
+
+    def hyper(self, base: Hyper) -> Hyper:
+        return replace(base, **self.options)
+
+
+def _fmt_opt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+# --- helpers -------------------------------------------------------------------------
+def _decay_groups(model: nn.Module, plan, hp: Hyper, *, named: bool = False) -> list[dict[str, Any]]:
+    """Two param groups: decayed (as the plan says) and not, with the sweep's weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        flag = plan[name].weight_decay if name in plan else p.dim() >= 2
+        item = (name, p) if named else p
+        (decay if flag else no_decay).append(item)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": hp.weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _fastest_adamw(groups, **kw) -> torch.optim.AdamW:
+    """AdamW with its fused implementation where torch has one for these tensors (CPU and CUDA
+    since torch 2.4): the default on CPU is a per-tensor loop about 10x slower, which would make
+    any optimizer look fast beside it."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, **kw)
+
+
+def _adamw(model, lr, hp, plan, info):
+    return _fastest_adamw(_decay_groups(model, plan, hp), lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                          weight_decay=hp.weight_decay)
+
+
+def _adam_mini(model, lr, hp, plan, info):
+    from ..optim import AdamMini
+
+    return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
+                    value_single_block=hp.value_single_block)
+
+
+def _adam_mini_official(model, lr, hp, plan, info):
+    from adam_mini import Adam_mini  # the official release (adam-mini on PyPI)
+
+    if hp.value_single_block:
+        raise BenchInputError(
+            "--optimizers: adam-mini-official has no value_single_block option here; use it with adam-mini"
+        )
+    opt = Adam_mini(model.named_parameters(), lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                    weight_decay=hp.weight_decay, dim=info.d_model, n_heads=info.n_heads,
+                    n_kv_heads=info.n_kv_heads, verbose=False)
+    return opt
+
+
+def _adafactor(model, lr, hp, plan, info):
+    return torch.optim.Adafactor(_decay_groups(model, plan, hp), lr=lr, weight_decay=hp.weight_decay)
+
+
+def _hidden_matrices(model: nn.Module) -> set[int]:
+    """ids of 2-D parameters that are not the input embedding or the output head."""
+    skip: set[int] = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, get, None)
+        mod = fn() if callable(fn) else None
+        if mod is not None:
+            skip.update(id(p) for p in mod.parameters())
+    for m in model.modules():  # any other embedding table (positions)
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            skip.update(id(p) for p in m.parameters())
+    return {id(p) for p in model.parameters() if p.dim() == 2 and id(p) not in skip and p.requires_grad}
+
+
+def _muon(model, lr, hp, plan, info):
+    hidden = _hidden_matrices(model)
+    muon_params = [p for p in model.parameters() if id(p) in hidden]
+    rest_groups = []
+    for g in _decay_groups(model, plan, hp):
+        ps = [p for p in g["params"] if id(p) not in hidden]
+        if ps:
+            rest_groups.append({**g, "params": ps})
+    muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=hp.weight_decay, adjust_lr_fn="match_rms_adamw")
+    adamw = _fastest_adamw(rest_groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps)
+    return ChainedOptimizer([muon, adamw])
+
+
+def _po(cls_name: str, **fixed):
+    def make(model, lr, hp, plan, info):
+        import pytorch_optimizer
+
+        cls = getattr(pytorch_optimizer, cls_name)
+        kwargs = dict(fixed)
+        if "betas" not in kwargs:
+            kwargs["betas"] = (hp.beta1, hp.beta2)
+        return cls(_decay_groups(model, plan, hp), lr=lr, weight_decay=hp.weight_decay, **kwargs)
+
+    return make
+
+
+def _cautious_adamw(model, lr, hp, plan, info):
+    return CautiousAdamW(_decay_groups(model, plan, hp), lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                         weight_decay=hp.weight_decay)
+
+
+class ChainedOptimizer:
+    """Several optimizers over disjoint parameters, stepped together (Muon + AdamW).
+
+    ``param_groups`` is the concatenation of the children's groups (the same dicts,
+    so a schedule that sets ``group["lr"]`` reaches them); ``state`` merges theirs.
+    """
+
+    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self):  
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self):  
+        out = {}
+        for o in self.optimizers:
+            out.update(o.state)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for o in self.optimizers:
+            o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  
+        for o, sd in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            o.load_state_dict(sd)
+
+    def __repr__(self) -> str:
+        return "ChainedOptimizer(" + ", ".join(type(o).__name__ for o in self.optimizers) + ")"
+
+
+class CautiousAdamW(torch.optim.Optimizer):
+    """C-AdamW (Liang et al., 2024, "Cautious Optimizers"), a plain baseline for the bench.
+
+    AdamW whose update is zeroed where its sign disagrees with the current gradient,
+    the rest rescaled by ``numel / (kept + 1)`` (as in ``pytorch_optimizer``).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = st["step"].item()
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                update = (m / (1 - beta1**t)).div_(denom)
+                mask = (update * g > 0).to(update.dtype)
+                update.mul_(mask * (mask.numel() / (mask.sum() + 1)))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update, alpha=-group["lr"])
+        return loss
+
+
+_ADAM_OPTS = ("beta1", "beta2", "eps", "weight_decay")
+REGISTRY: dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in [
+        OptimizerSpec("adamw", "AdamW", _adamw, 3e-3, "torch.optim.AdamW (fused=True where torch supports it)"),
+        OptimizerSpec("adam-mini", "Adam-mini", _adam_mini, 3e-3, "blockopt.AdamMini (this package)",
+                      options=_ADAM_OPTS + ("value_single_block",)),
+        OptimizerSpec("adam-mini-official", "Adam-mini (official)", _adam_mini_official, 3e-3,
+                      "the official release, adam_mini.Adam_mini 1.1.1", package="adam_mini", pip_name="adam-mini",
+                      extra="official"),
+        OptimizerSpec("adafactor", "Adafactor", _adafactor, 1e-2,
+                      "torch.optim.Adafactor (relative step: lr caps min(lr, 1/sqrt(t)) x RMS(param))",
+                      options=("weight_decay",)),
+        OptimizerSpec("muon", "Muon", _muon, 3e-3,
+                      "torch.optim.Muon on hidden 2-D matrices (lr matched to AdamW's RMS), AdamW on "
+                      "embeddings, head and 1-D tensors"),
+        OptimizerSpec("cautious-adamw", "C-AdamW", _cautious_adamw, 3e-3,
+                      "Cautious AdamW (built in, plain loop)"),
+        OptimizerSpec("lion", "Lion", _po("Lion"), 3e-4, "pytorch_optimizer.Lion", package="pytorch_optimizer",
+                      pip_name="pytorch-optimizer", extra="optimizers", options=("beta1", "beta2", "weight_decay")),
+        OptimizerSpec("soap", "SOAP", _po("SOAP"), 3e-3, "pytorch_optimizer.SOAP", package="pytorch_optimizer",
+                      pip_name="pytorch-optimizer", extra="optimizers"),
+        OptimizerSpec("adopt", "ADOPT", _po("ADOPT", weight_decouple=True), 3e-3, "pytorch_optimizer.ADOPT",
+                      package="pytorch_optimizer", pip_name="pytorch-optimizer", extra="optimizers"),
+        OptimizerSpec("laprop", "LaProp", _po("LaProp"), 3e-3, "pytorch_optimizer.LaProp",
+                      package="pytorch_optimizer", pip_name="pytorch-optimizer", extra="optimizers"),
+        OptimizerSpec("mars", "MARS", _po("MARS"), 3e-3, "pytorch_optimizer.MARS (AdamW flavour)",
+                      package="pytorch_optimizer", pip_name="pytorch-optimizer", extra="optimizers"),
+        OptimizerSpec("adan", "Adan", _po("Adan", weight_decouple=True, betas=(0.98, 0.92, 0.99)), 3e-3,
+                      "pytorch_optimizer.Adan (betas 0.98, 0.92, 0.99)", package="pytorch_optimizer",
+                      pip_name="pytorch-optimizer", extra="optimizers", options=("weight_decay",)),
+    ]
+}
+
+
+def available() -> str:
+    """``adamw, adam-mini, ... (lion, soap: pip install 'blockopt[optimizers]')``."""
+    ok = [s.name for s in REGISTRY.values() if s.missing() is None]
+    missing: dict[str, list[str]] = {}
+    for s in REGISTRY.values():
+        if s.missing() is not None:
+            missing.setdefault(s.extra or "", []).append(s.name)
+    text = ", ".join(ok)
+    for extra, names in missing.items():
+        text += f"; {', '.join(names)} need pip install 'blockopt[{extra}]'"
+    return text
+
+
+_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoice:
+    """``"adam-mini:value_single_block=true"`` -> :class:`OptimizerChoice` (raises BenchInputError)."""
+    name, *opts = [t.strip() for t in text.strip().split(":")]
+    spec = REGISTRY.get(name.lower())
+    if spec is None:
+        raise BenchInputError(f"--optimizers: unknown optimizer {name!r}; available: {available()}")
+    options: dict[str, Any] = {}
+    for o in opts:
+        key, sep, value = o.partition("=")
+        key = key.strip()
+        if not sep or key not in spec.options:
+            raise BenchInputError(
+                f"--optimizers: bad option {o!r} for {spec.name}; expected key=value with key in "
+                f"{', '.join(spec.options)}"
+            )
+        if key == "value_single_block":
+            if value.lower() not in _BOOL:
+                raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected true or false")
+            options[key] = _BOOL[value.lower()]
+        else:
+            try:
+                v = float(value)
+            except ValueError:
+                v = math.nan
+            lim = (0.0, 1.0) if key in ("beta1", "beta2") else (0.0, math.inf)
+            if not (lim[0] <= v < lim[1]):
+                raise BenchInputError(
+                    f"--optimizers: {spec.name}:{key}={value!r}; expected a number in [{lim[0]:g}, {lim[1]:g})"
+                )
+            options[key] = v
+    if check_installed and (why := spec.missing()):
+        raise BenchInputError(f"--optimizers: {why}")
+    return OptimizerChoice(spec, options)
+
+
+def build_optimizer(choice: OptimizerChoice, model: nn.Module, lr: float, base: Hyper, *, plan,
+                    info: ModelInfo) -> torch.optim.Optimizer:
+    """Instantiate ``choice`` for ``model`` at learning rate ``lr``."""
+    return choice.spec.factory(model, lr, choice.hyper(base), plan, info)

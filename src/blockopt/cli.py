@@ -1,0 +1,384 @@
+"""The ``blockopt`` command: ``blockopt bench`` (compare optimizers) and ``blockopt plan``.
+
+Exit status: 0 done; 1 some runs failed (the others' results are written);
+2 bad input (one line on stderr, nothing written); 130 interrupted (resume
+with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``blockopt bench: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+BENCH_EPILOG = """\
+learning rates (--lrs):
+  1e-3,3e-3                        the same grid for every optimizer
+  'adamw=1e-3,3e-3;adam-mini=2e-3,4e-3'
+                                   a grid per optimizer (quote it: ';' ends a shell command)
+  '1e-3,3e-3;adafactor=1e-2,3e-2'  a bare list for the optimizers not named
+  (not given)                      each optimizer's default learning rate, no sweep
+  The winner per optimizer is the learning rate with the lowest final held-out loss,
+  averaged over --seeds; a learning rate where a seed diverged cannot win.
+
+optimizers (--optimizers, comma separated; options as name:key=value:key=value):
+{optimizers}
+  e.g. --optimizers adamw,adam-mini,adam-mini:value_single_block=true,adamw:beta2=0.99
+
+models (--model): {models}
+  or --hf-config config.json / a folder / '{{"model_type": "llama", ...}}' (built from the
+  config with transformers, never downloaded; the vocabulary is set from the tokenizer)
+
+examples:
+  blockopt bench                                   # stdlib sources, AdamW vs Adam-mini, ~2-3 min on 2 cores
+  blockopt bench --data shakespeare.txt --steps 600 --lrs 1e-3,2e-3,4e-3 --out runs/shakespeare
+  blockopt bench --dry-run --optimizers adamw,adam-mini,muon --seeds 0,1
+  blockopt bench --out runs/shakespeare --resume   # continue an interrupted sweep (same flags)
+"""
+
+
+def _bench_parser(sub: Any) -> argparse.ArgumentParser:
+    from .bench.models import MODEL_PRESETS
+    from .bench.optimizers import REGISTRY
+
+    opt_lines = []
+    for s in REGISTRY.values():
+        need = f" [needs blockopt[{s.extra}]]" if s.extra else ""
+        opt_lines.append(f"  {s.name:<20} {s.description} (default lr {s.default_lr:g}){need}")
+    epilog = BENCH_EPILOG.format(optimizers="\n".join(opt_lines), models=", ".join(MODEL_PRESETS))
+    p = sub.add_parser(
+        "bench",
+        help="compare optimizers by pretraining a small language model on text",
+        description="Pretrain a small decoder-only language model with several optimizers under one protocol "
+                    "(same init, data order, token budget, warmup+cosine schedule and clipping) and report "
+                    "held-out loss, optimizer state, step time, throughput and memory.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="PATH", help="a text file, a folder, or a glob (default: this Python's "
+                   "standard library sources, capped at 4 MiB)")
+    g.add_argument("--max-data-bytes", type=int, metavar="N", help="read at most N bytes of the corpus")
+    g.add_argument("--val-fraction", type=float, default=0.1, metavar="F", help="held-out share (default 0.1)")
+    g.add_argument("--tokenizer", choices=("byte", "bpe"), default="byte",
+                   help="byte (256 symbols, default) or a BPE trained on the corpus (cached)")
+    g.add_argument("--vocab-size", type=int, metavar="N", help="BPE vocabulary size (default 4096)")
+    g.add_argument("--cache-dir", metavar="DIR", help="token cache (default $BLOCKOPT_CACHE or ~/.cache/blockopt)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="NAME", help="built-in model (default llama-tiny)")
+    g.add_argument("--hf-config", metavar="PATH_OR_JSON", help="a transformers causal-LM config instead")
+    g = p.add_argument_group("optimizers")
+    g.add_argument("--optimizers", default="adamw,adam-mini", metavar="LIST",
+                   help="comma separated (default adamw,adam-mini)")
+    g.add_argument("--lrs", metavar="GRID", help="learning rates, see below")
+    g.add_argument("--seeds", default="0", metavar="LIST", help="comma separated seeds (default 0)")
+    g.add_argument("--betas", default="0.9,0.95", metavar="B1,B2", help="for Adam-type optimizers (default 0.9,0.95)")
+    g.add_argument("--eps", type=float, default=1e-8, help="default 1e-8")
+    g.add_argument("--weight-decay", type=float, default=0.1, metavar="WD", help="decoupled (default 0.1)")
+    g = p.add_argument_group("budget and schedule (the same for every run)")
+    g.add_argument("--steps", type=int, default=300, help="optimizer steps per run (default 300)")
+    g.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per step (default 16)")
+    g.add_argument("--context", type=int, default=128, metavar="T", help="tokens per sequence (default 128)")
+    g.add_argument("--warmup", type=int, metavar="STEPS", help="linear warmup steps (default 10%% of --steps)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, metavar="R",
+                   help="cosine decays to R x lr (default 0.1)")
+    g.add_argument("--grad-clip", type=float, default=1.0, metavar="NORM", help="0 disables (default 1.0)")
+    g.add_argument("--eval-every", type=int, metavar="STEPS", help="held-out evaluation period (default steps/10)")
+    g.add_argument("--eval-batches", type=int, default=8, metavar="N",
+                   help="held-out windows = N x batch size (default 8)")
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16 = autocast with fp32 weights (default float32)")
+    g.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: all available cores)")
+    g.add_argument("--out", metavar="DIR", help="results folder (default runs/bench-<date>-<time>)")
+    g.add_argument("--resume", action="store_true", help="continue the sweep in --out: finished runs are kept, "
+                   "interrupted ones continue from their checkpoint")
+    g.add_argument("--dry-run", action="store_true", help="print the runs and their estimated cost, run nothing")
+    g.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
+                   help="run each run in a fresh process (auto: on CPU, so peak RSS is per run)")
+    g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="default steps/5; 0 never")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--progress", choices=("auto", "plain", "none"), default="auto",
+                   help="live display on stderr (auto: rich on a terminal)")
+    g.add_argument("--json", action="store_true", help="print summary.json (or the dry-run plan) on stdout")
+    g.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return p
+
+
+def _plan_parser(sub: Any) -> argparse.ArgumentParser:
+    from .bench.models import MODEL_PRESETS
+
+    p = sub.add_parser(
+        "plan",
+        help="print the Adam-mini partition plan of a model",
+        description="Build a model on the meta device (no memory, no download) and print how Adam-mini will "
+                    "cut each parameter into second-moment blocks.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="NAME", help=f"built-in: {', '.join(MODEL_PRESETS)}")
+    src.add_argument("--hf-config", metavar="PATH_OR_JSON",
+                     help="a transformers config.json, a folder holding one, or inline JSON with a model_type")
+    p.add_argument("--vocab-size", type=int, metavar="N", help="override the vocabulary size")
+    p.add_argument("--value-single-block", action="store_true", help="one block for each value projection")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (PartitionPlan.from_json reads it)")
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog="blockopt", description="Adam-mini and block-wise optimizers for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"blockopt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,plan,hessian}", parser_class=_Parser)
+    _bench_parser(sub)
+    _plan_parser(sub)
+    from .hessian.cli import add_parser as _hessian_parser
+
+    _hessian_parser(sub)
+    return parser
+
+
+# --- bench --------------------------------------------------------------------------------------
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _config(args: argparse.Namespace, argv: Sequence[str]):
+    from .bench.errors import BenchInputError
+    from .bench.runner import SweepConfig, parse_seeds
+
+    try:
+        b1, b2 = (float(x) for x in args.betas.split(","))
+    except ValueError:
+        raise BenchInputError(f"--betas: {args.betas!r}; expected two numbers, e.g. 0.9,0.95") from None
+    optimizers = _split(args.optimizers)
+    return SweepConfig(
+        data=args.data, max_data_bytes=args.max_data_bytes, val_fraction=args.val_fraction,
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, model=args.model, hf_config=args.hf_config,
+        optimizers=optimizers, lrs=args.lrs, seeds=parse_seeds(args.seeds), steps=args.steps,
+        batch_size=args.batch_size, context=args.context, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+        grad_clip=args.grad_clip, beta1=b1, beta2=b2, eps=args.eps, weight_decay=args.weight_decay,
+        eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device, dtype=args.dtype,
+        out=args.out, cache_dir=args.cache_dir, threads=args.threads, isolate=args.isolate,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, plots=not args.no_plots, argv=tuple(argv),
+    )
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *[line(r) for r in rows]])
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> None:
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table()
+            for i, h in enumerate(header):
+                t.add_column(h, justify="left" if i == 0 else "right")
+            for r in rows:
+                t.add_row(*r)
+            console = Console()
+            console.print(title, highlight=False)
+            console.print(t)
+            return
+        except ImportError:
+            pass
+    print(title)
+    print(_text_table(header, rows))
+
+
+def _fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _dry_run(sweep: Any, as_json: bool) -> int:
+    from .bench.metrics import fmt_bytes
+    from .bench.runner import estimate_cost
+
+    est = estimate_cost(sweep)
+    cfg = sweep.config
+    plan = {
+        "sweep_id": sweep.sweep_id,
+        "out": str(sweep.out),
+        "out_state": sweep.out_state,
+        "data": sweep.source.to_dict(),
+        "tokenizer": cfg.tokenizer,
+        "model": sweep.model.describe(),
+        "protocol": {k: sweep.identity[k] for k in ("steps", "batch_size", "context", "warmup", "min_lr_ratio",
+                                                    "grad_clip", "hyper", "eval_every", "lr_grids", "seeds")},
+        "runs": [{"run_id": r.run_id, "optimizer": r.optimizer, "lr": r.lr, "seed": r.seed,
+                  "status": "finished" if r.run_id in sweep.finished else
+                  "resume from checkpoint" if r.run_id in sweep.partial else "to run"} for r in sweep.runs],
+        "estimate": est,
+    }
+    if as_json:
+        print(json.dumps(plan, indent=1))
+        return EXIT_OK
+    src = sweep.source
+    print("blockopt bench --dry-run: nothing is run or written")
+    print(f"data     {src.description}: {fmt_bytes(src.used_bytes)} used of {fmt_bytes(src.total_bytes)}; "
+          f"{cfg.tokenizer} tokenizer (vocab {sweep.model.vocab_size:,})")
+    print(f"model    {sweep.model.name}: {est['params']:,} parameters")
+    print(f"budget   {cfg.steps} steps x {cfg.batch_size} x {cfg.context} tokens = {sweep.tokens_per_run:,} tokens "
+          f"per run; warmup {sweep.warmup}, cosine to {cfg.min_lr_ratio:g} x lr, clip {cfg.grad_clip:g}")
+    state = {"new": "new", "resume": "resume", "complete": "finished; --resume rewrites the report"}[sweep.out_state]
+    print(f"out      {sweep.out} ({state})")
+    rows = [[str(i + 1), r["run_id"], r["optimizer"], f"{r['lr']:.3g}", str(r["seed"]), r["status"]]
+            for i, r in enumerate(plan["runs"])]
+    print(_text_table(["#", "run", "optimizer", "lr", "seed", "status"], rows))
+    if est["run_s"] is not None:
+        print(f"estimate {est['runs_to_do']} runs x ~{_fmt_duration(est['run_s'])} = ~{_fmt_duration(est['total_s'])} "
+              f"on {sweep.device} with {sweep.threads} threads (from timed steps on this machine); "
+              f"{est['flops_per_run'] / 1e12:.2f} TFLOP per run (6 N D)")
+    else:
+        print(f"estimate {est['runs_to_do']} runs, {est['flops_per_run'] / 1e12:.2f} TFLOP per run (6 N D); "
+              "time not measured for a model this large")
+    print(f"state    fp32 AdamW {fmt_bytes(est['adamw_state_bytes'])}, Adam-mini "
+          f"{fmt_bytes(est['adam_mini_state_bytes'])} (from the partition plan)")
+    return EXIT_OK
+
+
+def _resume_hint(argv: Sequence[str], out: str) -> str:
+    args = list(argv)
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", out]
+    if "--resume" not in args:
+        args.append("--resume")
+    return "blockopt " + " ".join(shlex.quote(a) for a in args)
+
+
+def _cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .bench.errors import BenchInputError
+
+    try:
+        from .bench.progress import make_progress
+        from .bench.report import results_table, side_by_side_table
+        from .bench.runner import prepare_sweep, run_sweep
+    except ImportError as e:  # numpy is not a torch dependency
+        raise BenchInputError(f"blockopt bench needs the package {e.name!r}: pip install 'blockopt[bench]'") from None
+
+    cfg = _config(args, argv)
+    sweep = prepare_sweep(cfg)  # raises BenchInputError before anything is written
+    if args.dry_run:
+        return _dry_run(sweep, args.json)
+    progress = make_progress("none" if args.json and args.progress == "auto" else args.progress)
+    try:
+        with progress:
+            summary = run_sweep(sweep, progress)
+    except KeyboardInterrupt:
+        print(f"blockopt bench: interrupted; continue with: {_resume_hint(argv, str(sweep.out))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        header, rows = (side_by_side_table if len(summary["winners"]) <= 4 else results_table)(summary)
+        env = summary["environment"]
+        title = (f"{summary['model']['name']}, {summary['tokens_per_run']:,} tokens per run, "
+                 f"{env['device']} ({env['threads']} threads), torch {env['torch']}")
+        _print_table(header, rows, title)
+        print(f"report: {sweep.out / 'report.md'}")
+    if not summary["complete"]:
+        failed = [r["run_id"] for r in summary["runs"] if r.get("status") == "error"]
+        print(f"blockopt bench: {len(failed)} run(s) failed: {', '.join(failed)}; retry them with: "
+              f"{_resume_hint(argv, str(sweep.out))}", file=sys.stderr)
+        return EXIT_FAILED_RUNS
+    return EXIT_OK
+
+
+# --- plan ---------------------------------------------------------------------------------------
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .bench.errors import BenchInputError
+    from .partition import partition
+
+    if args.vocab_size is not None and args.vocab_size <= 0:
+        raise BenchInputError(f"--vocab-size: {args.vocab_size}; expected a positive integer")
+    if args.hf_config is not None:
+        from .bench.hf import build_hf_model, load_hf_config
+
+        cfg = load_hf_config(args.hf_config, vocab_size=args.vocab_size)
+        model = build_hf_model(cfg, device="meta", seed=None)
+        name = f"hf:{cfg.model_type}"
+    else:
+        from .bench.models import MODEL_PRESETS, build_model
+
+        if args.model not in MODEL_PRESETS:
+            raise BenchInputError(f"--model: unknown model {args.model!r}; available: {', '.join(MODEL_PRESETS)}")
+        model = build_model(args.model, vocab_size=args.vocab_size, device="meta", seed=None)
+        name = args.model
+    plan = partition(model, value_single_block=args.value_single_block)
+    if args.json:
+        print(plan.to_json())
+    else:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name}: {n:,} parameters")
+        print(plan)
+    return EXIT_OK
+
+
+# --- entry point --------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``blockopt`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        prog = "blockopt" + (f" {argv[0]}" if argv and argv[0] in ("bench", "plan", "hessian") else "")
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help, --version
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "hessian":
+        from .hessian.cli import run as _run_hessian
+
+        return _run_hessian(args)
+    from .bench.errors import BenchInputError
+
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args, argv)
+        return _cmd_plan(args)
+    except BenchInputError as e:
+        msg = " ".join(str(e).split())  # one line
+        print(f"blockopt {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # python -m blockopt.cli
+    sys.exit(main())

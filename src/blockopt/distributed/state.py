@@ -1,0 +1,94 @@
+"""Optimizer state of sharded parameters, in the form checkpoints keep.
+
+During training a rank keeps the second moments of the blocks it touches
+(``ShardLayout.blocks``). Checkpoints hold the *full* vector, the same plain
+tensor on every rank: ``torch.distributed.checkpoint`` then writes it once
+(replicated tensors are de-duplicated) and any world size can load it, each
+rank slicing its own range back (:func:`local_block_state`). ``exp_avg`` stays
+a DTensor laid out like the parameter, which DCP reshards itself.
+
+:func:`gather_block_states` assembles the full vectors of all sharded
+parameters with one ``all_reduce`` per process group: each block is written by
+exactly one rank (its owner), every other rank adds zeros, so the sum is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .dtensor import Shard, is_dtensor
+from .sharding import ShardInfo, chunk_rows
+
+__all__ = ["gather_block_states", "local_block_state", "local_exp_avg"]
+
+
+def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo]) -> list[torch.Tensor]:
+    """Full second-moment vectors (plain tensors, identical on every rank) from the local ranges.
+
+    Collective: every rank must call it with the same parameters in the same order.
+    """
+    import torch.distributed as dist
+
+    from .step import _comm_device
+
+    out: list[torch.Tensor | None] = [None] * len(vs)
+    by_group: dict[object, list[int]] = {}
+    for i, info in enumerate(infos):
+        by_group.setdefault(info.group, []).append(i)
+    for group, idx in by_group.items():
+        sizes = [infos[i].layout.geometry.num_blocks for i in idx]
+        dtype = vs[idx[0]].dtype
+        for i in idx:
+            dtype = torch.promote_types(dtype, vs[i].dtype)
+        device = vs[idx[0]].device
+        buf = torch.zeros(sum(sizes), dtype=dtype, device=_comm_device(group, device))
+        off = 0
+        offsets = []
+        for i, n in zip(idx, sizes):
+            offsets.append(off)
+            lo = infos[i].layout.blocks[0]
+            a, b = infos[i].layout.owned
+            if a < b:
+                buf[off + a:off + b].copy_(vs[i][a - lo:b - lo])
+            off += n
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        for i, off, n in zip(idx, offsets, sizes):
+            out[i] = buf[off:off + n].to(vs[i].device, vs[i].dtype, copy=True)
+    return out  # type: ignore[return-value]
+
+
+def local_block_state(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
+    """This rank's range of a full second-moment vector (a copy)."""
+    lo, hi = info.layout.blocks
+    return full.detach()[lo:hi].clone()
+
+
+def local_exp_avg(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``exp_avg`` for DTensor parameter ``p`` from a saved one: a DTensor laid out like ``p``.
+
+    A saved DTensor is redistributed to ``p``'s placements when they differ; a
+    plain tensor of the global shape (e.g. a single-process checkpoint) is
+    sliced to this rank's rows.
+    """
+    from torch.distributed.tensor import DTensor
+
+    if is_dtensor(saved):
+        t = saved.detach()
+        if t.device_mesh != p.device_mesh:
+            raise ValueError(
+                f"exp_avg was saved on device mesh {t.device_mesh}, the parameter lives on {p.device_mesh}; "
+                "load through torch.distributed.checkpoint (get/set_optimizer_state_dict) to reshard"
+            )
+        if tuple(t.placements) != tuple(p.placements):
+            t = t.redistribute(p.device_mesh, p.placements)
+        return t.clone()
+    local = saved.detach()
+    if any(isinstance(pl, Shard) for pl in p.placements):  # Shard(0): validated when the optimizer was built
+        mesh = p.device_mesh
+        r0, r1 = chunk_rows(p.shape[0], mesh.size(0), mesh.get_local_rank(0))
+        local = local[r0:r1]
+    local = local.to(p.to_local().device).clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())

@@ -1,0 +1,154 @@
+"""The Adam-mini step for parameters sharded along dim 0 (FSDP2), on the local shards.
+
+Three phases, so that one step of the whole optimizer needs one collective per
+process group however many parameters it has:
+
+1. :func:`partial_block_sums` -- every rank sums ``g**2`` over its part of each
+   block it touches (:func:`~blockopt.distributed.sharding.local_block_sq_sums`).
+2. :func:`reduce_shared_blocks` -- the partial sums of the blocks that cross a
+   shard boundary, for *all* sharded parameters of *all* parameter groups,
+   are packed into one flat buffer per process group, whose layout is derived
+   from global shapes alone (the same on every rank; zeros where a rank
+   touches no part of a block), and summed with one ``all_reduce``. Blocks
+   inside one rank's rows need nothing.
+3. :func:`sharded_adam_mini_update` -- block means (sum / global element
+   count), second moments, the per-row / per-column / per-element denominators
+   and the update of ``m`` and ``p``: the arithmetic of
+   :func:`blockopt.kernels.adam_mini_foreach`, on the local tensors.
+
+The same code runs on gloo (CPU) and NCCL (GPU); a CPU buffer on a group
+without a CPU backend (CPU-offloaded parameters under NCCL) travels through
+the current CUDA device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .sharding import ShardInfo, expand_denominator, local_block_sq_sums
+
+__all__ = ["partial_block_sums", "reduce_shared_blocks", "sharded_adam_mini_update"]
+
+
+def _is_elementwise(info: ShardInfo) -> bool:
+    axis, segments = info.layout.geometry
+    return axis == -1 and segments[0][1] == 1
+
+
+def partial_block_sums(grads: Sequence[torch.Tensor | None], infos: Sequence[ShardInfo],
+                       dtypes: Sequence[torch.dtype]) -> list[torch.Tensor | None]:
+    """Phase 1: local sums of ``g**2`` per local block, in ``dtypes[i]``; ``None`` where there is no
+    gradient or the blocks are single elements (their update needs no sums)."""
+    out: list[torch.Tensor | None] = []
+    for g, info, dtype in zip(grads, infos, dtypes, strict=True):
+        if g is None or _is_elementwise(info):
+            out.append(None)
+        else:
+            out.append(local_block_sq_sums(g.to(dtype), info))
+    return out
+
+
+def _comm_device(group, device: torch.device) -> torch.device:
+    if device.type != "cpu":
+        return device
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "cpu" in backend or "mpi" in backend or not torch.cuda.is_available():
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[ShardInfo]) -> int:
+    """Phase 2, in place: add up the partial sums of shared blocks across ranks.
+
+    ``infos`` must list every sharded parameter of the optimizer in the same
+    order on every rank (parameters without a gradient pass ``None`` sums and
+    contribute zeros), so that the buffer layouts agree. Returns the number of
+    collectives issued (one per process group with shared blocks, else 0).
+    """
+    import torch.distributed as dist
+
+    by_group: dict[object, list[int]] = {}
+    for i, info in enumerate(infos):
+        if info.layout.num_shared:
+            by_group.setdefault(info.group, []).append(i)
+    issued = 0
+    for group, idx in by_group.items():
+        present = [sums[i] for i in idx if sums[i] is not None]
+        dtype = torch.float32
+        for s in present:
+            dtype = torch.promote_types(dtype, s.dtype)
+        device = present[0].device if present else infos[idx[0]].counts.device
+        sizes = [infos[i].layout.num_shared for i in idx]
+        buf = torch.zeros(sum(sizes), dtype=dtype, device=_comm_device(group, device))
+        offsets = []
+        off = 0
+        for i, n in zip(idx, sizes):
+            offsets.append(off)
+            s, info = sums[i], infos[i]
+            if s is not None and info.shared_local.numel():
+                buf[off:off + n].index_copy_(0, info.shared_pos.to(buf.device),
+                                             s[info.shared_local].to(buf.device, dtype))
+            off += n
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        issued += 1
+        for i, off, n in zip(idx, offsets, sizes):
+            s, info = sums[i], infos[i]
+            if s is not None and info.shared_local.numel():
+                s.index_copy_(0, info.shared_local, buf[off:off + n][info.shared_pos.to(buf.device)].to(s))
+    return issued
+
+
+def sharded_adam_mini_update(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    infos: Sequence[ShardInfo],
+    decay: Sequence[bool],
+    sums: Sequence[torch.Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Phase 3: the update on local shards (plain tensors), given the reduced block sums.
+
+    ``params[i]``, ``grads[i]`` and ``exp_avgs[i]`` are the local shards,
+    ``block_exp_avg_sqs[i]`` the local block range of the second moments. The
+    arithmetic follows :func:`blockopt.kernels.adam_mini_foreach` operation by
+    operation, so one process and N shards agree to rounding of the sums.
+    """
+    for p, g, m, v, step_t, info, wd_on, s in zip(params, grads, exp_avgs, block_exp_avg_sqs, state_steps,
+                                                  infos, decay, sums, strict=True):
+        step_t += 1
+        step = step_t.item()
+        if p.numel() == 0:  # an empty shard (last ranks of a short dim 0): nothing local to update
+            continue
+        dtype = m.dtype
+        w = p if p.dtype == dtype else p.to(dtype)
+        g = g if g.dtype == dtype else g.to(dtype)
+        if maximize:
+            g = -g
+        if wd_on and weight_decay != 0:
+            w.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2)
+        if _is_elementwise(info):
+            flat = g.reshape(-1)
+            v.addcmul_(flat, flat, value=1 - beta2)
+        else:
+            mean = (s / info.counts.to(s.dtype)).to(dtype)
+            v.add_(mean, alpha=1 - beta2)
+        denom = v.sqrt()
+        denom.div_((1 - beta2**step) ** 0.5).add_(eps)
+        w.addcdiv_(m, expand_denominator(denom, info), value=-lr / (1 - beta1**step))
+        if w is not p:
+            p.copy_(w)

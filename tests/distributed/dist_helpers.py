@@ -1,0 +1,292 @@
+"""Helpers for the distributed tests: spawn gloo process groups on CPU, tiny models, worker bodies.
+
+Imported by name (``from dist_helpers import ...``): a ``conftest.py`` here would
+shadow ``tests/conftest.py``. Workers run in processes started with the
+``spawn`` method, which re-import this module; each one writes what the tests
+check into files under ``out`` (rank 0 only where all ranks hold the same
+thing), and the tests compare those with a single-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import blockopt
+from blockopt.bench.models import build_model
+
+#: 6 query heads of 4 rows (24 rows: heads split across 4 ranks), one KV head of 4 rows (an empty shard
+#: at 3 ranks), an odd vocabulary (67 rows), one column-blocked and one per-element weight
+MODEL_KW = {"n_heads": 6, "n_kv_heads": 1, "d_model": 24, "vocab_size": 67, "max_seq_len": 32}
+OVERRIDES = {r"blocks\.\d+\.mlp\.proj\.weight": "column", r"blocks\.\d+\.mlp\.fc\.weight": "element"}
+OPT_KW = {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
+GLOBAL_BATCH, SEQ, STEPS = 12, 16, 10
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_model(n_layers: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    """float64 by default: one process and N processes then differ by ~1e-13, so a 1e-6 tolerance
+    separates rounding from mistakes (in float32 the order of the gradient reduction alone moves
+    per-element Adam parameters by ~1e-6 relative after 10 steps, with DDP as with FSDP2)."""
+    return build_model("llama-tiny", n_layers=n_layers, seed=seed, **MODEL_KW).to(dtype)
+
+
+def make_optimizer(model: torch.nn.Module, **kw: Any) -> blockopt.AdamMini:
+    return blockopt.AdamMini(model, overrides=OVERRIDES, **{**OPT_KW, **kw})
+
+
+def batches(n: int = STEPS) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, MODEL_KW["vocab_size"], (GLOBAL_BATCH, SEQ), generator=g) for _ in range(n)]
+
+
+def local_batch(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    per = x.shape[0] // world
+    return x[rank * per:(rank + 1) * per]
+
+
+def train_steps(model, opt, xs, rank: int = 0, world: int = 1, on_step=None) -> None:
+    """Data parallel: rank ``r`` of ``world`` takes its share of each global batch. The loss is computed
+    in the model's dtype (the built-in model's own loss up-casts logits to float32 only)."""
+    for i, x in enumerate(xs):
+        xb = local_batch(x, rank, world)
+        opt.zero_grad()
+        logits = model(xb)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xb.reshape(-1)).backward()
+        if on_step is None:
+            opt.step()
+        else:
+            on_step(i, opt.step)
+
+
+def snapshot(model, opt) -> dict[str, dict[str, torch.Tensor]]:
+    """Full (gathered) parameters and state by parameter name. Collective for sharded models."""
+    sd = opt.state_dict()
+    names = [n for g in sd["param_groups"] for n in g["param_names"]]
+    params = dict(model.named_parameters())
+    out = {}
+    for i, name in enumerate(names):
+        p = params[name]
+        s = sd["state"][i]
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+        out[name] = {
+            "param": full(p.detach()).clone(),
+            "exp_avg": full(s["exp_avg"]).clone(),
+            "block_exp_avg_sq": s["block_exp_avg_sq"].clone(),
+            "step": s["step"].clone(),
+        }
+    return out
+
+
+def single_process_run(n_steps: int = STEPS, n_layers: int = 1,
+                       dtype: torch.dtype = torch.float64) -> dict[str, dict[str, torch.Tensor]]:
+    model = tiny_model(n_layers, dtype=dtype)
+    opt = make_optimizer(model)
+    train_steps(model, opt, batches()[:n_steps])
+    return snapshot(model, opt)
+
+
+def save_single_process_checkpoint(path: Path, n_steps: int = 5) -> None:
+    """torch.save of a plain (one-process) model and optimizer after ``n_steps``."""
+    model = tiny_model()
+    opt = make_optimizer(model)
+    train_steps(model, opt, batches()[:n_steps])
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, path)
+
+
+def shard(model, **kw):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+# --- spawning ---------------------------------------------------------------------------------
+
+def _entry(rank: int, fn_name: str, world: int, port: int, args: tuple) -> None:
+    import faulthandler
+
+    faulthandler.enable()  # a C++ abort in a worker still shows where Python was
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        globals()[fn_name](rank, world, *args)
+    except BaseException:
+        Path(args[0], f"error-{fn_name}-{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn_name: str, world: int, out: Path, *args: Any) -> None:
+    """Run worker ``fn_name(rank, world, out, *args)`` in ``world`` processes joined by gloo.
+
+    A worker that raises fails the call with its traceback. A worker killed by a
+    signal before any Python error (seen rarely on a loaded 2-core machine: a C++
+    abort in gloo/TCPStore set-up, "terminate called without an active exception")
+    gets one retry on a fresh port, with a warning; a second crash fails.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for attempt in (1, 2):
+        try:
+            mp.start_processes(_entry, args=(fn_name, world, free_port(), (str(out), *args)), nprocs=world,
+                               start_method="spawn")
+            return
+        except Exception as e:
+            errors = "\n".join(p.read_text() for p in sorted(out.glob(f"error-{fn_name}-*.txt")))
+            crashed = isinstance(e, mp.ProcessExitedException) and e.signal_name is not None and not errors
+            if crashed and attempt == 1:
+                warnings.warn(f"worker {fn_name} at world size {world} crashed ({e}); retrying once", stacklevel=2)
+                continue
+            raise AssertionError(f"worker {fn_name} at world size {world} failed:\n{errors or e}") from e
+
+
+# --- workers ----------------------------------------------------------------------------------
+
+def _comm_counts(fn) -> dict[str, int]:
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    with CommDebugMode() as mode:
+        fn()
+    return {str(k): v for k, v in mode.get_comm_counts().items()}
+
+
+def worker_world2(rank: int, world: int, out: str) -> None:
+    """FSDP2 (with a DCP checkpoint after 5 steps and collective counts), DDP, FSDP2 + CPU offload."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = Path(out)
+    xs = batches()
+    results: dict[str, Any] = {}
+
+    # FSDP2, 1 layer: count collectives in every step, checkpoint after step 5
+    model = shard(tiny_model(1))
+    opt = make_optimizer(model)
+    counts = []
+
+    def on_step(i, step):
+        counts.append(_comm_counts(step))
+        if i == 4:
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=str(out / "ckpt"))
+
+    train_steps(model, opt, xs, rank, world, on_step)
+    results["fsdp"] = snapshot(model, opt)
+    results["counts_1_layer"] = counts
+    results["params_1_layer"] = sum(1 for _ in model.parameters())
+    results["counts_state_dict"] = _comm_counts(opt.state_dict)
+
+    # FSDP2, 3 layers in two parameter groups: the same number of collectives per step
+    model3 = shard(tiny_model(3))
+    named = list(model3.named_parameters())
+    opt3 = blockopt.AdamMini([{"params": [(n, p) for n, p in named if ".attn." in n], "lr": 1e-3},
+                              {"params": [(n, p) for n, p in named if ".attn." not in n]}],
+                             plan=blockopt.partition(model3, overrides=OVERRIDES), **OPT_KW)
+    results["groups_3_layers"] = len(opt3.param_groups)
+    counts3 = []
+    train_steps(model3, opt3, xs[:2], rank, world, lambda i, step: counts3.append(_comm_counts(step)))
+    results["counts_3_layers"] = counts3
+    results["params_3_layers"] = sum(1 for _ in model3.parameters())
+    results["shared_3_layers"] = sum(i.layout.num_shared for i in opt3._dtensors.values() if i is not None)
+    results["shared_1_layer"] = sum(i.layout.num_shared for i in opt._dtensors.values() if i is not None)
+
+    # DDP: plain tensors, gradients averaged by DDP; AdamMini unchanged
+    ddp = DDP(tiny_model(1))
+    opt_ddp = make_optimizer(ddp.module)
+    train_steps(ddp, opt_ddp, xs, rank, world)
+    results["ddp"] = snapshot(ddp.module, opt_ddp)
+
+    # FSDP2 with CPUOffloadPolicy (pin_memory needs an accelerator: off on a CPU-only machine)
+    off = shard(tiny_model(1, dtype=torch.float32), offload_policy=CPUOffloadPolicy(pin_memory=False))
+    opt_off = make_optimizer(off)
+    train_steps(off, opt_off, xs, rank, world)
+    results["offload"] = snapshot(off, opt_off)
+
+    if rank == 0:
+        torch.save(results, out / "world2.pt")
+
+
+def worker_fsdp(rank: int, world: int, out: str, resume_from: str | None = None,
+                plain_checkpoint: str | None = None) -> None:
+    """FSDP2 for 10 steps; with ``resume_from``: also load that DCP checkpoint (step 5) and train 5 more,
+    and try loading it into an optimizer with a different plan; with ``plain_checkpoint``: the same from
+    a single-process ``torch.save`` checkpoint (step 5) through ``load_state_dict``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    out = Path(out)
+    xs = batches()
+    results: dict[str, Any] = {}
+    model = shard(tiny_model(1))
+    opt = make_optimizer(model)
+    train_steps(model, opt, xs, rank, world)
+    results["fsdp"] = snapshot(model, opt)
+
+    if resume_from is not None:
+        model = shard(tiny_model(1, seed=123))  # other weights: the checkpoint must supply them
+        opt = make_optimizer(model)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=resume_from)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        results["resumed_step"] = max(s["step"].item() for s in opt.state.values())
+        train_steps(model, opt, xs[5:], rank, world)
+        results["resumed"] = snapshot(model, opt)
+
+        # a checkpoint from a different plan: fewer blocks for v_proj (blockopt's loader checks the plan
+        # before DCP reads tensors), and the same blocks with another weight-decay flag (plain DCP recipe)
+        from blockopt.distributed import checkpoint
+
+        other = shard(tiny_model(1))
+        try:
+            checkpoint.load(resume_from, other, make_optimizer(other, value_single_block=True))
+            results["different_blocks_error"] = None
+        except ValueError as e:
+            results["different_blocks_error"] = str(e)
+        no_decay = {**OVERRIDES, r"blocks\.0\.attn\.v_proj\.weight": {"kind": "row", "weight_decay": False}}
+        opt_other = blockopt.AdamMini(other, overrides=no_decay, **OPT_KW)
+        osd = get_optimizer_state_dict(other, opt_other)
+        dcp.load({"optim": osd}, checkpoint_id=resume_from)
+        try:
+            set_optimizer_state_dict(other, opt_other, osd)
+            results["different_decay_error"] = None
+        except ValueError as e:
+            results["different_decay_error"] = str(e)
+    if plain_checkpoint is not None:
+        ckpt = torch.load(plain_checkpoint, weights_only=True)
+        model = tiny_model(1, seed=123)
+        model.load_state_dict(ckpt["model"])
+        model = shard(model)
+        opt = make_optimizer(model)
+        opt.load_state_dict(ckpt["optim"])
+        train_steps(model, opt, xs[5:], rank, world)
+        results["from_plain"] = snapshot(model, opt)
+    if rank == 0:
+        torch.save(results, out / f"world{world}.pt")
