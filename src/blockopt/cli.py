@@ -118,6 +118,10 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
                    help="run each run in a fresh process (auto: on CPU, so peak RSS is per run)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="default steps/5; 0 never")
+    g.add_argument("--parallel", choices=("none", "fsdp", "ddp"), default="none",
+                   help="data-parallel runs (FSDP2 or DDP); must run under torchrun, e.g. `torchrun "
+                        "--nproc-per-node 2 $(which blockopt) bench --parallel fsdp ...`; --batch-size is then "
+                        "the global batch, split across the ranks (default none)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--progress", choices=("auto", "plain", "none"), default="auto",
                    help="live display on stderr (auto: rich on a terminal)")
@@ -182,6 +186,7 @@ def _config(args: argparse.Namespace, argv: Sequence[str]):
         eval_every=args.eval_every, eval_batches=args.eval_batches, device=args.device, dtype=args.dtype,
         out=args.out, cache_dir=args.cache_dir, threads=args.threads, isolate=args.isolate,
         checkpoint_every=args.checkpoint_every, resume=args.resume, plots=not args.no_plots, argv=tuple(argv),
+        parallel=args.parallel,
     )
 
 
@@ -288,17 +293,50 @@ def _cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ImportError as e:  # numpy is not a torch dependency
         raise BenchInputError(f"blockopt bench needs the package {e.name!r}: pip install 'blockopt[bench]'") from None
 
+    if args.parallel == "none":
+        return _bench_body(args, argv, prepare_sweep, run_sweep, make_progress, results_table, side_by_side_table)
+    from .distributed import launch
+
+    try:
+        ctx = launch.init_distributed(device=args.device)
+    except (RuntimeError, ValueError) as e:
+        raise BenchInputError(f"--parallel {args.parallel}: {e}") from None
+    try:
+        rc = _bench_body(args, argv, prepare_sweep, run_sweep, make_progress, results_table, side_by_side_table,
+                         is_main=ctx.is_main)
+        launch.barrier()  # rank 0 has written everything; nobody leaves before
+        return rc
+    except BenchInputError as e:
+        if not ctx.is_main:  # every rank finds the same bad input: rank 0 alone says so
+            raise SystemExit(EXIT_USAGE) from e
+        raise
+    finally:
+        launch.cleanup()
+
+
+def _bench_body(args: argparse.Namespace, argv: Sequence[str], prepare_sweep: Any, run_sweep: Any,
+                make_progress: Any, results_table: Any, side_by_side_table: Any, is_main: bool = True) -> int:
     cfg = _config(args, argv)
     sweep = prepare_sweep(cfg)  # raises BenchInputError before anything is written
+    if args.parallel != "none":
+        from .distributed import launch
+
+        launch.barrier()  # every rank has checked --out before rank 0 writes into it
     if args.dry_run:
-        return _dry_run(sweep, args.json)
-    progress = make_progress("none" if args.json and args.progress == "auto" else args.progress)
+        return _dry_run(sweep, args.json) if is_main else EXIT_OK
+    mode = "none" if not is_main or (args.json and args.progress == "auto") else args.progress
+    progress = make_progress(mode)
     try:
         with progress:
             summary = run_sweep(sweep, progress)
     except KeyboardInterrupt:
-        print(f"blockopt bench: interrupted; continue with: {_resume_hint(argv, str(sweep.out))}", file=sys.stderr)
+        if is_main:
+            hint = (f"continue with: {_resume_hint(argv, str(sweep.out))}" if args.parallel == "none"
+                    else "--parallel runs cannot be resumed; run again with a new --out")
+            print(f"blockopt bench: interrupted; {hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    if not is_main:
+        return EXIT_OK
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -306,6 +344,8 @@ def _cmd_bench(args: argparse.Namespace, argv: Sequence[str]) -> int:
         env = summary["environment"]
         title = (f"{summary['model']['name']}, {summary['tokens_per_run']:,} tokens per run, "
                  f"{env['device']} ({env['threads']} threads), torch {env['torch']}")
+        if env.get("parallel"):
+            title += f", {env['parallel']} x {env['world_size']} ranks"
         _print_table(header, rows, title)
         print(f"report: {sweep.out / 'report.md'}")
     if not summary["complete"]:

@@ -30,7 +30,8 @@ __all__ = [
 # --- memory -----------------------------------------------------------------------------
 def _tensors(obj: Any) -> Iterable[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
-        yield obj
+        # a DTensor (FSDP2): this rank's shard
+        yield obj.to_local() if hasattr(obj, "to_local") and hasattr(obj, "placements") else obj
     elif isinstance(obj, Mapping):
         for v in obj.values():
             yield from _tensors(v)

@@ -147,8 +147,12 @@ def _adamw(model, lr, hp, plan, info):
 def _adam_mini(model, lr, hp, plan, info):
     from ..optim import AdamMini
 
+    # the runner's plan (built from the unsharded model before any FSDP2/DDP wrapping) when it was built
+    # with this variant's value_single_block; otherwise AdamMini builds its own from the model
+    if plan is not None and bool(plan.options.get("value_single_block", False)) != hp.value_single_block:
+        plan = None
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
-                    value_single_block=hp.value_single_block)
+                    value_single_block=hp.value_single_block, plan=plan)
 
 
 def _adam_mini_official(model, lr, hp, plan, info):

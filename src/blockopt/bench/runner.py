@@ -122,6 +122,7 @@ class SweepConfig:
     resume: bool = False
     plots: bool = True
     argv: tuple[str, ...] = ()
+    parallel: str = "none"  # none | fsdp | ddp (under torchrun)
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ class Sweep:
     partial: set[str] = field(default_factory=set)  # run ids with a checkpoint
     out_state: str = "new"  # new | resume | complete
     first_command: list[str] | None = None  # the command that started the sweep (when resuming)
+    world_size: int = 1  # ranks of a --parallel run
 
     @property
     def command(self) -> list[str]:
@@ -404,6 +406,7 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
         raise BenchInputError(f"--isolate: {cfg.isolate!r}; allowed: auto, process, none")
     if cfg.threads is not None and cfg.threads <= 0:
         raise BenchInputError(f"--threads: {cfg.threads}; expected a positive integer")
+    world_size = _check_parallel(cfg)
     device = _resolve_device(cfg.device)
     warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 10)
     if not 0 <= warmup < cfg.steps:
@@ -424,6 +427,14 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
         if c.key in [x.key for x in choices]:
             raise BenchInputError(f"--optimizers: {c.key!r} is given twice")
         choices.append(c)
+    if cfg.parallel != "none":
+        bad = [c.key for c in choices if c.spec.name not in PARALLEL_OPTIMIZERS]
+        if bad:
+            raise BenchInputError(
+                f"--optimizers: {', '.join(bad)} cannot run with --parallel {cfg.parallel}; "
+                f"data-parallel runs support {', '.join(PARALLEL_OPTIMIZERS)}"
+            )
+        ckpt = 0  # opt.state_dict() is collective under FSDP2: no periodic checkpoints (and no --resume)
     lr_grids = parse_lrs(cfg.lrs, choices)
     if not cfg.seeds:
         raise BenchInputError("--seeds: empty; expected e.g. --seeds 0,1,2")
@@ -474,14 +485,56 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
         "device": device.type,
         "dtype": cfg.dtype,
     }
+    if cfg.parallel != "none":  # (absent otherwise: one-process sweeps keep their id)
+        identity["parallel"] = {"mode": cfg.parallel, "world_size": world_size}
     sweep_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cfg.out) if cfg.out else Path("runs") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     threads = cfg.threads or available_cpus()
-    isolate = cfg.isolate == "process" or (cfg.isolate == "auto" and device.type == "cpu")
+    isolate = cfg.parallel == "none" and (cfg.isolate == "process" or (cfg.isolate == "auto" and device.type == "cpu"))
     sweep = Sweep(cfg, source, model, choices, lr_grids, runs, hyper, warmup, eval_every, ckpt, identity,
-                  sweep_id, out, device, threads, isolate)
+                  sweep_id, out, device, threads, isolate, world_size=world_size)
     _check_out(sweep)
     return sweep
+
+
+PARALLEL_CHOICES = ("none", "fsdp", "ddp")
+PARALLEL_OPTIMIZERS = ("adamw", "adam-mini")
+
+
+def _check_parallel(cfg: SweepConfig) -> int:
+    """The world size of a ``--parallel`` run (1 otherwise); rejects what it cannot do."""
+    if cfg.parallel not in PARALLEL_CHOICES:
+        raise BenchInputError(f"--parallel: {cfg.parallel!r}; allowed: {', '.join(PARALLEL_CHOICES)}")
+    if cfg.parallel == "none":
+        return 1
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        world = dist.get_world_size()
+    else:
+        try:
+            world = int(os.environ["WORLD_SIZE"])
+        except (KeyError, ValueError):
+            raise BenchInputError(
+                f"--parallel {cfg.parallel}: not under torchrun (no WORLD_SIZE); launch with "
+                f"`torchrun --nproc-per-node N $(which blockopt) bench --parallel {cfg.parallel} ...`"
+            ) from None
+    if cfg.batch_size % world:
+        raise BenchInputError(
+            f"--batch-size: {cfg.batch_size} does not divide by the world size {world}; with --parallel "
+            f"--batch-size is the global batch, split evenly across the ranks"
+        )
+    if cfg.resume:
+        raise BenchInputError(f"--resume: not supported with --parallel {cfg.parallel} yet; start a new --out")
+    if cfg.checkpoint_every:
+        raise BenchInputError(
+            f"--checkpoint-every: {cfg.checkpoint_every}; not supported with --parallel {cfg.parallel} yet "
+            f"(pass 0 or leave it out: parallel runs write no checkpoints)"
+        )
+    if cfg.isolate == "process":
+        raise BenchInputError(f"--isolate process: not possible with --parallel {cfg.parallel}; each rank "
+                              f"runs its runs in its own torchrun process (use --isolate auto or none)")
+    return world
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -607,6 +660,7 @@ class RunJob:
     token_dir: str
     run_dir: str
     isolated: bool
+    parallel: str = "none"  # fsdp | ddp: this process is one rank of a torchrun job
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -674,8 +728,17 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
     run's metrics and, when it ends (finished or diverged), ``result.json``; returns the result."""
     torch.set_num_threads(job.threads)
     run, device = job.run, torch.device(job.device)
+    parallel = job.parallel != "none"
+    ctx = None
+    if parallel:
+        from ..distributed import launch
+
+        ctx = launch.init_distributed(device=job.device)  # idempotent: the CLI initialised it
+        device = ctx.device
+    is_main = ctx is None or ctx.is_main
     run_dir = Path(job.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     train = np.load(Path(job.token_dir) / "train.npy", mmap_mode="r")
     val = np.load(Path(job.token_dir) / "val.npy", mmap_mode="r")
@@ -684,13 +747,17 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
 
     baseline_rss = current_rss_bytes()
     reset_peak_memory(device)
-    model = job.model.build(device, seed=run.seed)
+    model = job.model.build(device, seed=run.seed)  # the same seed, so the same weights, on every rank
     from ..partition import partition
 
-    plan = partition(model, warn=False)
     choice = parse_optimizer(job.choice_text)
-    opt = build_optimizer(choice, model, run.lr, job.hyper, plan=plan, info=job.model.info())
-    params = [p for p in model.parameters() if p.requires_grad]
+    # the plan of the whole (unsharded) model, built before wrapping; FSDP2's DTensors keep global shapes
+    plan = partition(model, warn=False, value_single_block=choice.hyper(job.hyper).value_single_block)
+    if parallel:
+        model = launch.wrap_model(model, job.parallel)
+    inner = launch.unwrap(model) if parallel else model
+    opt = build_optimizer(choice, inner, run.lr, job.hyper, plan=plan, info=job.model.info())
+    params = [p for p in inner.parameters() if p.requires_grad]
 
     st: dict[str, Any] = {
         "step": 0, "train_time_s": 0.0, "wall_time_s": 0.0, "eval_time_s": 0.0,
@@ -699,7 +766,10 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
     }
     # any randomness in training (dropout of an HF config) is seeded too, and restored on resume
     torch.manual_seed(run.seed)
-    if ckpt_path.is_file():
+    if parallel:  # no checkpoints under --parallel (prepare_sweep rejects --resume)
+        if is_main and metrics_path.exists():
+            metrics_path.unlink()
+    elif ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
@@ -723,14 +793,19 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
         return {"run": run.run_id, "optimizer": run.optimizer, "lr": run.lr, "seed": run.seed, "step": step,
                 "tokens": step * tokens_per_step, "time_s": round(st["train_time_s"], 4), **kw}
 
-    with open(metrics_path, "a", encoding="utf-8") as mf:
+    # under --parallel rank 0 alone writes; the others keep no file
+    with (open(metrics_path, "a", encoding="utf-8") if is_main else contextlib.nullcontext()) as mf:
         def write(rec: dict[str, Any]) -> None:
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            if mf is not None:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
 
         def do_eval(step: int) -> float:
             t0 = time.perf_counter()
+            # every rank evaluates the same windows (FSDP2's forward is collective)
             v = _evaluate(model, job.model, val, val_offsets, job.batch_size, job.context, device, job.dtype)
+            if parallel:
+                v = launch.all_reduce_mean(v)  # equal on every rank; reduced so all agree on divergence
             st["eval_time_s"] += time.perf_counter() - t0
             return v
 
@@ -745,6 +820,8 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
             for g in opt.param_groups:
                 g["lr"] = lr_now
             x, y = get_batch(train, offsets[step], job.context)
+            if parallel:  # this rank's share of the global batch
+                x, y = launch.shard_batch(x, ctx), launch.shard_batch(y, ctx)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             t0 = fwd_timer.time()
             with _autocast(device, job.dtype):
@@ -762,7 +839,7 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
             opt_timer.add(t2 - t1)
             st["train_time_s"] += t2 - t0
             st["step"] = step = step + 1
-            lv = loss.item()
+            lv = launch.all_reduce_mean(loss) if parallel else loss.item()  # every rank: the global mean
             if not math.isfinite(lv):
                 st["diverged"], st["diverged_step"] = True, step
                 write(line(step, train_loss=None, diverged=True, lr_now=lr_now))
@@ -772,7 +849,8 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
             st["last_train"] = lv
             rec: dict[str, Any] | None = None
             if step % log_every == 0 or step == job.steps:
-                rec = line(step, train_loss=acc_loss / acc_n, lr_now=lr_now, grad_norm=_json_num(float(gnorm)))
+                gn = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP2: a DTensor
+                rec = line(step, train_loss=acc_loss / acc_n, lr_now=lr_now, grad_norm=_json_num(float(gn)))
                 acc_loss, acc_n = 0.0, 0
             if step % job.eval_every == 0 or step == job.steps:
                 v = do_eval(step)
@@ -789,7 +867,7 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
                 write(rec)
                 emit({"type": "step", "run_id": run.run_id, "step": step, "steps": job.steps,
                       "train_loss": rec.get("train_loss"), "val_loss": rec.get("val_loss")})
-            if (job.checkpoint_every and step % job.checkpoint_every == 0 and step < job.steps
+            if (job.checkpoint_every and not parallel and step % job.checkpoint_every == 0 and step < job.steps
                     and not st["diverged"]):
                 st["fwd_bwd"], st["opt_step"] = fwd_timer.samples, opt_timer.samples
                 wall = st["wall_time_s"] + time.perf_counter() - seg_start
@@ -824,9 +902,9 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
         "step_ms": opt_timer.mean_ms(),
         "step_ms_median": opt_timer.median_ms(),
         "fwd_bwd_ms": fwd_timer.mean_ms(),
-        "state_bytes": optimizer_state_bytes(opt),
-        "param_bytes": param_bytes(model),
-        "params": sum(p.numel() for p in model.parameters()),
+        "state_bytes": optimizer_state_bytes(opt),  # under --parallel: this rank's (rank 0's) shards
+        "param_bytes": param_bytes(inner),  # the whole model's (DTensor shapes are global)
+        "params": sum(p.numel() for p in inner.parameters()),
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "baseline_mem_bytes": baseline_rss if device.type == "cpu" else None,
@@ -834,6 +912,11 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
         "segments": st["segments"],
         "optimizer_class": type(opt).__name__,
     }
+    if parallel:
+        result.update(parallel=job.parallel, world_size=ctx.world_size, state_bytes_scope="per_rank",
+                      peak_mem_scope="rank0")
+    if not is_main:
+        return result
     _atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1))
     with contextlib.suppress(FileNotFoundError):
         ckpt_path.unlink()
@@ -954,7 +1037,7 @@ def _job(sweep: Sweep, run: RunSpec, corpus: Corpus) -> RunJob:
     return RunJob(run, choice_text, sweep.model, sweep.hyper, cfg.steps, cfg.batch_size, cfg.context,
                   sweep.warmup, cfg.min_lr_ratio, cfg.grad_clip, sweep.eval_every, cfg.eval_batches,
                   sweep.checkpoint_every, str(sweep.device), cfg.dtype, sweep.threads, str(corpus.cache_path),
-                  str(sweep.run_dir(run)), sweep.isolate)
+                  str(sweep.run_dir(run)), sweep.isolate, parallel=cfg.parallel)
 
 
 def run_sweep(sweep: Sweep, emit: Emit = lambda ev: None) -> dict[str, Any]:
@@ -964,14 +1047,30 @@ def run_sweep(sweep: Sweep, emit: Emit = lambda ev: None) -> dict[str, Any]:
     retried by ``--resume``); a run whose loss becomes non-finite is ``"diverged"``.
     """
     cfg = sweep.config
+    parallel = cfg.parallel != "none"
+    is_main = True
+    if parallel:
+        from ..distributed import launch
+
+        is_main = launch.is_main_process()
     emit({"type": "phase", "text": f"data: {sweep.source.description}"})
-    corpus = load_corpus(sweep.source, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
-                         val_fraction=cfg.val_fraction, cache_dir=cfg.cache_dir)
+
+    def corpus_now() -> Corpus:
+        return load_corpus(sweep.source, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size,
+                           val_fraction=cfg.val_fraction, cache_dir=cfg.cache_dir)
+
+    if is_main:  # under --parallel rank 0 builds the token cache, then the others read it
+        corpus = corpus_now()
+    if parallel:
+        launch.barrier()
+        if not is_main:
+            corpus = corpus_now()
     # fail early (before any run) if the splits are too short for the context
     train_batches(len(corpus.train), 1, 1, cfg.context, 0)
     eval_windows(len(corpus.val), 1, cfg.context)
-    sweep.out.mkdir(parents=True, exist_ok=True)
-    _write_manifest(sweep, "running", corpus)
+    if is_main:
+        sweep.out.mkdir(parents=True, exist_ok=True)
+        _write_manifest(sweep, "running", corpus)
     emit({"type": "sweep_start", "runs": len(sweep.runs), "steps": cfg.steps, "finished": len(sweep.finished),
           "corpus": corpus.to_dict()})
     results: dict[str, dict[str, Any]] = {}
@@ -989,12 +1088,16 @@ def run_sweep(sweep: Sweep, emit: Emit = lambda ev: None) -> dict[str, Any]:
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as e:  # a failing optimizer must not lose the others' results
+            if parallel:  # the other ranks would wait for this one forever: stop the whole job
+                raise
             log.debug("run %s failed", run.run_id, exc_info=True)
             res = {"run_id": run.run_id, "optimizer": run.optimizer, "label": run.label, "lr": run.lr,
                    "seed": run.seed, "status": "error", "error": str(e) or type(e).__name__, "diverged": False,
                    "final_val_loss": None}
         results[run.run_id] = res
         emit({"type": "run_end", "run_id": run.run_id, "index": run.index, "result": res})
+    if not is_main:
+        return {}
     summary = finish_sweep(sweep, corpus, [results[r.run_id] for r in sweep.runs])
     return summary
 
@@ -1020,7 +1123,9 @@ def finish_sweep(sweep: Sweep, corpus: Corpus, results: list[dict[str, Any]]) ->
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "environment": {**environment(sweep.device, cfg.dtype, sweep.threads),
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")
-                        or ("PASSIVE (in run workers)" if sweep.isolate else "default")},
+                        or ("PASSIVE (in run workers)" if sweep.isolate else "default"),
+                        **({"parallel": cfg.parallel, "world_size": sweep.world_size,
+                            "state_bytes": "per rank (local shards)"} if cfg.parallel != "none" else {})},
         "data": corpus.to_dict(),
         "model": {**sweep.model.describe(), "params": next((r.get("params") for r in results if r.get("params")),
                                                             None)},
