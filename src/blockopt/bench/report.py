@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import fmt_bytes
+from .metrics import atomic_write_text, fmt_bytes
 
 __all__ = ["PLOT_FILES", "results_table", "side_by_side_table", "write_report"]
 
@@ -96,16 +96,6 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --- plots --------------------------------------------------------------------------------
@@ -367,7 +357,7 @@ def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mappin
     lines.append("Files: `summary.json` (everything above), `metrics.jsonl` (one line per logged step), "
                  "`runs/<run>/` (per-run results).")
     lines.append("")
-    _atomic_write(out / "report.md", "\n".join(lines))
+    atomic_write_text(out / "report.md", "\n".join(lines))
 
 
 def _short_data(data: Mapping[str, Any]) -> str:

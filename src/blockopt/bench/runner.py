@@ -53,6 +53,7 @@ from .errors import BenchInputError
 from .metrics import (
     StepTimer,
     aggregate,
+    atomic_write_text,
     available_cpus,
     current_rss_bytes,
     environment,
@@ -678,17 +679,6 @@ def lr_at(step: int, lr: float, steps: int, warmup: int, min_ratio: float) -> fl
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -917,7 +907,7 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
                       peak_mem_scope="rank0")
     if not is_main:
         return result
-    _atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1))
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=1))
     with contextlib.suppress(FileNotFoundError):
         ckpt_path.unlink()
     emit({"type": "end", "run_id": run.run_id, "result": result})
@@ -951,7 +941,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut by the interruption
         if rec.get("step", 0) <= step:
             keep.append(ln)
-    _atomic_write_text(path, "".join(k + "\n" for k in keep))
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 @contextlib.contextmanager
@@ -1028,7 +1018,7 @@ def _write_manifest(sweep: Sweep, status: str, corpus: Corpus | None = None) -> 
     }
     if corpus is not None:
         manifest["data"] = corpus.to_dict()
-    _atomic_write_text(sweep.out / "manifest.json", json.dumps(manifest, indent=1))
+    atomic_write_text(sweep.out / "manifest.json", json.dumps(manifest, indent=1))
 
 
 def _job(sweep: Sweep, run: RunSpec, corpus: Corpus) -> RunJob:
@@ -1112,7 +1102,7 @@ def finish_sweep(sweep: Sweep, corpus: Corpus, results: list[dict[str, Any]]) ->
         p = sweep.run_dir(run) / "metrics.jsonl"
         if p.is_file():
             lines += [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    _atomic_write_text(sweep.out / "metrics.jsonl", "".join(ln + "\n" for ln in lines))
+    atomic_write_text(sweep.out / "metrics.jsonl", "".join(ln + "\n" for ln in lines))
     agg = aggregate(results, [c.key for c in sweep.choices], sweep.lr_grids)
     summary = {
         "format": SWEEP_FORMAT,
@@ -1139,7 +1129,7 @@ def finish_sweep(sweep: Sweep, corpus: Corpus, results: list[dict[str, Any]]) ->
         **agg,
     }
     write_report(sweep.out, summary, [json.loads(ln) for ln in lines], plots=cfg.plots)
-    _atomic_write_text(sweep.out / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(sweep.out / "summary.json", json.dumps(summary, indent=1))
     _write_manifest(sweep, "complete" if summary["complete"] else "incomplete", corpus)
     return summary
 
