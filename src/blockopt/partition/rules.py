@@ -29,7 +29,11 @@ Rules, in the order they are tried for each parameter (``ALGORITHMS.md`` s. 1):
    the shapes imply. GQA and ``heads * head_dim != hidden`` are handled.
 6. **Linear** and Hugging Face **Conv1D** elsewhere (MLP, output head): one
    block per output neuron (rows; columns for ``Conv1D``). A tied output head
-   is the embedding's parameter: one parameter, one state.
+   is the embedding's parameter: one parameter, one state. The output head
+   (role ``output``) is ``get_output_embeddings()``, or a projection shaped
+   like the input embedding's table; without ``get_input_embeddings()`` the
+   input embedding is the model's only ``nn.Embedding`` not named as a
+   position table.
 7. **Convolutions**: one block per output channel.
 8. Other tensors: 0-D/1-D, one block, no decay; >= 2-D, one block per output
    row (dim 0), listed in one warning.
@@ -190,7 +194,15 @@ class _Engine:
                 return None
             return out if isinstance(out, nn.Module) else None
 
-        return call("get_input_embeddings"), call("get_output_embeddings")
+        in_emb, out_emb = call("get_input_embeddings"), call("get_output_embeddings")
+        if in_emb is None:
+            # no get_input_embeddings (torchtitan, nanoGPT and other plain models): the model's one
+            # embedding table that is not a position table, so that the output head is still found
+            tables = [m for n, m in self.model.named_modules()
+                      if isinstance(m, nn.Embedding) and not _POSITION_RE.search(n.rsplit(".", 1)[-1])]
+            if len(tables) == 1:
+                in_emb = tables[0]
+        return in_emb, out_emb
 
     def _is_attention(self, m: nn.Module) -> bool:
         if isinstance(m, nn.MultiheadAttention):
