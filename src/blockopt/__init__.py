@@ -1,9 +1,9 @@
 """blockopt: Adam-mini and block-wise optimizers for PyTorch, with a structural partition engine."""
 
 from .kernels.blocks import Geometry
-from .optim import BLOCKWISE_LR_MULTIPLIERS, AdamMini, blockwise_block_types, blockwise_lr_groups
+from .optim import BLOCKWISE_LR_MULTIPLIERS, AdamMini, MoFO, blockwise_block_types, blockwise_lr_groups
 from .partition import PartitionPlan, PlanEntry, partition
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamMini", "BLOCKWISE_LR_MULTIPLIERS", "blockwise_block_types", "blockwise_lr_groups", "Geometry", "PartitionPlan", "PlanEntry", "partition", "__version__"]
+__all__ = ["AdamMini", "MoFO", "BLOCKWISE_LR_MULTIPLIERS", "blockwise_block_types", "blockwise_lr_groups", "Geometry", "PartitionPlan", "PlanEntry", "partition", "__version__"]
