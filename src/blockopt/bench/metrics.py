@@ -27,6 +27,7 @@ __all__ = [
     "peak_memory",
     "peak_rss_bytes",
     "reset_peak_memory",
+    "steps_to_reference_loss",
 ]
 
 
@@ -227,6 +228,37 @@ def aggregate(runs: Sequence[Mapping[str, Any]], optimizer_order: Sequence[str],
                 ratios[name] = (a / b) if (a is not None and b) else None
         w["vs_adamw"] = ratios
     return {"winners": winners, "lr_sweeps": sweeps}
+
+
+def steps_to_reference_loss(winners: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]],
+                            records: Sequence[Mapping[str, Any]], reference: str = "adamw") -> dict[str, Any]:
+    """For each optimizer at its best learning rate: the first evaluation step at which its held-out
+    loss (mean over its seeds, at steps every seed logged) is at or below the ``reference``
+    optimizer's final held-out loss at its best learning rate.
+
+    ``winners`` and ``runs`` as in the summary, ``records`` the logged ``metrics.jsonl`` lines.
+    Returns ``{"reference", "target", "steps": {optimizer: step or None}}``; ``None`` means never
+    (or no target: the reference is absent or failed everywhere).
+    """
+    ref = next((w for w in winners if w["optimizer"] == reference and not w.get("all_failed")), None)
+    target = ref["final_val_loss"] if ref is not None else None
+    steps: dict[str, int | None] = {}
+    for w in winners:
+        first = None
+        if target is not None and w.get("best_lr") is not None:
+            ids = {r["run_id"] for r in runs if r["optimizer"] == w["optimizer"]
+                   and math.isclose(r["lr"], w["best_lr"], rel_tol=1e-12) and r.get("status") == "ok"}
+            by_step: dict[int, dict[str, float]] = {}
+            for rec in records:
+                if rec.get("run") in ids and rec.get("val_loss") is not None:
+                    by_step.setdefault(int(rec["step"]), {})[rec["run"]] = float(rec["val_loss"])
+            for step in sorted(by_step):
+                vals = by_step[step]
+                if ids and set(vals) == ids and sum(vals.values()) / len(vals) <= target:
+                    first = step
+                    break
+        steps[w["optimizer"]] = first
+    return {"reference": reference, "target": target, "steps": steps}
 
 
 def fmt_bytes(n: float | None) -> str:

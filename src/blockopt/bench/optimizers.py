@@ -155,6 +155,32 @@ def _adam_mini(model, lr, hp, plan, info):
                     value_single_block=hp.value_single_block, plan=plan)
 
 
+def _blr_plan(model, hp, plan):
+    """The runner's plan when it matches this variant's value_single_block, else one built from the model."""
+    from ..partition import partition
+
+    if plan is None or bool(plan.options.get("value_single_block", False)) != hp.value_single_block:
+        plan = partition(model, warn=False, value_single_block=hp.value_single_block)
+    return plan
+
+
+def _adamw_blr(model, lr, hp, plan, info):
+    from ..optim import blockwise_lr_groups
+
+    # lr is the base (Norm) rate; each group carries lr_multiplier, which the runner's schedule applies
+    groups = blockwise_lr_groups(model, lr, plan=_blr_plan(model, hp, plan), weight_decay=hp.weight_decay,
+                                 named=False)
+    return _fastest_adamw(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay)
+
+
+def _adam_mini_blr(model, lr, hp, plan, info):
+    from ..optim import AdamMini, blockwise_lr_groups
+
+    plan = _blr_plan(model, hp, plan)
+    groups = blockwise_lr_groups(model, lr, plan=plan, weight_decay=hp.weight_decay)
+    return AdamMini(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay, plan=plan)
+
+
 def _adam_mini_official(model, lr, hp, plan, info):
     from adam_mini import Adam_mini  # the official release (adam-mini on PyPI)
 
@@ -308,6 +334,12 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("adamw", "AdamW", _adamw, 3e-3, "torch.optim.AdamW (fused=True where torch supports it)"),
         OptimizerSpec("adam-mini", "Adam-mini", _adam_mini, 3e-3, "blockopt.AdamMini (this package)",
                       options=_ADAM_OPTS + ("value_single_block",)),
+        OptimizerSpec("adamw+blr", "AdamW+BLR", _adamw_blr, 1e-3,
+                      "torch.optim.AdamW with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
+                      "the swept lr is the norm one)"),
+        OptimizerSpec("adam-mini+blr", "Adam-mini+BLR", _adam_mini_blr, 1e-3,
+                      "blockopt.AdamMini with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
+                      "the swept lr is the norm one)", options=_ADAM_OPTS + ("value_single_block",)),
         OptimizerSpec("adam-mini-official", "Adam-mini (official)", _adam_mini_official, 3e-3,
                       "the official release, adam_mini.Adam_mini 1.1.1", package="adam_mini", pip_name="adam-mini",
                       extra="official"),

@@ -37,10 +37,22 @@ def _ratio(x: float | None, pct: bool = False) -> str:
     return f"{(x - 1) * 100:+.2f} %" if pct else f"{x:.2f}x"
 
 
+def _steps_to(summary: Mapping[str, Any], opt: str) -> str | None:
+    """First evaluation step at or below AdamW's final held-out loss (``never``); None: not in the summary."""
+    info = summary.get("steps_to_adamw_loss")
+    if not info or info.get("target") is None:
+        return None
+    step = info["steps"].get(opt)
+    return "never" if step is None else str(step)
+
+
 def results_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the winners table (shared by report.md and the CLI)."""
     header = ["optimizer", "best lr", "held-out loss", "vs AdamW", "state", "vs AdamW", "opt step ms", "vs AdamW",
               "tokens/s", "peak mem"]
+    with_steps = _steps_to(summary, "adamw") is not None
+    if with_steps:
+        header.insert(4, "steps to AdamW loss")
     rows = []
     for w in summary["winners"]:
         r = w.get("vs_adamw") or {}
@@ -61,6 +73,8 @@ def results_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             _f(w["tokens_per_s"], ",.0f"),
             fmt_bytes(w["peak_mem_bytes"]),
         ])
+        if with_steps:
+            rows[-1].insert(4, _steps_to(summary, w["optimizer"]))
     return header, rows
 
 
@@ -85,6 +99,8 @@ def side_by_side_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list
         ["tokens/s", *[cell(w, _f(w["tokens_per_s"], ",.0f"), "tokens_per_s") for w in ws]],
         ["peak memory", *[cell(w, fmt_bytes(w["peak_mem_bytes"]), "peak_mem") for w in ws]],
     ]
+    if _steps_to(summary, "adamw") is not None:
+        rows.insert(2, ["steps to AdamW loss", *[_steps_to(summary, w["optimizer"]) for w in ws]])
     if any(w.get("seeds", 0) > 1 for w in ws):
         rows.insert(2, ["  std over seeds", *[_f(w.get("final_val_loss_std")) for w in ws]])
     return header, rows
@@ -379,6 +395,12 @@ def _notes(summary: Mapping[str, Any]) -> list[str]:
                          f"({', '.join(f'{x:.3g}' for x in sorted(w['lr_grid']))}); the optimum may lie outside.")
         if w["all_failed"]:
             notes.append(f"{w['label']}: every learning rate diverged or failed.")
+    info = summary.get("steps_to_adamw_loss")
+    if info and info.get("target") is not None:
+        every = summary.get("protocol", {}).get("eval_every")
+        notes.append(f"*steps to AdamW loss*: the first evaluation (every {every} steps) at which the held-out loss, "
+                     f"at the optimizer's best learning rate, is at or below AdamW's final {info['target']:.4f}; "
+                     "*never*: not within the run.")
     div = [r["run_id"] for r in summary["runs"] if r.get("status") == "diverged"]
     if div:
         notes.append(f"Diverged: {', '.join(div)}.")

@@ -61,6 +61,7 @@ from .metrics import (
     param_bytes,
     peak_memory,
     reset_peak_memory,
+    steps_to_reference_loss,
 )
 from .models import MODEL_PRESETS, build_model
 from .optimizers import REGISTRY, Hyper, ModelInfo, OptimizerChoice, build_optimizer, parse_optimizer
@@ -807,8 +808,8 @@ def execute_run(job: RunJob, emit: Emit) -> dict[str, Any]:
         while st["step"] < job.steps and not st["diverged"]:
             step = st["step"]
             lr_now = lr_at(step, run.lr, job.steps, job.warmup, job.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr_now
+            for g in opt.param_groups:  # Blockwise LR groups carry their multiplier of the base rate
+                g["lr"] = lr_now * g.get("lr_multiplier", 1.0)
             x, y = get_batch(train, offsets[step], job.context)
             if parallel:  # this rank's share of the global batch
                 x, y = launch.shard_batch(x, ctx), launch.shard_batch(y, ctx)
@@ -1104,6 +1105,8 @@ def finish_sweep(sweep: Sweep, corpus: Corpus, results: list[dict[str, Any]]) ->
             lines += [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     atomic_write_text(sweep.out / "metrics.jsonl", "".join(ln + "\n" for ln in lines))
     agg = aggregate(results, [c.key for c in sweep.choices], sweep.lr_grids)
+    records = [json.loads(ln) for ln in lines]
+    agg["steps_to_adamw_loss"] = steps_to_reference_loss(agg["winners"], results, records)
     summary = {
         "format": SWEEP_FORMAT,
         "sweep_id": sweep.sweep_id,
@@ -1128,7 +1131,7 @@ def finish_sweep(sweep: Sweep, corpus: Corpus, results: list[dict[str, Any]]) ->
         "runs": results,
         **agg,
     }
-    write_report(sweep.out, summary, [json.loads(ln) for ln in lines], plots=cfg.plots)
+    write_report(sweep.out, summary, records, plots=cfg.plots)
     atomic_write_text(sweep.out / "summary.json", json.dumps(summary, indent=1))
     _write_manifest(sweep, "complete" if summary["complete"] else "incomplete", corpus)
     return summary

@@ -1,0 +1,105 @@
+"""Blockwise LR in the bench: the runner's schedule applies each group's multiplier (and leaves
+other optimizers alone), and the summary reports the steps to AdamW's final held-out loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bench_helpers import cache_dir, cli, corpus, keep_torch_threads, tiny_args  # noqa: F401 - fixtures
+
+from blockopt.bench import runner
+from blockopt.bench.metrics import steps_to_reference_loss
+from blockopt.bench.runner import lr_at
+
+PAPER = {"embedding": 10.0, "qk": 8.0, "vo": 4.0, "ffn": 6.0, "norm": 1.0}
+
+
+def test_runner_schedule_scales_each_group_by_its_multiplier(cli, corpus, cache_dir, tmp_path, monkeypatch):
+    seen: dict[str, list[list[tuple[str | None, float]]]] = {}
+    real = runner.build_optimizer
+
+    def spy(choice, model, lr, base, *, plan, info):
+        opt = real(choice, model, lr, base, plan=plan, info=info)
+        log = seen.setdefault(choice.key, [])
+        step = opt.step
+
+        def recording_step(*a, **kw):
+            log.append([(g.get("block_type"), g["lr"]) for g in opt.param_groups])
+            return step(*a, **kw)
+
+        opt.step = recording_step
+        return opt
+
+    monkeypatch.setattr(runner, "build_optimizer", spy)
+    out = tmp_path / "out"
+    rc, stdout, _ = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw,adam-mini+blr,adamw+blr",
+                                  "--lrs", "adamw=3e-3;adam-mini+blr=1e-3;adamw+blr=5e-4", "--warmup", "2",
+                                  "--no-plots", "--checkpoint-every", "0"))
+    assert rc == 0, stdout
+    steps = 6
+    for key, base in (("adamw", 3e-3), ("adam-mini+blr", 1e-3), ("adamw+blr", 5e-4)):
+        log = seen[key]
+        assert len(log) == steps
+        for step, groups in enumerate(log):
+            lr_now = lr_at(step, base, steps, 2, 0.1)
+            for btype, lr in groups:
+                if key == "adamw":
+                    assert btype is None and lr == lr_now  # unchanged for optimizers without multipliers
+                else:
+                    assert lr == lr_now * PAPER[btype]
+        if key != "adamw":
+            assert {b for b, _ in log[0]} == set(PAPER)
+
+    summary = json.loads((out / "summary.json").read_text())
+    info = summary["steps_to_adamw_loss"]
+    adamw = next(w for w in summary["winners"] if w["optimizer"] == "adamw")
+    assert info["target"] == adamw["final_val_loss"]
+    assert set(info["steps"]) == {"adamw", "adam-mini+blr", "adamw+blr"}
+    assert info["steps"]["adamw"] is not None and info["steps"]["adamw"] <= steps  # it reaches its own final loss
+    assert "steps to AdamW loss" in stdout and "steps to AdamW loss" in (out / "report.md").read_text()
+
+
+def _w(opt, lr, loss, failed=False):
+    return {"optimizer": opt, "best_lr": None if failed else lr, "final_val_loss": None if failed else loss,
+            "all_failed": failed}
+
+
+def _r(opt, lr, seed, status="ok"):
+    return {"run_id": f"{opt}-{lr}-{seed}", "optimizer": opt, "lr": lr, "seed": seed, "status": status}
+
+
+def _curve(run_id, points):
+    return [{"run": run_id, "step": s, "val_loss": v} for s, v in points]
+
+
+def test_steps_to_reference_loss_first_eval_at_or_below_the_target():
+    winners = [_w("adamw", 4e-3, 2.0), _w("fast", 1e-3, 1.9), _w("slow", 2e-3, 2.1), _w("dead", 1e-3, None, True)]
+    runs = [_r("adamw", 4e-3, 0), _r("fast", 1e-3, 0), _r("fast", 1e-3, 1), _r("fast", 3e-3, 0),
+            _r("slow", 2e-3, 0), _r("dead", 1e-3, 0, "diverged")]
+    records = (
+        _curve("adamw-0.004-0", [(0, 5.5), (10, 2.5), (20, 2.1), (30, 2.0)])
+        # two seeds: the mean at step 10 is 2.05 (> 2.0), at step 20 exactly 2.0 (<= target)
+        + _curve("fast-0.001-0", [(0, 5.5), (10, 1.9), (20, 1.95), (30, 1.9)])
+        + _curve("fast-0.001-1", [(0, 5.5), (10, 2.2), (20, 2.05), (30, 1.9)])
+        # another lr of the same optimizer, lower earlier: not the winner, ignored
+        + _curve("fast-0.003-0", [(10, 1.0)])
+        + _curve("slow-0.002-0", [(0, 5.5), (10, 2.4), (20, 2.2), (30, 2.1)])
+        + [{"run": "fast-0.001-0", "step": 5, "train_loss": 0.1}]  # a train-only line
+    )
+    got = steps_to_reference_loss(winners, runs, records)
+    assert got == {"reference": "adamw", "target": 2.0,
+                   "steps": {"adamw": 30, "fast": 20, "slow": None, "dead": None}}
+    # a step that only one seed logged does not count
+    partial = records + [{"run": "fast-0.001-0", "step": 15, "val_loss": 0.5}]
+    assert steps_to_reference_loss(winners, runs, partial)["steps"]["fast"] == 20
+    # no AdamW: no target, nothing reached
+    none = steps_to_reference_loss(winners[1:], runs, records)
+    assert none["target"] is None and set(none["steps"].values()) == {None}
+
+
+@pytest.mark.parametrize("name", ["adamw+blr", "adam-mini+blr"])
+def test_registry_lists_blr(name):
+    from blockopt.bench.optimizers import REGISTRY, parse_optimizer
+
+    assert name in REGISTRY and parse_optimizer(name).spec.name == name
