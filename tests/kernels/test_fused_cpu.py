@@ -68,7 +68,8 @@ def test_supports_only_what_it_handles():
     p = torch.zeros(4, 6)
     rows = blockopt.Geometry(0, ((4, 1),))
     assert fused_cpu_supports(p, p, rows)
-    assert not fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 1),)))  # per element: foreach
+    assert fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 1),)))  # per element: plain Adam in the kernel
+    assert fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 24),)))  # whole tensor
     assert not fused_cpu_supports(p, p, blockopt.Geometry(1, ((6, 1),)))  # columns
     assert not fused_cpu_supports(p.t(), p.t(), blockopt.Geometry(0, ((6, 1),)))  # non-contiguous
     assert not fused_cpu_supports(p.bfloat16(), p, rows)
@@ -81,3 +82,109 @@ def test_fused_flag_errors(monkeypatch):
         blockopt.AdamMini(model, fused=True, foreach=False)
     with pytest.raises(ValueError, match="Invalid fused: 'yes'"):
         blockopt.AdamMini(model, fused="yes")
+
+
+@needs_compiler
+@pytest.mark.parametrize("maximize", [False, True])
+def test_kernel_mixes_per_element_row_and_whole_tensor_blocks_in_one_call(maximize):
+    """The kernel itself (the optimizer sends per-element blocks to torch's fused AdamW instead)."""
+    from blockopt.kernels import adam_mini_fused_cpu, adam_mini_reference
+
+    shapes = [(40,), (16, 24), (3, 5, 7), (70000,)]
+    geoms = [blockopt.Geometry(-1, ((40, 1),)), blockopt.Geometry(0, ((16, 1),)),
+             blockopt.Geometry(-1, ((105, 105),)), blockopt.Geometry(-1, ((70000, 1),))]
+    g = torch.Generator().manual_seed(11)
+    sets = []
+    for _ in range(2):
+        ps = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+        ms = [torch.zeros(s) for s in shapes]
+        vs = [torch.zeros(geo.num_blocks) for geo in geoms]
+        steps = [torch.tensor(0.0) for _ in shapes]
+        sets.append((ps, ms, vs, steps))
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, maximize=maximize)
+    decay = [True, True, False, False]
+    for _ in range(20):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for fn, (ps, ms, vs, steps) in zip((adam_mini_fused_cpu, adam_mini_reference), sets):
+            fn(ps, [x.clone() for x in grads], ms, vs, steps, geoms, decay, **kw)
+    for a, b in zip(sets[0], sets[1]):
+        for x, y in zip(a, b):
+            assert max_rel_diff(x, y) <= TOL[torch.float32]
+
+
+def _one_step_results(model, threads, **kw):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        opt = blockopt.AdamMini(model, lr=1e-2, fused=True, **kw)
+        _random_steps([(model, opt)], 3, seed=1)
+    finally:
+        torch.set_num_threads(old)
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+@needs_compiler
+def test_fused_result_does_not_depend_on_the_thread_split():
+    """Blocks are never split across threads, so 1 and 2 threads give the same bits."""
+    base = build_model("gpt2-tiny", vocab_size=96, n_layers=2, d_model=64)
+    one, _ = _one_step_results(copy.deepcopy(base), 1)
+    two, _ = _one_step_results(copy.deepcopy(base), 2)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@needs_compiler
+def test_fused_strided_gradients_and_blocks_larger_than_a_chunk():
+    """A transposed (non-contiguous) gradient and a whole-tensor block of 2**17 elements."""
+    model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))
+    ref = copy.deepcopy(model)
+    kw = dict(lr=1e-2, weight_decay=0.1, overrides={r"0\.weight": "tensor"})
+    fast = blockopt.AdamMini(model, fused=True, **kw)
+    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        grads = [torch.randn(tuple(reversed(p.shape)) if p.dim() == 2 else p.shape, generator=g) for p in model.parameters()]
+        for m, opt in ((model, fast), (ref, slow)):
+            for p, grad in zip(m.parameters(), grads):
+                p.grad = grad.t() if grad.dim() == 2 else grad.clone()
+            opt.step()
+    assert not model[0].weight.grad.is_contiguous()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert max_rel_diff(p, q) <= TOL[torch.float32], name
+        assert max_rel_diff(fast.state[p]["block_exp_avg_sq"], slow.state[q]["block_exp_avg_sq"]) <= TOL[torch.float32]
+
+
+@needs_compiler
+def test_cached_step_lists_follow_frozen_parameters_state_loads_and_clears():
+    """The step caches its per-group lists; they must follow changes in which parameters have
+    gradients, a loaded state, and a cleared state, exactly as the uncached reference does."""
+    model = build_model("llama-tiny", vocab_size=64, n_layers=1, d_model=32)
+    ref = copy.deepcopy(model)
+    fast = blockopt.AdamMini(model, lr=1e-2, fused=True)
+    slow = blockopt.AdamMini(ref, lr=1e-2, foreach=False)
+    _random_steps([(model, fast), (ref, slow)], 3)
+    saved = copy.deepcopy(fast.state_dict())
+    # a parameter without a gradient is skipped; it moves again when its gradient returns
+    frozen = [i for i, (n, _) in enumerate(model.named_parameters()) if n.endswith("q_proj.weight")]
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=g) for p in model.parameters()]
+        for m, opt in ((model, fast), (ref, slow)):
+            for i, (p, grad) in enumerate(zip(m.parameters(), grads)):
+                p.grad = None if (i in frozen and step < 2) else grad.clone()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert max_rel_diff(p, q) <= TOL[torch.float32], name
+        assert fast.state[p]["step"].item() == slow.state[q]["step"].item(), name
+    # load the saved state: the next steps use the loaded tensors, not the cached ones
+    fast.load_state_dict(saved)
+    slow.load_state_dict(saved)
+    _random_steps([(model, fast), (ref, slow)], 2, seed=7)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert max_rel_diff(p, q) <= TOL[torch.float32], name
+        assert fast.state[p]["step"].item() == 5.0, name  # 3 saved + 2
+    # a cleared state starts again from step 1 (as torch.optim does), with new tensors in the state
+    fast.state.clear()
+    _random_steps([(model, fast)], 1)
+    assert all(s["step"].item() == 1.0 for s in fast.state.values())
+    assert len(fast.state) == len(list(model.parameters()))

@@ -24,19 +24,29 @@ def tiny(style="llama", **kw):
     return build_model(name, vocab_size=64, **kw)
 
 
-@pytest.mark.parametrize("foreach,dtype", [(True, torch.float32), (False, torch.float64)])
-def test_every_block_of_size_one_equals_adamw(foreach, dtype):
-    """The default path in fp32; the reference loop (plainer arithmetic) in float64."""
+# (AdamMini options, dtype, the AdamW it must equal, tolerance)
+_DEGENERATE = {
+    # the default path: per-element blocks go to torch's fused AdamW kernel, so it is bit for bit AdamW(fused=True)
+    "default": ({}, torch.float32, dict(fused=True), 0.0),
+    # the foreach path does AdamW's foreach arithmetic
+    "foreach": (dict(fused=False), torch.float32, dict(foreach=False), 1e-6),
+    # the reference loop (plainer arithmetic) in float64
+    "reference": (dict(foreach=False), torch.float64, dict(foreach=False), 1e-10),
+}
+
+
+@pytest.mark.parametrize("path", sorted(_DEGENERATE))
+def test_every_block_of_size_one_equals_adamw(path):
+    options, dtype, adamw_options, tol = _DEGENERATE[path]
     model = tiny().to(dtype)
     ref = copy.deepcopy(model)
     opt = blockopt.AdamMini(model, lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                            overrides=ALL_ELEMENTS, foreach=foreach)
+                            overrides=ALL_ELEMENTS, **options)
     assert all(e.kind == "element" for e in opt.plan.entries)
-    adamw = torch.optim.AdamW(ref.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    adamw = torch.optim.AdamW(ref.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, **adamw_options)
     batches = token_batches(64, 50)
     train(model, opt, batches)
     train(ref, adamw, batches)
-    tol = 1e-6 if dtype == torch.float32 else 1e-10
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert max_rel_diff(p, q) <= tol, name
         s, t = opt.state[p], adamw.state[q]

@@ -2,10 +2,13 @@
 
 :func:`adam_mini_fused_cpu` has the contract of the other step functions in
 :mod:`blockopt.kernels.adam_mini`, for the tensors :func:`fused_cpu_supports`
-accepts: fp32, contiguous, on the CPU, with blocks that are runs of at least two
-consecutive elements (rows, heads, whole tensors, and fused row-wise QKV).
-Everything else (per-element blocks such as biases, column blocks, low
-precision) goes through the foreach path.
+accepts: fp32, contiguous, on the CPU, with blocks that are runs of consecutive
+elements (rows, heads, whole tensors, fused row-wise QKV, and per-element blocks
+such as biases). Everything else (column blocks, low precision, DTensors) goes
+through the foreach path. One call steps every supported parameter of a group:
+the C++ side also increments the step counters and computes the bias
+corrections, so the Python cost per step does not grow with the work per
+parameter.
 
 The kernel is compiled with ``torch.utils.cpp_extension.load_inline`` the
 first time it is needed (about half a minute on two cores; torch caches the
@@ -31,7 +34,7 @@ import torch
 
 from .blocks import Geometry
 
-__all__ = ["adam_mini_fused_cpu", "fused_cpu_supports", "load_cpu_kernel", "cpu_kernel_error"]
+__all__ = ["adam_mini_fused_cpu", "fused_cpu_supports", "load_cpu_kernel", "cpu_kernel_error", "step_table"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,6 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
         and p.is_contiguous()
         and exp_avg.is_contiguous()
         and geometry.axis in (-1, 0)
-        and min(bs for _, _, bs, _ in _chunks_of(tuple(p.shape), geometry)) >= 2
         and type(p) in (torch.nn.Parameter, torch.Tensor)  # not DTensor or other subclasses
     )
 
@@ -127,10 +129,19 @@ def _chunks_of(shape: tuple[int, ...], geometry: Geometry) -> tuple[tuple[int, i
 
 @functools.lru_cache(maxsize=256)
 def _table(key: tuple[tuple[tuple[int, ...], Geometry], ...]) -> torch.Tensor:
-    rows = [(i, *c, 0) for i, (shape, geometry) in enumerate(key) for c in _chunks_of(shape, geometry)]
-    # big chunks first: better load balance across threads
-    rows.sort(key=lambda r: -r[2] * r[3])
+    """The kernel's work items, in memory order, with each item's first element counted over the table."""
+    rows = []
+    start = 0
+    for i, (shape, geometry) in enumerate(key):
+        for off, nb, bs, voff in _chunks_of(shape, geometry):
+            rows.append((i, off, nb, bs, voff, start))
+            start += nb * bs
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
+
+
+def step_table(shapes: Sequence[tuple[int, ...]], geometries: Sequence[Geometry]) -> torch.Tensor:
+    """Work items for parameters of these shapes and geometries (cached); see the C++ source."""
+    return _table(tuple(zip(shapes, geometries)))
 
 
 def adam_mini_fused_cpu(
@@ -155,14 +166,8 @@ def adam_mini_fused_cpu(
     module = load_cpu_kernel()
     if module is None:
         raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu_kernel_error()}")
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    torch._foreach_add_(list(state_steps), 1.0)
-    scalars = []
-    for s, on in zip(state_steps, decay):
-        t = s.item()
-        scalars.append((lr / (1 - beta1**t), (1 - beta2**t) ** 0.5, 1 - lr * weight_decay if on else 1.0))
-    table = _table(tuple((tuple(p.shape), g) for p, g in zip(params, geometries)))
+    table = step_table([tuple(p.shape) for p in params], geometries)
     module.adam_mini_step(
-        list(params), grads, list(exp_avgs), list(block_exp_avg_sqs), table,
-        torch.tensor(scalars, dtype=torch.float64), beta1, beta2, eps, maximize,
+        list(params), list(grads), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), table,
+        torch.tensor(list(decay), dtype=torch.uint8), lr, beta1, beta2, eps, weight_decay, maximize,
     )

@@ -7,7 +7,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from ..kernels import (
     cpu_kernel_error,
     fused_cpu_supports,
     load_cpu_kernel,
+    step_table,
 )
 from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, triton_supports
 from ..kernels.blocks import Geometry
@@ -214,6 +215,9 @@ class AdamMini(torch.optim.Optimizer):
         self._entries: dict[torch.Tensor, PlanEntry] = {}
         # DTensor parameters: their ShardInfo for Shard(0), None for Replicate()
         self._dtensors: dict[torch.Tensor, ShardInfo | None] = {}
+        # the plain step's cached per-group lists (see _prepared); _state_epoch invalidates them
+        self._prepared_cache: dict[int, _Prepared] = {}
+        self._state_epoch = 0
         super().__init__(params, defaults)
 
     # --- construction ---------------------------------------------------------
@@ -285,14 +289,14 @@ class AdamMini(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._dtensors:
+            self._plain_step()
+            return loss
         # check every gradient before touching any state
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        "AdamMini does not support sparse gradients (got one for a parameter of shape "
-                        f"{list(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
-                    )
+                if p.grad is not None:
+                    _check_dense(p.grad, p)
         if self._dtensors:
             require_initialized(f"parameter {self._entries[next(iter(self._dtensors))].name!r}")
         # Pass 1: gather each group's lists; sharded parameters (FSDP2) get their local block sums.
@@ -370,6 +374,106 @@ class AdamMini(torch.optim.Optimizer):
                     kernel(*([x for x, r in zip(lst, route) if r == name] for lst in lists), **hyper)
         return loss
 
+    def _plain_step(self) -> None:
+        """The step of an optimizer without DTensors: per group, cached lists and one call per kernel.
+
+        What depends only on which parameters have gradients (state tensors, routes, the fused
+        kernel's work table) is built once and reused while that set stays the same, so a step
+        costs a scan of the gradients plus one kernel call per route.
+        """
+        todo = []
+        for group in self.param_groups:
+            params = group["params"]
+            with_grad = [p for p in params if p.grad is not None]
+            if not with_grad:
+                continue
+            prepared = self._prepared(group, with_grad)
+            grads = [p.grad for p in with_grad]
+            for g, p in zip(grads, with_grad):  # every gradient is checked before any state changes
+                if g.layout is not torch.strided:
+                    _check_dense(g, p)
+            todo.append((group, prepared, grads))
+        for group, prepared, grads in todo:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"]
+            hyper = dict(lr=lr.item() if isinstance(lr, torch.Tensor) else lr, beta1=beta1, beta2=beta2,
+                         eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+            for route, index, lists in prepared.routes:
+                route_grads = [grads[i] for i in index] if index is not None else grads
+                if route == "cpu":
+                    params, exp_avgs, vs, steps, table, decay = lists
+                    load_cpu_kernel().adam_mini_step(
+                        params, route_grads, exp_avgs, vs, steps, table, decay,
+                        hyper["lr"], beta1, beta2, hyper["eps"], hyper["weight_decay"], hyper["maximize"])
+                    continue
+                if route == "adamw":  # per-element blocks are AdamW: torch's own fused kernel, per decay class
+                    for decayed, sub, (params, exp_avgs, vs, steps) in lists:
+                        torch._foreach_add_(steps, 1.0)  # the op reads the incremented counters, as AdamW's does
+                        torch._fused_adamw_(
+                            params, [route_grads[i] for i in sub], exp_avgs, vs, [], steps, lr=hyper["lr"],
+                            beta1=beta1, beta2=beta2, weight_decay=hyper["weight_decay"] if decayed else 0.0,
+                            eps=hyper["eps"], amsgrad=False, maximize=hyper["maximize"])
+                    continue
+                params, exp_avgs, vs, steps, geoms, decay = lists
+                args = (params, route_grads, exp_avgs, vs, steps, geoms, decay)
+                if route == "reference":
+                    adam_mini_reference(*args, **hyper)
+                elif route == "capturable":
+                    adam_mini_triton(*args, **{**hyper, "lr": lr}, capturable=True)
+                elif route == "triton":
+                    adam_mini_triton(*args, **hyper)
+                else:
+                    adam_mini_foreach(*args, **hyper)
+
+    def _prepared(self, group: dict[str, Any], with_grad: list[torch.Tensor]) -> _Prepared:
+        key = (tuple(map(id, with_grad)), group["foreach"], group["fused"], group["capturable"], self._state_epoch,
+               len(self.state))
+        cached = self._prepared_cache.get(id(group))
+        if cached is not None and cached.key == key:
+            return cached
+        for p in with_grad:
+            _check_dense(p.grad, p)
+        states = [self._init_state(p) for p in with_grad]
+        entries = [self._entries[p] for p in with_grad]
+        if group["foreach"] is False:
+            routes = ["reference"] * len(with_grad)
+        elif group["capturable"]:
+            if any(p.device.type != "cuda" or not triton_supports(p, s["exp_avg"], e.geometry)
+                   for p, s, e in zip(with_grad, states, entries)):
+                raise RuntimeError(
+                    "capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
+                    "blocks only (see the plan); use capturable=False"
+                )
+            routes = ["capturable"] * len(with_grad)
+        else:
+            routes = [self._route(p, p.grad, s["exp_avg"], e.geometry, group["fused"])
+                      for p, s, e in zip(with_grad, states, entries)]
+        out = []
+        for route in dict.fromkeys(routes):
+            index = [i for i, r in enumerate(routes) if r == route]
+            ps = [with_grad[i] for i in index]
+            ss = [states[i] for i in index]
+            es = [entries[i] for i in index]
+            lists: tuple[Any, ...] = ([s["exp_avg"] for s in ss], [s["block_exp_avg_sq"] for s in ss],
+                                      [s["step"] for s in ss])
+            if route == "adamw":
+                lists = tuple(
+                    (decayed, sub, ([ps[i] for i in sub], [lists[0][i] for i in sub],
+                                    [lists[1][i].view(ps[i].shape) for i in sub], [lists[2][i] for i in sub]))
+                    for decayed in (True, False)
+                    if (sub := [i for i, e in enumerate(es) if e.weight_decay == decayed])
+                )
+            elif route == "cpu":
+                table = step_table([tuple(p.shape) for p in ps], [e.geometry for e in es])
+                decay = torch.tensor([e.weight_decay for e in es], dtype=torch.uint8)
+                lists = (ps, *lists, table, decay)
+            else:
+                lists = (ps, *lists, [e.geometry for e in es], [e.weight_decay for e in es])
+            out.append((route, None if len(index) == len(with_grad) else index, lists))
+        prepared = _Prepared(key, out)
+        self._prepared_cache[id(group)] = prepared
+        return prepared
+
     @staticmethod
     def _route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, geometry: Geometry, fused: bool | None) -> str:
         """Which step function handles this parameter."""
@@ -377,6 +481,8 @@ class AdamMini(torch.optim.Optimizer):
             return "foreach"
         if p.device.type == "cpu":
             if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
+                if _is_elementwise(geometry):
+                    return "adamw"
                 if load_cpu_kernel() is not None:
                     return "cpu"
                 if fused:
@@ -535,6 +641,8 @@ class AdamMini(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._prepared_cache = {}
+        self._state_epoch = getattr(self, "_state_epoch", 0) + 1
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
@@ -550,6 +658,25 @@ class AdamMini(torch.optim.Optimizer):
         for group in self.param_groups:
             if "block_plan" not in group:
                 group["block_plan"] = _block_plan(self._entries[p] for p in group["params"])
+
+
+class _Prepared(NamedTuple):
+    """A group's step lists for one set of parameters with gradients: ``(route, index, lists)`` per route."""
+
+    key: tuple[Any, ...]
+    routes: list[tuple[str, list[int] | None, tuple[Any, ...]]]
+
+
+def _is_elementwise(geometry: Geometry) -> bool:
+    return geometry.axis == -1 and geometry.segments[0][1] == 1
+
+
+def _check_dense(g: torch.Tensor, p: torch.Tensor) -> None:
+    if g.is_sparse or g.layout is not torch.strided:
+        raise RuntimeError(
+            "AdamMini does not support sparse gradients (got one for a parameter of shape "
+            f"{list(p.shape)}); use dense gradients, e.g. nn.Embedding(sparse=False)"
+        )
 
 
 def _block_plan(entries: Iterable[PlanEntry]) -> list[str]:
