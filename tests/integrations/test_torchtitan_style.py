@@ -96,3 +96,27 @@ def test_trains_with_adam_mini_and_a_scheduler():
     # it learns the counting patterns (start: ~ln 97 = 4.57)
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert first > 4.0 and last < first - 1.0, losses
+
+
+def test_output_head_found_without_get_input_embeddings():
+    """The model's one token table (position tables aside) stands in for get_input_embeddings()."""
+    torch.manual_seed(0)
+
+    class WithPositions(Transformer):
+        def __init__(self, args: ModelArgs) -> None:
+            super().__init__(args)
+            self.pos_embeddings = torch.nn.Embedding(args.max_seq_len, args.dim)
+
+    class TwoTables(Transformer):
+        def __init__(self, args: ModelArgs) -> None:
+            super().__init__(args)
+            self.segment_embeddings = torch.nn.Embedding(args.vocab_size, args.dim)
+
+    args = ModelArgs(n_layers=1)
+    plan = blockopt.partition(WithPositions(args))
+    assert plan["output.weight"].role == "output"
+    assert plan["pos_embeddings.weight"].role == "position_embedding"
+    assert plan["tok_embeddings.weight"].role == "embedding"
+    # two token tables: which one the head mirrors is not known; a plain linear layer, same blocks (rows)
+    plan = blockopt.partition(TwoTables(args))
+    assert (plan["output.weight"].role, plan["output.weight"].kind) == ("mlp", "row")
