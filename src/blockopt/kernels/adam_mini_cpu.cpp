@@ -47,26 +47,47 @@ inline void elementwise(float* __restrict p, const float* __restrict g, float* _
   }
 }
 
+inline double sum_sq(const float* __restrict g, int64_t n) {
+  double acc = 0.0;  // double: a float sum over tens of thousands of squares loses ~n*eps
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += (double)g[i] * (double)g[i];
+  return acc;
+}
+
+// Blocks of `bs` consecutive elements. Software-pipelined: the loop that updates block j also sums
+// the squares of block j + 1, so g, m and p stream together (as in AdamW's single loop) while
+// block j's gradient is re-read from cache. The sums are those of sum_sq, element for element.
 inline void blockwise(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
                       int64_t nb, int64_t bs, const Scalars& s, const Hyper& h) {
   const double inv_bs = 1.0 / (double)bs;
+  const float sg = h.sign, w1 = h.w1, decay = s.decay;
+  double acc = sum_sq(g, bs);
   for (int64_t j = 0; j < nb; ++j) {
     const float* __restrict gb = g + j * bs;
     float* __restrict pb = p + j * bs;
     float* __restrict mb = m + j * bs;
-    double acc = 0.0;  // double: a float sum over tens of thousands of squares loses ~n*eps
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < bs; ++i) acc += (double)gb[i] * (double)gb[i];
     const float vv = h.b2 * v[j] + h.omb2 * (float)(acc * inv_bs);
     v[j] = vv;
     const float denom = std::sqrt(vv) / s.bc2_sqrt + h.eps;
     const float scale = s.step_size / denom;
-    const float sg = h.sign, w1 = h.w1, decay = s.decay;
+    if (j + 1 < nb) {
+      const float* __restrict gn = gb + bs;
+      double next = 0.0;
+#pragma omp simd reduction(+ : next)
+      for (int64_t i = 0; i < bs; ++i) {
+        next += (double)gn[i] * (double)gn[i];
+        const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
+        mb[i] = mm;
+        pb[i] = pb[i] * decay - scale * mm;
+      }
+      acc = next;
+    } else {
 #pragma omp simd
-    for (int64_t i = 0; i < bs; ++i) {
-      const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
-      mb[i] = mm;
-      pb[i] = pb[i] * decay - scale * mm;
+      for (int64_t i = 0; i < bs; ++i) {
+        const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
+        mb[i] = mm;
+        pb[i] = pb[i] * decay - scale * mm;
+      }
     }
   }
 }
