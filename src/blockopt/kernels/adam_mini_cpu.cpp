@@ -15,6 +15,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -33,14 +35,59 @@ struct Hyper {
   float w1, b2, omb2, eps, sign;
 };
 
-inline void elementwise(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
-                        int64_t n, const Scalars& s, const Hyper& h) {
+// Momentum storage (kernels/momentum.py has the same formats, hash and formulas).
+constexpr int64_t kGroup = 256;  // int8: elements per scale group, along a row
+
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+inline uint32_t hash_at(uint32_t seed, int64_t index) {
+  return hash32((uint32_t)((uint64_t)index * 0x9E3779B9ull + seed));
+}
+inline uint32_t step_seed(uint32_t base, double step) {
+  return hash32(base ^ (uint32_t)(((uint64_t)step * 0x9E3779B1ull) & 0xFFFFFFFFull));
+}
+inline float bf16_load(uint16_t b) {
+  uint32_t bits = (uint32_t)b << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+inline uint16_t bf16_store_sr(float x, uint32_t r) {  // stochastic rounding with 16 random bits
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  return (uint16_t)((bits + (r & 0xFFFFu)) >> 16);
+}
+
+struct Momentum {  // one parameter's stored first moment
+  int kind;            // 0 fp32, 1 bf16, 2 int8
+  void* data;
+  float* scale;        // int8: [rows, groups]
+  int64_t row, groups; // int8: elements per row, scale groups per row
+  uint32_t seed;       // this step's seed
+};
+
+template <bool Bf16>
+inline void elementwise(float* __restrict p, const float* __restrict g, void* mv, float* __restrict v,
+                        int64_t n, const Scalars& s, const Hyper& h, uint32_t seed, int64_t first) {
+  float* __restrict m = (float*)mv;
+  uint16_t* __restrict m16 = (uint16_t*)mv;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float gi = h.sign * g[i];
-    const float mm = std::fma(h.w1, gi - m[i], m[i]);
+    const float m0 = Bf16 ? bf16_load(m16[i]) : m[i];
+    const float mm = std::fma(h.w1, gi - m0, m0);
     const float vv = h.b2 * v[i] + h.omb2 * (gi * gi);
-    m[i] = mm;
+    if (Bf16) {
+      m16[i] = bf16_store_sr(mm, hash_at(seed, first + i));
+    } else {
+      m[i] = mm;
+    }
     v[i] = vv;
     const float denom = std::sqrt(vv) / s.bc2_sqrt + h.eps;
     p[i] = p[i] * s.decay - s.step_size * (mm / denom);
@@ -57,36 +104,105 @@ inline double sum_sq(const float* __restrict g, int64_t n) {
 // Blocks of `bs` consecutive elements. Software-pipelined: the loop that updates block j also sums
 // the squares of block j + 1, so g, m and p stream together (as in AdamW's single loop) while
 // block j's gradient is re-read from cache. The sums are those of sum_sq, element for element.
-inline void blockwise(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
-                      int64_t nb, int64_t bs, const Scalars& s, const Hyper& h) {
+// `Bf16`: m is stored as bfloat16 (read exactly, written with stochastic rounding); `first` is
+// the index of p[0] in the full tensor (the random bits depend on it).
+template <bool Bf16>
+inline void blockwise(float* __restrict p, const float* __restrict g, void* mv, float* __restrict v, int64_t nb,
+                      int64_t bs, const Scalars& s, const Hyper& h, uint32_t seed, int64_t first) {
   const double inv_bs = 1.0 / (double)bs;
   const float sg = h.sign, w1 = h.w1, decay = s.decay;
+  float* __restrict m = (float*)mv;
+  uint16_t* __restrict mb16 = (uint16_t*)mv;
   double acc = sum_sq(g, bs);
   for (int64_t j = 0; j < nb; ++j) {
     const float* __restrict gb = g + j * bs;
     float* __restrict pb = p + j * bs;
-    float* __restrict mb = m + j * bs;
     const float vv = h.b2 * v[j] + h.omb2 * (float)(acc * inv_bs);
     v[j] = vv;
     const float denom = std::sqrt(vv) / s.bc2_sqrt + h.eps;
     const float scale = s.step_size / denom;
-    if (j + 1 < nb) {
-      const float* __restrict gn = gb + bs;
-      double next = 0.0;
+    const float* __restrict gn = gb + bs;
+    const bool more = j + 1 < nb;
+    double next = 0.0;
+    if (Bf16) {
+      uint16_t* __restrict mb = mb16 + j * bs;
+      const int64_t base = first + j * bs;
 #pragma omp simd reduction(+ : next)
       for (int64_t i = 0; i < bs; ++i) {
-        next += (double)gn[i] * (double)gn[i];
-        const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
-        mb[i] = mm;
+        if (more) next += (double)gn[i] * (double)gn[i];
+        const float m0 = bf16_load(mb[i]);
+        const float mm = std::fma(w1, sg * gb[i] - m0, m0);
+        mb[i] = bf16_store_sr(mm, hash_at(seed, base + i));
         pb[i] = pb[i] * decay - scale * mm;
       }
-      acc = next;
     } else {
+      float* __restrict mb = m + j * bs;
+      if (more) {
+#pragma omp simd reduction(+ : next)
+        for (int64_t i = 0; i < bs; ++i) {
+          next += (double)gn[i] * (double)gn[i];
+          const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
+          mb[i] = mm;
+          pb[i] = pb[i] * decay - scale * mm;
+        }
+      } else {
 #pragma omp simd
-      for (int64_t i = 0; i < bs; ++i) {
-        const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
-        mb[i] = mm;
-        pb[i] = pb[i] * decay - scale * mm;
+        for (int64_t i = 0; i < bs; ++i) {
+          const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
+          mb[i] = mm;
+          pb[i] = pb[i] * decay - scale * mm;
+        }
+      }
+    }
+    acc = next;
+  }
+}
+
+// int8 momentum: blocks are whole rows (bs is a multiple of the row length). Per row group:
+// decode m, update m and p, then re-encode the group with its new absolute maximum.
+inline void blockwise_int8(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
+                           int64_t nb, int64_t bs, const Scalars& s, const Hyper& h, int64_t first) {
+  const double inv_bs = 1.0 / (double)bs;
+  const float sg = h.sign, w1 = h.w1, decay = s.decay;
+  int8_t* codes = (int8_t*)mo.data;
+  float buf[kGroup];
+  float ubuf[kGroup];
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t b0 = first + j * bs;  // index of the block's first element in the tensor
+    const double acc = sum_sq(g + j * bs, bs);
+    const float vv = h.b2 * v[j] + h.omb2 * (float)(acc * inv_bs);
+    v[j] = vv;
+    const float denom = std::sqrt(vv) / s.bc2_sqrt + h.eps;
+    const float scale = s.step_size / denom;
+    for (int64_t r0 = b0; r0 < b0 + bs; r0 += mo.row) {
+      const int64_t row = r0 / mo.row;
+      for (int64_t gi = 0; gi < mo.groups; ++gi) {
+        const int64_t a = r0 + gi * kGroup;
+        const int64_t n = std::min<int64_t>(kGroup, mo.row - gi * kGroup);
+        float* sc = mo.scale + row * mo.groups + gi;
+        const float c = *sc / 16129.0f;
+        const float* __restrict ga = g + (a - first);
+        float* __restrict pa = p + (a - first);
+        int8_t* __restrict qa = codes + a;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t i = 0; i < n; ++i) {
+          const float q = (float)qa[i];
+          const float m0 = (q * std::abs(q)) * c;
+          const float mm = std::fma(w1, sg * ga[i] - m0, m0);
+          buf[i] = mm;
+          pa[i] = pa[i] * decay - scale * mm;
+          amax = std::max(amax, std::abs(mm));
+        }
+        for (int64_t i = 0; i < n; ++i) ubuf[i] = (float)(hash_at(mo.seed, a + i) >> 8) * (1.0f / 16777216.0f);
+        const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const float y = std::sqrt(std::abs(buf[i]) * inv) * 127.0f;
+          const float q = std::min(std::floor(y + ubuf[i]), 127.0f);
+          qa[i] = (int8_t)(buf[i] < 0.0f ? -q : (buf[i] > 0.0f ? q : 0.0f));
+        }
+        *sc = amax;
       }
     }
   }
@@ -97,28 +213,57 @@ inline void blockwise(float* __restrict p, const float* __restrict g, float* __r
 // items: int64 [C, 6] = (param index, element offset, blocks, block size, v offset, first element
 //        counted over the whole table), in memory order; steps: 0-dim float32 tensors, incremented
 //        here; decay: uint8 [P], whether decoupled weight decay applies to parameter i.
+// Momentum storage per parameter: kinds uint8 [P] (0 fp32, 1 bf16, 2 int8: exp_avgs[i] is then
+// int8 of the parameter's shape and scales[i] its fp32 [rows, groups] scales; other entries of
+// scales are ignored), seeds int64 [P] (the parameter's base seed; mixed with the step here).
 void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& vs,
                     const std::vector<at::Tensor>& steps, const at::Tensor& items, const at::Tensor& decay,
-                    double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                    double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
+                    const at::Tensor& kinds, const std::vector<at::Tensor>& scales, const at::Tensor& seeds) {
   const size_t P = params.size();
-  TORCH_CHECK(grads.size() == P && exp_avgs.size() == P && vs.size() == P && steps.size() == P,
+  TORCH_CHECK(grads.size() == P && exp_avgs.size() == P && vs.size() == P && steps.size() == P && scales.size() == P,
               "adam_mini_step: lists of different lengths");
   TORCH_CHECK(items.dtype() == at::kLong && items.is_contiguous() && items.dim() == 2 && items.size(1) == 6);
   TORCH_CHECK(decay.dtype() == at::kByte && decay.is_contiguous() && (size_t)decay.numel() == P);
+  TORCH_CHECK(kinds.dtype() == at::kByte && kinds.is_contiguous() && (size_t)kinds.numel() == P);
+  TORCH_CHECK(seeds.dtype() == at::kLong && seeds.is_contiguous() && (size_t)seeds.numel() == P);
   const int64_t C = items.size(0);
   if (C == 0) return;
   const Item* it = reinterpret_cast<const Item*>(items.data_ptr<int64_t>());
   const uint8_t* dp = decay.data_ptr<uint8_t>();
+  const uint8_t* kp = kinds.data_ptr<uint8_t>();
+  const int64_t* seedp = seeds.data_ptr<int64_t>();
 
-  std::vector<float*> Pp(P), Mp(P), Vp(P);
+  std::vector<float*> Pp(P), Vp(P);
   std::vector<const float*> Gp(P);
+  std::vector<Momentum> Mo(P);
   std::vector<at::Tensor> keep;  // contiguous copies of strided gradients, alive until the end
   std::vector<Scalars> sc(P);
-  for (size_t i = 0; i < P; ++i) {
+  for (size_t i = 0; i < P; ++i) {  // check everything before anything changes
     const at::Tensor& g = grads[i];
     TORCH_CHECK(g.scalar_type() == at::kFloat && g.device().is_cpu() && g.numel() == params[i].numel(),
                 "adam_mini_step: gradient ", i, " must be a float32 CPU tensor of the parameter's size");
+    const auto want = kp[i] == 0 ? at::kFloat : kp[i] == 1 ? at::kBFloat16 : at::kChar;
+    TORCH_CHECK(kp[i] <= 2 && exp_avgs[i].scalar_type() == want && exp_avgs[i].is_contiguous(),
+                "adam_mini_step: exp_avg ", i, " does not match its momentum kind");
+    if (kp[i] == 2) {
+      TORCH_CHECK(params[i].dim() >= 2 && scales[i].scalar_type() == at::kFloat && scales[i].is_contiguous() &&
+                  scales[i].dim() == 2 && scales[i].size(0) == params[i].size(0),
+                  "adam_mini_step: int8 momentum ", i, " needs [rows, groups] float32 scales");
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const Item& x = it[c];
+    TORCH_CHECK(x.param >= 0 && (size_t)x.param < P, "adam_mini_step: bad item");
+    if (kp[x.param] == 2) {
+      const int64_t row = params[x.param].numel() / params[x.param].size(0);
+      TORCH_CHECK(x.block_size % row == 0 && x.offset % row == 0,
+                  "adam_mini_step: int8 momentum needs blocks of whole rows (parameter ", x.param, ")");
+    }
+  }
+  for (size_t i = 0; i < P; ++i) {
+    const at::Tensor& g = grads[i];
     if (g.is_contiguous()) {
       Gp[i] = g.data_ptr<float>();
     } else {
@@ -126,7 +271,6 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
       Gp[i] = keep.back().data_ptr<float>();
     }
     Pp[i] = params[i].data_ptr<float>();
-    Mp[i] = exp_avgs[i].data_ptr<float>();
     Vp[i] = vs[i].data_ptr<float>();
     float* st = steps[i].data_ptr<float>();
     *st += 1.0f;
@@ -135,6 +279,17 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
     sc[i].step_size = (float)(lr / (1.0 - std::pow(beta1, t)));
     sc[i].bc2_sqrt = (float)std::sqrt(1.0 - std::pow(beta2, t));
     sc[i].decay = dp[i] ? (float)(1.0 - lr * weight_decay) : 1.0f;
+    Momentum& mo = Mo[i];
+    mo.kind = kp[i];
+    mo.data = exp_avgs[i].data_ptr();
+    mo.seed = step_seed((uint32_t)seedp[i], t);
+    mo.scale = nullptr;
+    mo.row = mo.groups = 0;
+    if (mo.kind == 2) {
+      mo.scale = scales[i].data_ptr<float>();
+      mo.row = params[i].numel() / params[i].size(0);
+      mo.groups = scales[i].size(1);
+    }
   }
   // 1 - beta in double: in float, 1 - 0.999f cancels to 0.00099998713 (1.3e-5 off)
   const Hyper h{(float)(1.0 - beta1), (float)beta2, (float)(1.0 - beta2), (float)eps, maximize ? -1.0f : 1.0f};
@@ -153,14 +308,20 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
       for (; c < c_end; ++c) {
         const Item& x = it[c];
         const int64_t i = x.param;
+        const Momentum& mo = Mo[i];
         float* p = Pp[i] + x.offset;
         const float* g = Gp[i] + x.offset;
-        float* m = Mp[i] + x.offset;
         float* v = Vp[i] + x.v_offset;
-        if (x.block_size == 1) {
-          elementwise(p, g, m, v, x.blocks, sc[i], h);
+        if (mo.kind == 2) {
+          blockwise_int8(p, g, mo, v, x.blocks, x.block_size, sc[i], h, x.offset);
+        } else if (x.block_size == 1 && mo.kind == 1) {
+          elementwise<true>(p, g, (uint16_t*)mo.data + x.offset, v, x.blocks, sc[i], h, mo.seed, x.offset);
+        } else if (x.block_size == 1) {
+          elementwise<false>(p, g, (float*)mo.data + x.offset, v, x.blocks, sc[i], h, 0, 0);
+        } else if (mo.kind == 1) {
+          blockwise<true>(p, g, (uint16_t*)mo.data + x.offset, v, x.blocks, x.block_size, sc[i], h, mo.seed, x.offset);
         } else {
-          blockwise(p, g, m, v, x.blocks, x.block_size, sc[i], h);
+          blockwise<false>(p, g, (float*)mo.data + x.offset, v, x.blocks, x.block_size, sc[i], h, 0, 0);
         }
       }
     }

@@ -44,6 +44,10 @@ _state: dict[str, object] = {}
 
 #: elements per unit of parallel work (whole blocks are never split)
 CHUNK_ELEMENTS = 1 << 15
+# -fopenmp: at::parallel_for is a header template, so it is only parallel when the extension itself
+# is built with OpenMP; the runtime is the libgomp.so.1 that torch has already loaded (same soname).
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 
 
 def _cpu_tag() -> str:
@@ -69,7 +73,7 @@ def load_cpu_kernel():
             _state["error"] = "disabled by BLOCKOPT_DISABLE_CPU_KERNEL"
         else:
             source = _SOURCE.read_text()
-            digest = hashlib.sha1(source.encode()).hexdigest()[:8]
+            digest = hashlib.sha1((source + repr(_CFLAGS) + repr(_LDFLAGS)).encode()).hexdigest()[:8]
             try:
                 from torch.utils.cpp_extension import load_inline
 
@@ -79,7 +83,8 @@ def load_cpu_kernel():
                     module = load_inline(
                         name=f"blockopt_adam_mini_cpu_{digest}_{_cpu_tag()}",
                         cpp_sources=[source],
-                        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd"],
+                        extra_cflags=_CFLAGS,
+                        extra_ldflags=_LDFLAGS,
                         verbose=False,
                     )
             except Exception as e:  # no compiler, no headers, ...: fall back to foreach
@@ -95,11 +100,20 @@ def cpu_kernel_error() -> str | None:
 
 
 def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometry) -> bool:
-    """Whether the fused kernel handles this parameter (the gradient is checked at step time)."""
+    """Whether the fused kernel handles this parameter (the gradient is checked at step time).
+
+    ``exp_avg`` may be fp32, bf16 or int8 (:mod:`blockopt.kernels.momentum`); int8 codes need
+    blocks made of whole rows (rows, heads, whole tensors) of a tensor with two or more dims.
+    """
+    if exp_avg.dtype == torch.int8:
+        axis, segments = geometry
+        rows_only = axis == 0 or (axis == -1 and segments[0][1] == segments[0][0])
+        if p.dim() < 2 or not rows_only:
+            return False
     return (
         p.device.type == "cpu"
         and p.dtype == torch.float32
-        and exp_avg.dtype == torch.float32
+        and exp_avg.dtype in (torch.float32, torch.bfloat16, torch.int8)
         and p.is_contiguous()
         and exp_avg.is_contiguous()
         and geometry.axis in (-1, 0)
@@ -159,15 +173,29 @@ def adam_mini_fused_cpu(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    exp_avg_scales: Sequence[torch.Tensor | None] | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> None:
-    """One fused pass per block; same contract as :func:`~blockopt.kernels.adam_mini_foreach`."""
+    """One fused pass per block; same contract as :func:`~blockopt.kernels.adam_mini_foreach`.
+
+    ``exp_avgs`` may also be compact (bf16, or int8 with ``exp_avg_scales``); ``seeds`` are the
+    parameters' base seeds for stochastic rounding (:func:`blockopt.kernels.momentum.name_seed`).
+    """
     if not params:
         return
     module = load_cpu_kernel()
     if module is None:
         raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu_kernel_error()}")
+    n = len(params)
     table = step_table([tuple(p.shape) for p in params], geometries)
+    kinds = torch.tensor([_KINDS[m.dtype] for m in exp_avgs], dtype=torch.uint8)
+    scales = [s if s is not None else _EMPTY for s in (exp_avg_scales or [None] * n)]
     module.adam_mini_step(
         list(params), list(grads), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), table,
         torch.tensor(list(decay), dtype=torch.uint8), lr, beta1, beta2, eps, weight_decay, maximize,
+        kinds, scales, torch.tensor(list(seeds or [0] * n), dtype=torch.int64),
     )
+
+
+_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+_EMPTY = torch.empty(0)

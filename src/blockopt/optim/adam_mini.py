@@ -25,7 +25,9 @@ from ..kernels import (
     load_cpu_kernel,
     step_table,
 )
+from ..kernels.adam_mini_cpu import _EMPTY, _KINDS
 from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, triton_supports
+from ..kernels import momentum as mom
 from ..kernels.blocks import Geometry
 from ..partition import PartitionPlan, PlanEntry, partition
 
@@ -107,6 +109,13 @@ class AdamMini(torch.optim.Optimizer):
             bias corrections there (CUDA + Triton only), so the step can be
             recorded in a CUDA graph; ``lr`` may then be a device tensor.
         maximize: maximise the objective instead of minimising it.
+        momentum_dtype: storage of the first moment ``m``: ``None`` (the
+            state dtype, fp32 by default), ``torch.bfloat16`` (stochastic
+            rounding; state at most ~0.26x of fp32 AdamW's) or ``"int8"``
+            (one fp32 scale per 256 elements of a row, square-root code,
+            stochastic rounding; ~0.13x). The update itself runs in fp32; see
+            :mod:`blockopt.kernels.momentum`. Checkpoints hold the compact form
+            (``exp_avg`` in bf16 / int8, plus ``exp_avg_scale`` for int8).
         state_dtype: dtype of ``exp_avg`` and the block second moments. The
             default keeps fp32 state for bf16/fp16 parameters and the
             parameter's dtype otherwise.
@@ -173,6 +182,7 @@ class AdamMini(torch.optim.Optimizer):
         capturable: bool = False,
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
+        momentum_dtype: torch.dtype | str | None = None,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused, capturable=capturable,
@@ -181,6 +191,10 @@ class AdamMini(torch.optim.Optimizer):
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
         self.state_dtype = state_dtype
+        self.momentum_format = mom.momentum_format(momentum_dtype)
+        if self.momentum_format != "fp32" and state_dtype not in (None, torch.float32):
+            raise ValueError(f"Invalid momentum_dtype={momentum_dtype!r} with state_dtype={state_dtype}: compact "
+                             "momentum is decoded to fp32 for the update; use state_dtype=None or torch.float32")
         for name, flag in (("foreach", foreach), ("fused", fused), ("maximize", maximize), ("capturable", capturable)):
             if flag is not None and not isinstance(flag, bool):
                 raise ValueError(f"Invalid {name}: {flag!r}; expected True, False or None")
@@ -274,12 +288,44 @@ class AdamMini(torch.optim.Optimizer):
             entry = self._entries[p]
             step_device = p.device if self.defaults.get("capturable") else "cpu"
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=step_device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            if self.momentum_format == "fp32":
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+            else:
+                if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    raise ValueError(f"Invalid momentum_dtype for parameter {entry.name!r} of dtype {p.dtype}: "
+                                     "compact momentum needs fp32, bf16 or fp16 parameters")
+                state.update(self._compact_momentum(p, mom.new_state(self.momentum_format, local_tensor(p))))
             n = entry.num_blocks
             if self._dtensors.get(p) is not None:  # sharded: the blocks this rank touches
                 n = self._dtensors[p].layout.num_local_blocks
             state["block_exp_avg_sq"] = torch.zeros(n, dtype=dtype, device=local_tensor(p).device)
         return state
+
+    def _compact_momentum(self, p: torch.Tensor, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Local compact-momentum tensors, as DTensors laid out like ``p`` when ``p`` is one."""
+        if not is_dtensor(p):
+            return local
+        from torch.distributed.tensor import DTensor
+
+        out = {"exp_avg": DTensor.from_local(local["exp_avg"], p.device_mesh, p.placements, run_check=False,
+                                             shape=p.shape, stride=p.stride())}
+        if "exp_avg_scale" in local:
+            shape = mom.scale_shape(tuple(p.shape))
+            out["exp_avg_scale"] = DTensor.from_local(local["exp_avg_scale"], p.device_mesh, p.placements,
+                                                      run_check=False, shape=shape, stride=(shape[1], 1))
+        return out
+
+    def _momentum_codec(self, ps: list[torch.Tensor]) -> _Codec | None:
+        """Decode/encode around a step function that needs fp32 ``exp_avg`` (None: nothing compact)."""
+        if self.momentum_format == "fp32":
+            return None
+        states = [self.state[p] for p in ps]
+        offsets = []
+        for p in ps:
+            info = self._dtensors.get(p)
+            offsets.append(info.layout.rows[0] * (p.numel() // max(1, p.shape[0])) if info is not None else 0)
+        return _Codec(states, [mom.name_seed(self._entries[p].name) for p in ps], offsets,
+                      [self._state_dtype_for(p) for p in ps])
 
     # --- step -------------------------------------------------------------------
     @torch.no_grad()
@@ -309,6 +355,7 @@ class AdamMini(torch.optim.Optimizer):
         for group in self.param_groups:
             params, grads, exp_avgs, vs, steps, geoms, decay = [], [], [], [], [], [], []
             sharded: list[list[Any]] = [[] for _ in range(8)]
+            plain_owners, sharded_owners = [], []  # the parameters behind each list, for compact momentum
             for p in group["params"]:
                 info = self._dtensors.get(p)
                 if p.grad is None:
@@ -321,7 +368,8 @@ class AdamMini(torch.optim.Optimizer):
                 if info is not None:
                     g = check_grad(p, entry.name)
                     m = state["exp_avg"].to_local()
-                    (s,) = partial_block_sums([g], [info], [m.dtype])
+                    (s,) = partial_block_sums([g], [info], [self._state_dtype_for(p)])
+                    sharded_owners.append(p)
                     all_infos.append(info)
                     all_sums.append(s)
                     for lst, x in zip(sharded, (p.to_local(), g, m, state["block_exp_avg_sq"], state["step"],
@@ -340,39 +388,57 @@ class AdamMini(torch.optim.Optimizer):
                 steps.append(state["step"])
                 geoms.append(entry.geometry)
                 decay.append(entry.weight_decay)
-            work.append((group, (params, grads, exp_avgs, vs, steps, geoms, decay), sharded))
+                plain_owners.append(p)
+            work.append((group, (params, grads, exp_avgs, vs, steps, geoms, decay), sharded,
+                         self._momentum_codec(plain_owners), self._momentum_codec(sharded_owners)))
         # Pass 2: one all_reduce per process group for the boundary blocks of all sharded parameters.
         if all_infos:
             reduce_shared_blocks(all_sums, all_infos)
         # Pass 3: the updates.
-        for group, lists, sharded in work:
+        for group, lists, sharded, codec, sharded_codec in work:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             hyper = dict(lr=lr.item() if isinstance(lr, torch.Tensor) else lr, beta1=beta1, beta2=beta2,
                          eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
             if sharded[0]:
+                if sharded_codec is not None:
+                    sharded[2] = sharded_codec.decode()
                 sharded_adam_mini_update(*sharded, **hyper)
-            params, grads, exp_avgs, vs, steps, geoms, decay = lists
-            if not params:
+                if sharded_codec is not None:
+                    sharded_codec.encode()
+            if not lists[0]:
                 continue
-            if group["foreach"] is False:
-                adam_mini_reference(*lists, **hyper)
-                continue
-            if group["capturable"]:
-                if any(p.device.type != "cuda" or not triton_supports(p, m, geo)
-                       for p, m, geo in zip(params, exp_avgs, geoms)):
-                    raise RuntimeError(
-                        "capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
-                        "blocks only (see the plan); use capturable=False"
-                    )
-                adam_mini_triton(*lists, **{**hyper, "lr": lr}, capturable=True)
-                continue
-            route = [self._route(p, g, m, geo, group["fused"]) for p, g, m, geo in zip(params, grads, exp_avgs, geoms)]
-            for name, kernel in (("cpu", adam_mini_fused_cpu), ("triton", adam_mini_triton),
-                                 ("foreach", adam_mini_foreach)):
-                if name in route:
-                    kernel(*([x for x, r in zip(lst, route) if r == name] for lst in lists), **hyper)
+            if codec is not None:
+                lists = (*lists[:2], codec.decode(), *lists[3:])
+            self._generic_update(group, lists, hyper, lr)
+            if codec is not None:
+                codec.encode()
         return loss
+
+    def _generic_update(self, group: dict[str, Any], lists: tuple[list[Any], ...], hyper: dict[str, Any],
+                        lr: Any) -> None:
+        """The unsharded parameters of the DTensor path (fp32 ``exp_avg``): one call per step function."""
+        params, grads, exp_avgs, vs, steps, geoms, decay = lists
+        if group["foreach"] is False:
+            adam_mini_reference(*lists, **hyper)
+            return
+        if group["capturable"]:
+            if any(p.device.type != "cuda" or not triton_supports(p, m, geo)
+                   for p, m, geo in zip(params, exp_avgs, geoms)):
+                raise RuntimeError(
+                    "capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
+                    "blocks only (see the plan); use capturable=False"
+                )
+            adam_mini_triton(*lists, **{**hyper, "lr": lr}, capturable=True)
+            return
+        # per-element blocks ("adamw" in the plain step) go to the fused kernel here
+        route = ["cpu" if r == "adamw" else r
+                 for r in (self._route(p, g, m, geo, group["fused"])
+                           for p, g, m, geo in zip(params, grads, exp_avgs, geoms))]
+        for name, kernel in (("cpu", adam_mini_fused_cpu), ("triton", adam_mini_triton),
+                             ("foreach", adam_mini_foreach)):
+            if name in route:
+                kernel(*([x for x, r in zip(lst, route) if r == name] for lst in lists), **hyper)
 
     def _plain_step(self) -> None:
         """The step of an optimizer without DTensors: per group, cached lists and one call per kernel.
@@ -401,10 +467,11 @@ class AdamMini(torch.optim.Optimizer):
             for route, index, lists in prepared.routes:
                 route_grads = [grads[i] for i in index] if index is not None else grads
                 if route == "cpu":
-                    params, exp_avgs, vs, steps, table, decay = lists
+                    params, exp_avgs, vs, steps, table, decay, kinds, scales, seeds = lists
                     load_cpu_kernel().adam_mini_step(
                         params, route_grads, exp_avgs, vs, steps, table, decay,
-                        hyper["lr"], beta1, beta2, hyper["eps"], hyper["weight_decay"], hyper["maximize"])
+                        hyper["lr"], beta1, beta2, hyper["eps"], hyper["weight_decay"], hyper["maximize"],
+                        kinds, scales, seeds)
                     continue
                 if route == "adamw":  # per-element blocks are AdamW: torch's own fused kernel, per decay class
                     for decayed, sub, (params, exp_avgs, vs, steps) in lists:
@@ -414,7 +481,9 @@ class AdamMini(torch.optim.Optimizer):
                             beta1=beta1, beta2=beta2, weight_decay=hyper["weight_decay"] if decayed else 0.0,
                             eps=hyper["eps"], amsgrad=False, maximize=hyper["maximize"])
                     continue
-                params, exp_avgs, vs, steps, geoms, decay = lists
+                params, exp_avgs, vs, steps, geoms, decay, codec = lists
+                if codec is not None:
+                    exp_avgs = codec.decode()
                 args = (params, route_grads, exp_avgs, vs, steps, geoms, decay)
                 if route == "reference":
                     adam_mini_reference(*args, **hyper)
@@ -424,6 +493,8 @@ class AdamMini(torch.optim.Optimizer):
                     adam_mini_triton(*args, **hyper)
                 else:
                     adam_mini_foreach(*args, **hyper)
+                if codec is not None:
+                    codec.encode()
 
     def _prepared(self, group: dict[str, Any], with_grad: list[torch.Tensor]) -> _Prepared:
         key = (tuple(map(id, with_grad)), group["foreach"], group["fused"], group["capturable"], self._state_epoch,
@@ -448,6 +519,8 @@ class AdamMini(torch.optim.Optimizer):
         else:
             routes = [self._route(p, p.grad, s["exp_avg"], e.geometry, group["fused"])
                       for p, s, e in zip(with_grad, states, entries)]
+            if self.momentum_format != "fp32":  # torch's fused AdamW keeps fp32 momentum only
+                routes = ["foreach" if r == "adamw" else r for r in routes]
         out = []
         for route in dict.fromkeys(routes):
             index = [i for i, r in enumerate(routes) if r == route]
@@ -466,9 +539,13 @@ class AdamMini(torch.optim.Optimizer):
             elif route == "cpu":
                 table = step_table([tuple(p.shape) for p in ps], [e.geometry for e in es])
                 decay = torch.tensor([e.weight_decay for e in es], dtype=torch.uint8)
-                lists = (ps, *lists, table, decay)
+                kinds = torch.tensor([_KINDS[s["exp_avg"].dtype] for s in ss], dtype=torch.uint8)
+                scales = [s.get("exp_avg_scale", _EMPTY) for s in ss]
+                seeds = torch.tensor([mom.name_seed(e.name) for e in es], dtype=torch.int64)
+                lists = (ps, *lists, table, decay, kinds, scales, seeds)
             else:
-                lists = (ps, *lists, [e.geometry for e in es], [e.weight_decay for e in es])
+                lists = (ps, *lists, [e.geometry for e in es], [e.weight_decay for e in es],
+                         self._momentum_codec(ps))
             out.append((route, None if len(index) == len(with_grad) else index, lists))
         prepared = _Prepared(key, out)
         self._prepared_cache[id(group)] = prepared
@@ -481,7 +558,7 @@ class AdamMini(torch.optim.Optimizer):
             return "foreach"
         if p.device.type == "cpu":
             if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
-                if _is_elementwise(geometry):
+                if _is_elementwise(geometry) and m.dtype == torch.float32:
                     return "adamw"
                 if load_cpu_kernel() is not None:
                     return "cpu"
@@ -658,6 +735,35 @@ class AdamMini(torch.optim.Optimizer):
         for group in self.param_groups:
             if "block_plan" not in group:
                 group["block_plan"] = _block_plan(self._entries[p] for p in group["params"])
+
+
+class _Codec:
+    """Compact first moments around a step function that works on fp32 ``exp_avg`` tensors.
+
+    :meth:`decode` returns fp32 (or the state dtype) copies; after the step,
+    :meth:`encode` stores them back with the seed of the step just taken, as
+    the fused CPU kernel does inline.
+    """
+
+    def __init__(self, states: list[dict[str, Any]], seeds: list[int], offsets: list[int],
+                 dtypes: list[torch.dtype]) -> None:
+        self.states, self.seeds, self.offsets, self.dtypes = states, seeds, offsets, dtypes
+        self.values: list[torch.Tensor] = []
+
+    def decode(self) -> list[torch.Tensor]:
+        self.values = []
+        for s, dtype in zip(self.states, self.dtypes):
+            scale = s.get("exp_avg_scale")
+            v = mom.decode(local_tensor(s["exp_avg"]), None if scale is None else local_tensor(scale))
+            self.values.append(v.to(dtype) if v.dtype != dtype else v)
+        return self.values
+
+    def encode(self) -> None:
+        for s, v, seed, off in zip(self.states, self.values, self.seeds, self.offsets):
+            scale = s.get("exp_avg_scale")
+            mom.encode_(local_tensor(s["exp_avg"]), v.float(), mom.step_seed(seed, int(s["step"].item())),
+                        None if scale is None else local_tensor(scale), off)
+        self.values = []
 
 
 class _Prepared(NamedTuple):
