@@ -22,3 +22,12 @@ nice -n 10 blockopt bench --data "$DATA" --optimizers adamw,adam-mini,adam-mini+
 
 mkdir -p "$RES"
 cp "$OUT/summary.json" "$OUT/report.md" "$RES/"
+
+# Both +blr optimizers were best at the lowest base lr of the grid above (5e-4): one more base
+# lr below it, with AdamW at its best lr (4e-3) again as the reference for "steps to AdamW loss".
+OUT2=${OUT2:-runs/blr-shakespeare-low}
+nice -n 10 blockopt bench --data "$DATA" --optimizers adamw,adam-mini+blr,adamw+blr \
+  --lrs 'adamw=4e-3;adam-mini+blr=2.5e-4;adamw+blr=2.5e-4' \
+  --steps 300 --eval-every 10 --no-plots --progress plain --checkpoint-every 0 --out "$OUT2" "$@"
+mkdir -p "$RES/low_lr"
+cp "$OUT2/summary.json" "$OUT2/report.md" "$RES/low_lr/"
