@@ -290,3 +290,64 @@ def worker_fsdp(rank: int, world: int, out: str, resume_from: str | None = None,
         results["from_plain"] = snapshot(model, opt)
     if rank == 0:
         torch.save(results, out / f"world{world}.pt")
+
+
+# --- compact momentum (AdamMini(momentum_dtype=...)) under FSDP2 ------------------------------------
+
+COMPACT = {"bf16": torch.bfloat16, "int8": "int8"}
+
+
+def compact_snapshot(model, opt) -> dict[str, dict[str, torch.Tensor]]:
+    """Full parameters and the stored (compact) momentum tensors by name. Collective for sharded models."""
+    sd = opt.state_dict()
+    names = [n for g in sd["param_groups"] for n in g["param_names"]]
+    params = dict(model.named_parameters())
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    return {name: {"param": full(params[name].detach()).clone(),
+                   **{k: full(v).clone() for k, v in sd["state"][i].items() if k != "step"}}
+            for i, name in enumerate(names)}
+
+
+def single_process_compact_run(fmt: str, n_steps: int = STEPS) -> dict[str, dict[str, torch.Tensor]]:
+    model = tiny_model(dtype=torch.float32)
+    opt = make_optimizer(model, momentum_dtype=COMPACT[fmt])
+    train_steps(model, opt, batches()[:n_steps])
+    return compact_snapshot(model, opt)
+
+
+def worker_compact(rank: int, world: int, out: str) -> None:
+    """FSDP2 with bf16 and int8 momentum (float32 model): 10 steps; and a DCP checkpoint at step 5
+    loaded into a fresh sharded model + optimizer, trained to step 10."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    out = Path(out)
+    xs = batches()
+    results: dict[str, Any] = {}
+    for fmt, md in COMPACT.items():
+        model = shard(tiny_model(1, dtype=torch.float32))
+        opt = make_optimizer(model, momentum_dtype=md)
+
+        def on_step(i, step, model=model, opt=opt, fmt=fmt):
+            step()
+            if i == 4:
+                state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+                dcp.save(state, checkpoint_id=str(out / f"ckpt-{fmt}"))
+
+        train_steps(model, opt, xs, rank, world, on_step=on_step)
+        results[fmt] = compact_snapshot(model, opt)
+        model = shard(tiny_model(1, seed=123, dtype=torch.float32))
+        opt = make_optimizer(model, momentum_dtype=md)
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=str(out / f"ckpt-{fmt}"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        train_steps(model, opt, xs[5:], rank, world)
+        results[f"{fmt}-resumed"] = compact_snapshot(model, opt)
+    if rank == 0:
+        torch.save(results, out / f"compact{world}.pt")

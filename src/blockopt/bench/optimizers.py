@@ -47,6 +47,7 @@ class Hyper:
     eps: float = 1e-8
     weight_decay: float = 0.1
     value_single_block: bool = False
+    momentum_dtype: str = "fp32"  # Adam-mini's first-moment storage: fp32, bf16 or int8
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,8 @@ def _adam_mini(model, lr, hp, plan, info):
     if plan is not None and bool(plan.options.get("value_single_block", False)) != hp.value_single_block:
         plan = None
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
-                    value_single_block=hp.value_single_block, plan=plan)
+                    value_single_block=hp.value_single_block, plan=plan,
+                    momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype)
 
 
 def _blr_plan(model, hp, plan):
@@ -332,8 +334,9 @@ REGISTRY: dict[str, OptimizerSpec] = {
     s.name: s
     for s in [
         OptimizerSpec("adamw", "AdamW", _adamw, 3e-3, "torch.optim.AdamW (fused=True where torch supports it)"),
-        OptimizerSpec("adam-mini", "Adam-mini", _adam_mini, 3e-3, "blockopt.AdamMini (this package)",
-                      options=_ADAM_OPTS + ("value_single_block",)),
+        OptimizerSpec("adam-mini", "Adam-mini", _adam_mini, 3e-3,
+                      "blockopt.AdamMini (this package; momentum_dtype=bf16|int8 stores m compactly)",
+                      options=_ADAM_OPTS + ("value_single_block", "momentum_dtype")),
         OptimizerSpec("adamw+blr", "AdamW+BLR", _adamw_blr, 1e-3,
                       "torch.optim.AdamW with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)"),
@@ -381,6 +384,7 @@ def available() -> str:
     return text
 
 
+_MOMENTUM = ("fp32", "bf16", "int8")
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -399,7 +403,12 @@ def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoi
                 f"--optimizers: bad option {o!r} for {spec.name}; expected key=value with key in "
                 f"{', '.join(spec.options)}"
             )
-        if key == "value_single_block":
+        if key == "momentum_dtype":
+            if value.lower() not in _MOMENTUM:
+                raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected one of "
+                                      f"{', '.join(_MOMENTUM)}")
+            options[key] = value.lower()
+        elif key == "value_single_block":
             if value.lower() not in _BOOL:
                 raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected true or false")
             options[key] = _BOOL[value.lower()]

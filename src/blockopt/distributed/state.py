@@ -65,12 +65,13 @@ def local_block_state(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
     return full.detach()[lo:hi].clone()
 
 
-def local_exp_avg(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def local_exp_avg(saved: torch.Tensor, p: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
     """``exp_avg`` for DTensor parameter ``p`` from a saved one: a DTensor laid out like ``p``.
 
     A saved DTensor is redistributed to ``p``'s placements when they differ; a
     plain tensor of the global shape (e.g. a single-process checkpoint) is
-    sliced to this rank's rows.
+    sliced to this rank's rows. ``shape``: the global 2-D shape of a per-row
+    tensor other than ``p``'s (int8 momentum's ``exp_avg_scale``: one row per row of ``p``).
     """
     from torch.distributed.tensor import DTensor
 
@@ -90,5 +91,8 @@ def local_exp_avg(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         r0, r1 = chunk_rows(p.shape[0], mesh.size(0), mesh.get_local_rank(0))
         local = local[r0:r1]
     local = local.to(p.to_local().device).clone(memory_format=torch.contiguous_format)
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                              stride=p.stride())
+    if shape is None:
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape,
+                              stride=(shape[1], 1))

@@ -656,6 +656,26 @@ class AdamMini(torch.optim.Optimizer):
                 id_map[pid] = p
         return id_map
 
+    def _check_saved_momentum(self, entry: PlanEntry, p: torch.Tensor, s: Mapping[str, Any]) -> None:
+        """A saved first moment must be in this optimizer's storage format (checked before loading)."""
+        fmt = mom.format_for(self.momentum_format, tuple(p.shape))
+        got = s["exp_avg"].dtype
+        want = {"bf16": torch.bfloat16, "int8": torch.int8}.get(fmt)
+        if (want is not None and got != want) or (want is None and got == torch.int8):
+            saved_as = "int8" if got == torch.int8 else str(got)
+            raise ValueError(
+                f"Invalid state_dict: state of {entry.name!r} holds its first moment as {saved_as}, but this "
+                f"optimizer stores it as {fmt} (momentum_dtype); build the optimizer with the momentum_dtype "
+                "the state was saved with"
+            )
+        if fmt == "int8":
+            scale = s.get("exp_avg_scale")
+            if scale is None or tuple(scale.shape) != mom.scale_shape(tuple(p.shape)):
+                raise ValueError(
+                    f"Invalid state_dict: state of {entry.name!r} has int8 momentum but exp_avg_scale "
+                    f"{None if scale is None else list(scale.shape)}; expected {list(mom.scale_shape(tuple(p.shape)))}"
+                )
+
     def _params_in_order(self) -> list[torch.Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
@@ -684,6 +704,7 @@ class AdamMini(torch.optim.Optimizer):
             missing = {"step", "exp_avg", "block_exp_avg_sq"} - set(s)
             if missing:
                 raise ValueError(f"Invalid state_dict: state of {entry.name!r} lacks {sorted(missing)}")
+            self._check_saved_momentum(entry, p, s)
             if tuple(s["exp_avg"].shape) != tuple(p.shape) or s["block_exp_avg_sq"].numel() != entry.num_blocks:
                 raise ValueError(
                     f"Invalid state_dict: state of {entry.name!r} has exp_avg {list(s['exp_avg'].shape)} and "
@@ -692,11 +713,15 @@ class AdamMini(torch.optim.Optimizer):
             new_state[p] = {
                 k: (v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) and k != "step"
                     else v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                for k, v in s.items() if not (p in self._dtensors and k in ("exp_avg", "block_exp_avg_sq"))
+                for k, v in s.items()
+                if not (p in self._dtensors and k in ("exp_avg", "block_exp_avg_sq", "exp_avg_scale"))
             }
             if p in self._dtensors:
                 info = self._dtensors[p]
                 new_state[p]["exp_avg"] = local_exp_avg(s["exp_avg"], p)
+                if "exp_avg_scale" in s:
+                    new_state[p]["exp_avg_scale"] = local_exp_avg(s["exp_avg_scale"], p,
+                                                                  mom.scale_shape(tuple(p.shape)))
                 full = s["block_exp_avg_sq"]
                 v = local_block_state(full, info) if info is not None else full.detach().clone()
                 new_state[p]["block_exp_avg_sq"] = v.to(local_tensor(p).device)
@@ -714,12 +739,15 @@ class AdamMini(torch.optim.Optimizer):
         self.__setstate__({"state": state, "param_groups": groups})
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype}
+        return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype,
+                "momentum_format": self.momentum_format}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._prepared_cache = {}
         self._state_epoch = getattr(self, "_state_epoch", 0) + 1
+        if not hasattr(self, "momentum_format"):  # pickled before compact momentum existed
+            self.momentum_format = "fp32"
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)

@@ -195,9 +195,19 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         """Second-moment scalars kept by Adam-mini (AdamW keeps ``num_params``)."""
         return sum(e.num_blocks for e in self.entries)
 
-    def state_bytes(self, state_bytes_per_value: int = 4) -> int:
-        """Adam-mini state: first moment per element plus one value per block."""
-        return state_bytes_per_value * (self.num_params + self.num_blocks)
+    def state_bytes(self, state_bytes_per_value: int = 4, momentum_dtype: Any = None) -> int:
+        """Adam-mini state: first moment per element plus one value per block.
+
+        ``momentum_dtype`` as in :class:`~blockopt.AdamMini` (``torch.bfloat16`` or ``"int8"``)
+        counts the compact first moment (:func:`blockopt.kernels.momentum.momentum_bytes`);
+        the step counters (4 bytes per tensor) are not counted, as for AdamW.
+        """
+        from ..kernels.momentum import momentum_bytes, momentum_format
+
+        fmt = momentum_format(momentum_dtype)
+        if fmt == "fp32":
+            return state_bytes_per_value * (self.num_params + self.num_blocks)
+        return sum(momentum_bytes(fmt, e.shape) for e in self.entries) + 4 * self.num_blocks
 
     def adamw_state_bytes(self, state_bytes_per_value: int = 4) -> int:
         return 2 * state_bytes_per_value * self.num_params
