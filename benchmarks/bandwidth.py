@@ -1,10 +1,19 @@
 """Memory bandwidth of this machine, as an optimizer step sees it.
 
-Measures ``dst.copy_(src)`` (8 bytes moved per fp32 element) and
-``torch.add(a, b, out=c)`` (12 bytes) on buffers much larger than the caches,
-with torch's own threads, and reports GB/s (median of repeats). The optimizer
-step bound follows: AdamW moves ~28 bytes per fp32 parameter (p, g, m, v read;
-p, m, v written), Adam-mini ~20 (p, g, m read; p, m written).
+Measures, on buffers much larger than the caches, with torch's own threads
+(GB/s, median of repeats):
+
+* ``copy``: ``dst.copy_(src)``, counted as 8 bytes per fp32 element, and
+  ``add``: ``torch.add(a, b, out=c)``, 12 bytes. Both write to a destination
+  they never read, which on x86 costs a hidden read of every written line
+  (write-allocate), so they undercount what the memory system moves;
+* ``scale_``: ``a.mul_(s)`` in place, 8 bytes, and ``add_``: ``a.add_(b)`` in
+  place, 12 bytes: read-modify-write, the access pattern of an optimizer step,
+  where every written line was just read (no hidden traffic).
+
+The optimizer step bound uses the best of these: AdamW moves ~28 bytes per
+fp32 parameter (p, g, m, v read; p, m, v written), Adam-mini ~20 (p, g, m
+read; p, m written).
 
     python benchmarks/bandwidth.py [--device cuda] [--mib 1024]
 """
@@ -26,7 +35,7 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_bandwidth(device: str | torch.device = "cpu", mib: int = 512, repeats: int = 7) -> dict[str, float]:
-    """GB/s for copy and add on ``device`` (median of ``repeats``)."""
+    """GB/s for copy, add and the in-place scale_ / add_ on ``device`` (median of ``repeats``)."""
     device = torch.device(device)
     n = mib * 2**20 // 4
     a = torch.rand(n, device=device)
@@ -36,6 +45,8 @@ def measure_bandwidth(device: str | torch.device = "cpu", mib: int = 512, repeat
     for name, fn, nbytes in (
         ("copy", lambda: c.copy_(a), 8 * n),
         ("add", lambda: torch.add(a, b, out=c), 12 * n),
+        ("scale_", lambda: c.mul_(1.0000001), 8 * n),
+        ("add_", lambda: c.add_(b), 12 * n),
     ):
         fn()
         times = []
@@ -61,7 +72,7 @@ def main(argv=None) -> None:
     bw = measure_bandwidth(args.device, args.mib)
     print(f"device {args.device}, threads {torch.get_num_threads()}, buffers {args.mib} MiB")
     for k, v in bw.items():
-        print(f"  {k:<5} {v:6.1f} GB/s")
+        print(f"  {k:<6} {v:6.1f} GB/s")
     best = max(bw.values())
     for n in (20_586_240, 163_037_184):
         print(f"  {n / 1e6:.0f}M params: AdamW bound {step_bound_ms(n, best, 'adamw'):.1f} ms, "

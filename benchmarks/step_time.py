@@ -7,6 +7,7 @@ ratio to torch.optim.AdamW (foreach and fused) measured in the same run.
 
     python benchmarks/step_time.py                       # gpt2-20m and gpt2-160m on CPU
     python benchmarks/step_time.py --models gpt2-20m --rounds 5 --json out.json
+    python benchmarks/step_time.py --impls adamw-fused,adam-mini,adam-mini-bf16,adam-mini-int8
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def make_optimizers(model, which, lr=1e-4):
             out[name] = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
         elif name == "adam-mini":
             out[name] = blockopt.AdamMini(model, lr=lr)
+        elif name in ("adam-mini-bf16", "adam-mini-int8"):
+            out[name] = blockopt.AdamMini(model, lr=lr, momentum_dtype=torch.bfloat16 if name.endswith("bf16") else "int8")
         elif name == "adam-mini-foreach":
             out[name] = blockopt.AdamMini(model, lr=lr, fused=False)
         elif name == "adam-mini-reference":

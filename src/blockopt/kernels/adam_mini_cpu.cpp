@@ -47,7 +47,8 @@ inline uint32_t hash32(uint32_t x) {
   return x;
 }
 inline uint32_t hash_at(uint32_t seed, int64_t index) {
-  return hash32((uint32_t)((uint64_t)index * 0x9E3779B9ull + seed));
+  // the low 32 bits of index * K + seed depend only on the low 32 bits of index: 32-bit lanes
+  return hash32((uint32_t)index * 0x9E3779B9u + seed);
 }
 inline uint32_t step_seed(uint32_t base, double step) {
   return hash32(base ^ (uint32_t)(((uint64_t)step * 0x9E3779B1ull) & 0xFFFFFFFFull));
@@ -166,7 +167,6 @@ inline void blockwise_int8(float* __restrict p, const float* __restrict g, const
   const float sg = h.sign, w1 = h.w1, decay = s.decay;
   int8_t* codes = (int8_t*)mo.data;
   float buf[kGroup];
-  float ubuf[kGroup];
   for (int64_t j = 0; j < nb; ++j) {
     const int64_t b0 = first + j * bs;  // index of the block's first element in the tensor
     const double acc = sum_sq(g + j * bs, bs);
@@ -194,13 +194,15 @@ inline void blockwise_int8(float* __restrict p, const float* __restrict g, const
           pa[i] = pa[i] * decay - scale * mm;
           amax = std::max(amax, std::abs(mm));
         }
-        for (int64_t i = 0; i < n; ++i) ubuf[i] = (float)(hash_at(mo.seed, a + i) >> 8) * (1.0f / 16777216.0f);
         const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
+        const uint32_t a32 = (uint32_t)a;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
+          const float u = (float)(int32_t)(hash32((a32 + (uint32_t)i) * 0x9E3779B9u + mo.seed) >> 8) *
+                          (1.0f / 16777216.0f);
           const float y = std::sqrt(std::abs(buf[i]) * inv) * 127.0f;
-          const float q = std::min(std::floor(y + ubuf[i]), 127.0f);
-          qa[i] = (int8_t)(buf[i] < 0.0f ? -q : (buf[i] > 0.0f ? q : 0.0f));
+          const int32_t q = std::min((int32_t)(y + u), 127);  // y + u >= 0: truncation is floor
+          qa[i] = (int8_t)(buf[i] < 0.0f ? -q : q);
         }
         *sc = amax;
       }

@@ -46,7 +46,7 @@ _state: dict[str, object] = {}
 CHUNK_ELEMENTS = 1 << 15
 # -fopenmp: at::parallel_for is a header template, so it is only parallel when the extension itself
 # is built with OpenMP; the runtime is the libgomp.so.1 that torch has already loaded (same soname).
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 
 

@@ -192,6 +192,9 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
         self.state_dtype = state_dtype
         self.momentum_format = mom.momentum_format(momentum_dtype)
+        if self.momentum_format != "fp32" and capturable:
+            raise ValueError(f"Invalid momentum_dtype={momentum_dtype!r} with capturable=True: the capturable "
+                             "(CUDA graph) step keeps fp32 momentum")
         if self.momentum_format != "fp32" and state_dtype not in (None, torch.float32):
             raise ValueError(f"Invalid momentum_dtype={momentum_dtype!r} with state_dtype={state_dtype}: compact "
                              "momentum is decoded to fp32 for the update; use state_dtype=None or torch.float32")
