@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from .blocks import Geometry
+from .momentum import step_seed
 
 __all__ = ["adam_mini_triton", "triton_available", "triton_supports"]
 
@@ -42,7 +43,7 @@ def triton_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometry) 
     return (
         triton is not None
         and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and exp_avg.dtype == torch.float32
+        and exp_avg.dtype in (torch.float32, torch.bfloat16)  # bf16: momentum_dtype=torch.bfloat16
         and p.is_contiguous()
         and exp_avg.is_contiguous()
         and geometry.axis in (-1, 0)
@@ -71,9 +72,27 @@ if triton is not None:
             tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_momentum(ptr, m, index, seed, mask):
+        """fp32 ``m`` into the state; a bf16 state rounds stochastically with the bits of
+        :func:`blockopt.kernels.momentum.hash32` at each element's index (the same bits as the CPU paths)."""
+        if ptr.dtype.element_ty == tl.bfloat16:
+            M: tl.constexpr = 0xFFFFFFFF
+            x = (index * 0x9E3779B9 + seed) & M
+            x = x ^ (x >> 16)
+            x = (x * 0x7FEB352D) & M
+            x = x ^ (x >> 15)
+            x = (x * 0x846CA68B) & M
+            x = x ^ (x >> 16)
+            bits = m.to(tl.uint32, bitcast=True).to(tl.int64)
+            bits = ((bits + (x & 0xFFFF)) & M) >> 16
+            tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptr, m, mask=mask)
+
+    @triton.jit
     def _block_kernel(
         p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
-        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay,
+        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay, seed, first,
         block_size,
         DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
     ):
@@ -100,9 +119,9 @@ if triton is not None:
             g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             if MAXIMIZE:
                 g = -g
-            m = tl.load(m_ptr + base + offs, mask=mask, other=0.0)
+            m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             m = m + omb1 * (g - m)
-            tl.store(m_ptr + base + offs, m, mask=mask)
+            _store_momentum(m_ptr + base + offs, m, first + base + offs, seed, mask)
             p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
             if DECAY:
                 p = p * (1.0 - lr * weight_decay)
@@ -112,7 +131,7 @@ if triton is not None:
     @triton.jit
     def _element_kernel(
         p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
-        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay,
+        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay, seed, first,
         n,
         DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
     ):
@@ -126,11 +145,11 @@ if triton is not None:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if MAXIMIZE:
             g = -g
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         m = m + omb1 * (g - m)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         v = v * beta2 + omb2 * g * g
-        tl.store(m_ptr + offs, m, mask=mask)
+        _store_momentum(m_ptr + offs, m, first + offs, seed, mask)
         tl.store(v_ptr + offs, v, mask=mask)
         p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if DECAY:
@@ -169,8 +188,13 @@ def adam_mini_triton(
     weight_decay: float,
     maximize: bool,
     capturable: bool = False,
+    seeds: Sequence[int] | None = None,
 ) -> None:
-    """Fused Triton step; with ``capturable`` the steps and ``lr`` live on the device."""
+    """Fused Triton step; with ``capturable`` the steps and ``lr`` live on the device.
+
+    ``exp_avgs`` may be bf16 (``momentum_dtype=torch.bfloat16``): stored with stochastic rounding,
+    with ``seeds`` the parameters' base seeds (:func:`blockopt.kernels.momentum.name_seed`).
+    """
     if triton is None:
         raise RuntimeError("Triton is not installed: pip install 'blockopt[gpu]'")
     if not params:
@@ -180,8 +204,11 @@ def adam_mini_triton(
         device = params[0].device
         lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), device=device)
         lr_t = lr_t.to(device=device, dtype=torch.float32).reshape(1)
-    for p, g, m, v, step_t, geometry, on in zip(
-        params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay
+    if capturable and any(m.dtype != torch.float32 for m in exp_avgs):
+        raise ValueError("capturable=True keeps fp32 momentum")
+    seeds = list(seeds) if seeds is not None else [0] * len(params)
+    for p, g, m, v, step_t, geometry, on, base_seed in zip(
+        params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds
     ):
         g = g if g.is_contiguous() else g.contiguous()
         if capturable:
@@ -193,14 +220,17 @@ def adam_mini_triton(
             lr_f = lr.item() if isinstance(lr, torch.Tensor) else lr
             step_size, bc2_sqrt = lr_f / (1 - beta1**t), (1 - beta2**t) ** 0.5
             step_ptr = lr_ptr = v  # unused when not capturable
+        seed = step_seed(base_seed, int(t)) if m.dtype == torch.bfloat16 else 0
         flags = dict(DECAY=bool(on and weight_decay != 0), MAXIMIZE=bool(maximize), CAPTURABLE=bool(capturable))
         # 1 - beta from the host in double: in fp32, 1 - 0.999 cancels to 1.3e-5 off
         scalars = (lr_f, step_size, bc2_sqrt, math.log(beta1) if beta1 > 0 else -math.inf,
-                   math.log(beta2) if beta2 > 0 else -math.inf, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay)
+                   math.log(beta2) if beta2 > 0 else -math.inf, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+                   seed)
         pf, gf, mf = p.view(-1), g.view(-1), m.view(-1)
         for off, nb, bs, voff in _runs(tuple(p.shape), geometry):
             n = nb * bs
-            args = (pf[off:off + n], gf[off:off + n], mf[off:off + n], v[voff:voff + nb], step_ptr, lr_ptr, *scalars)
+            args = (pf[off:off + n], gf[off:off + n], mf[off:off + n], v[voff:voff + nb], step_ptr, lr_ptr, *scalars,
+                    off)
             if bs == 1:
                 tile = 1024
                 _element_kernel[(triton.cdiv(n, tile),)](*args, n, TILE=tile, **flags)

@@ -484,7 +484,7 @@ class AdamMini(torch.optim.Optimizer):
                             beta1=beta1, beta2=beta2, weight_decay=hyper["weight_decay"] if decayed else 0.0,
                             eps=hyper["eps"], amsgrad=False, maximize=hyper["maximize"])
                     continue
-                params, exp_avgs, vs, steps, geoms, decay, codec = lists
+                params, exp_avgs, vs, steps, geoms, decay, codec, seeds = lists
                 if codec is not None:
                     exp_avgs = codec.decode()
                 args = (params, route_grads, exp_avgs, vs, steps, geoms, decay)
@@ -493,7 +493,7 @@ class AdamMini(torch.optim.Optimizer):
                 elif route == "capturable":
                     adam_mini_triton(*args, **{**hyper, "lr": lr}, capturable=True)
                 elif route == "triton":
-                    adam_mini_triton(*args, **hyper)
+                    adam_mini_triton(*args, **hyper, seeds=seeds)
                 else:
                     adam_mini_foreach(*args, **hyper)
                 if codec is not None:
@@ -547,8 +547,11 @@ class AdamMini(torch.optim.Optimizer):
                 seeds = torch.tensor([mom.name_seed(e.name) for e in es], dtype=torch.int64)
                 lists = (ps, *lists, table, decay, kinds, scales, seeds)
             else:
+                # the Triton step stores bf16 momentum itself (int8 never reaches it: triton_supports)
+                native = route == "triton"
                 lists = (ps, *lists, [e.geometry for e in es], [e.weight_decay for e in es],
-                         self._momentum_codec(ps))
+                         None if native else self._momentum_codec(ps),
+                         [mom.name_seed(e.name) for e in es] if native else None)
             out.append((route, None if len(index) == len(with_grad) else index, lists))
         prepared = _Prepared(key, out)
         self._prepared_cache[id(group)] = prepared
