@@ -43,7 +43,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 #: elements per unit of parallel work (whole blocks are never split)
-CHUNK_ELEMENTS = 1 << 15
+CHUNK_ELEMENTS = 1 << 17
 # -fopenmp: at::parallel_for is a header template, so it is only parallel when the extension itself
 # is built with OpenMP; the runtime is the libgomp.so.1 that torch has already loaded (same soname).
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
