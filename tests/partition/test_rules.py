@@ -567,3 +567,34 @@ def test_bad_input_table(kwargs, must_contain):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model"):
         blockopt.partition([nn.Parameter(torch.zeros(2))])
+
+
+def test_mlp_as_wide_as_the_vocabulary_is_not_taken_for_the_output_head():
+    """Shape alone ([vocab, d]) names the untied head only outside numbered layers."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(16, 64)
+            self.down = nn.Linear(64, 16)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(64, 16)
+            self.layers = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(16, 64, bias=False)
+
+    plan = blockopt.partition(Net())
+    assert plan["head.weight"].role == "output"
+    assert plan["layers.0.up.weight"].role == plan["layers.1.up.weight"].role == "mlp"
+
+
+def test_hf_llama_with_intermediate_size_equal_to_vocab_keeps_mlp_roles():
+    transformers = pytest.importorskip("transformers", reason="needs pip install 'blockopt[hf]'")
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=96, vocab_size=96, tie_word_embeddings=False)
+    plan = blockopt.partition(transformers.LlamaForCausalLM(cfg))
+    assert plan["lm_head.weight"].role == "output"
+    assert plan["model.layers.0.mlp.up_proj.weight"].role == "mlp"
+    assert plan["model.layers.1.mlp.gate_proj.weight"].role == "mlp"

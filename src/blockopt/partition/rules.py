@@ -404,6 +404,18 @@ class _Engine:
         ow = m.out_proj.weight
         self.decisions[id(ow)] = _Decision(_rows(tuple(ow.shape)), "attn_out", "MultiheadAttention out_proj: per output neuron", True)
 
+    def _vocab_shaped_heads(self, in_emb: nn.Module | None, out_emb: nn.Module | None) -> set[int]:
+        """Projections taken for an untied output head by shape ([vocab, d], like the input embedding),
+        when the model names no output embedding. Several matches (an MLP whose width equals the
+        vocabulary, in every layer) keep only those outside numbered layers (``layers.3.``)."""
+        if out_emb is not None or not isinstance(in_emb, nn.Embedding):
+            return set()
+        want = (in_emb.num_embeddings, in_emb.embedding_dim)
+        found = [(n, m) for n, m in self.model.named_modules() if _is_projection(m) and _in_out(m)[::-1] == want]
+        if len(found) > 1:
+            found = [(n, m) for n, m in found if not re.search(r"(^|\.)\d+(\.|$)", n)]
+        return {id(m) for _, m in found}
+
     # --- main -------------------------------------------------------------
     def run(self) -> dict[int, _Decision]:
         model = self.model
@@ -411,6 +423,7 @@ class _Engine:
         for n, p in model.named_parameters():
             names.setdefault(id(p), n)
         in_emb, out_emb = self._input_output_embeddings()
+        self._vocab_shaped = self._vocab_shaped_heads(in_emb, out_emb)
         embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
         # attention modules first: their decisions take precedence over "Linear"
@@ -444,11 +457,7 @@ class _Engine:
         if _is_projection(m) and local == "weight":
             axis = _out_axis(m)
             i, o = _in_out(m)
-            vocab_like = m is out_emb or (
-                in_emb is not None and isinstance(in_emb, nn.Embedding)
-                and (o, i) == (in_emb.num_embeddings, in_emb.embedding_dim)
-            )
-            if vocab_like and id(m) not in attn_subtree:
+            if (m is out_emb or id(m) in self._vocab_shaped) and id(m) not in attn_subtree:
                 return _Decision(_rows(shape, axis), "output", "output head: per token (row)", True)
             role = "attn_out" if id(m) in attn_subtree else "mlp"
             where = "inside attention" if role == "attn_out" else "MLP/linear"
