@@ -8,6 +8,7 @@ ratio to torch.optim.AdamW (foreach and fused) measured in the same run.
     python benchmarks/step_time.py                       # gpt2-20m and gpt2-160m on CPU
     python benchmarks/step_time.py --models gpt2-20m --rounds 5 --json out.json
     python benchmarks/step_time.py --impls adamw-fused,adam-mini,adam-mini-bf16,adam-mini-int8
+    python benchmarks/step_time.py --models hf-gpt2-small --impls adamw-fused,adam-mini-foreach,adam-mini
 """
 
 from __future__ import annotations
@@ -76,8 +77,22 @@ def time_steps(opt, steps, device):
     return times
 
 
+def _model(name, device):
+    """A built-in model, or ``hf-gpt2-small``: Hugging Face GPT-2 small (Conv1D weights stored [in, out],
+    so column blocks), built from its config with transformers."""
+    if name != "hf-gpt2-small":
+        return build_model(name, device=device, seed=0)
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).to(device)
+    c = model.config
+    model.config.d_model, model.config.n_heads, model.config.kv_heads = c.n_embd, c.n_head, c.n_head
+    return model
+
+
 def bench_model(name, impls, rounds, steps, warmup, device):
-    model = build_model(name, device=device, seed=0)
+    model = _model(name, device)
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator(device=device).manual_seed(0)
     for p in model.parameters():

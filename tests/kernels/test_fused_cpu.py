@@ -70,7 +70,8 @@ def test_supports_only_what_it_handles():
     assert fused_cpu_supports(p, p, rows)
     assert fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 1),)))  # per element: plain Adam in the kernel
     assert fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 24),)))  # whole tensor
-    assert not fused_cpu_supports(p, p, blockopt.Geometry(1, ((6, 1),)))  # columns
+    assert fused_cpu_supports(p, p, blockopt.Geometry(1, ((6, 1),)))  # columns of a [in, out] weight
+    assert not fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(1, ((6, 1),)))  # int8 codes need rows
     assert not fused_cpu_supports(p.t(), p.t(), blockopt.Geometry(0, ((6, 1),)))  # non-contiguous
     assert not fused_cpu_supports(p.bfloat16(), p, rows)
     assert not fused_cpu_supports(p.double(), p.double(), rows)
@@ -188,3 +189,27 @@ def test_cached_step_lists_follow_frozen_parameters_state_loads_and_clears():
     _random_steps([(model, fast)], 1)
     assert all(s["step"].item() == 1.0 for s in fast.state.values())
     assert len(fast.state) == len(list(model.parameters()))
+
+
+@needs_compiler
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
+def test_fused_column_blocks_of_hf_gpt2_conv1d_equal_reference(momentum_dtype):
+    """Hugging Face GPT-2 stores weights [in, out]: its blocks are columns, and c_attn is fused
+    q | k | v along the columns. The kernel walks them in place (no transposed copy)."""
+    transformers = pytest.importorskip("transformers", reason="needs pip install 'blockopt[hf]'")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ref = copy.deepcopy(model)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_dtype=momentum_dtype)
+    fast = blockopt.AdamMini(model, fused=True, **kw)
+    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    assert fast.plan["transformer.h.0.attn.c_attn.weight"].geometry.axis == 1
+    _random_steps([(model, fast), (ref, slow)], 20)
+    routes = fast._prepared_cache[id(fast.param_groups[0])].routes
+    cpu = next(lists[0] for r, _, lists in routes if r == "cpu")
+    assert any(p is model.transformer.h[0].attn.c_attn.weight for p in cpu)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert max_rel_diff(p, q) <= TOL[torch.float32], name
+        assert max_rel_diff(fast.state[p]["block_exp_avg_sq"], slow.state[q]["block_exp_avg_sq"]) <= TOL[torch.float32], name
+        if momentum_dtype is not None:
+            assert torch.equal(fast.state[p]["exp_avg"], slow.state[q]["exp_avg"]), name

@@ -179,6 +179,59 @@ inline void blockwise(float* __restrict p, const float* __restrict g, void* mv, 
   }
 }
 
+// Column blocks (layers stored [in, out], e.g. Hugging Face Conv1D): block colblock[c] holds column c
+// of every row. One pass sums g*g per column, a second updates m and p with each column's step.
+template <bool Bf16>
+inline void columnwise(float* __restrict p, const float* __restrict g, void* mv, float* __restrict v, int64_t rows,
+                       int64_t cols, const int32_t* __restrict colblock, int64_t nb, const Scalars& s,
+                       const Hyper& h, uint32_t seed) {
+  std::vector<double> colsum(cols, 0.0);
+  double* __restrict cs = colsum.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict gr = g + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) cs[c] += (double)gr[c] * (double)gr[c];
+  }
+  std::vector<double> bsum(nb, 0.0);
+  std::vector<int64_t> bcount(nb, 0);
+  for (int64_t c = 0; c < cols; ++c) {
+    bsum[colblock[c]] += cs[c];
+    bcount[colblock[c]] += rows;
+  }
+  std::vector<float> bscale(nb), colscale(cols);
+  for (int64_t b = 0; b < nb; ++b) {
+    const float vv = h.b2 * v[b] + h.omb2 * (float)(bsum[b] / (double)bcount[b]);
+    v[b] = vv;
+    bscale[b] = s.step_size / (std::sqrt(vv) / s.bc2_sqrt + h.eps);
+  }
+  for (int64_t c = 0; c < cols; ++c) colscale[c] = bscale[colblock[c]];
+  const float* __restrict sc = colscale.data();
+  const float sg = h.sign, w1 = h.w1, decay = s.decay;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict gr = g + r * cols;
+    float* __restrict pr = p + r * cols;
+    if (Bf16) {
+      uint16_t* __restrict mr = (uint16_t*)mv + r * cols;
+      const int64_t base = r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float m0 = bf16_load(mr[c]);
+        const float mm = std::fma(w1, sg * gr[c] - m0, m0);
+        mr[c] = bf16_store_sr(mm, hash_at(seed, base + c));
+        pr[c] = pr[c] * decay - sc[c] * mm;
+      }
+    } else {
+      float* __restrict mr = (float*)mv + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
+        mr[c] = mm;
+        pr[c] = pr[c] * decay - sc[c] * mm;
+      }
+    }
+  }
+}
+
 // int8 momentum: blocks are whole rows (bs is a multiple of the row length). Per row group:
 // decode m, update m and p, then re-encode the group with its new absolute maximum.
 inline void blockwise_int8(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
@@ -238,13 +291,17 @@ inline void blockwise_int8(float* __restrict p, const float* __restrict g, const
 // Momentum storage per parameter: kinds uint8 [P] (0 fp32, 1 bf16, 2 int8: exp_avgs[i] is then
 // int8 of the parameter's shape and scales[i] its fp32 [rows, groups] scales; other entries of
 // scales are ignored), seeds int64 [P] (the parameter's base seed; mixed with the step here).
+// Column blocks: an item with block size 0 covers a whole 2-D parameter; colmaps[i] (int32, one
+// entry per column) gives each column's block (other entries of colmaps are ignored).
 void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& vs,
                     const std::vector<at::Tensor>& steps, const at::Tensor& items, const at::Tensor& decay,
                     double lr, double beta1, double beta2, double eps, double weight_decay, bool maximize,
-                    const at::Tensor& kinds, const std::vector<at::Tensor>& scales, const at::Tensor& seeds) {
+                    const at::Tensor& kinds, const std::vector<at::Tensor>& scales, const at::Tensor& seeds,
+                    const std::vector<at::Tensor>& colmaps) {
   const size_t P = params.size();
-  TORCH_CHECK(grads.size() == P && exp_avgs.size() == P && vs.size() == P && steps.size() == P && scales.size() == P,
+  TORCH_CHECK(grads.size() == P && exp_avgs.size() == P && vs.size() == P && steps.size() == P && scales.size() == P &&
+                  colmaps.size() == P,
               "adam_mini_step: lists of different lengths");
   TORCH_CHECK(items.dtype() == at::kLong && items.is_contiguous() && items.dim() == 2 && items.size(1) == 6);
   TORCH_CHECK(decay.dtype() == at::kByte && decay.is_contiguous() && (size_t)decay.numel() == P);
@@ -278,7 +335,12 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
   for (int64_t c = 0; c < C; ++c) {
     const Item& x = it[c];
     TORCH_CHECK(x.param >= 0 && (size_t)x.param < P, "adam_mini_step: bad item");
-    if (kp[x.param] == 2) {
+    if (x.block_size == 0) {
+      const at::Tensor& cm = colmaps[x.param];
+      TORCH_CHECK(params[x.param].dim() == 2 && kp[x.param] != 2 && cm.scalar_type() == at::kInt &&
+                      cm.is_contiguous() && cm.numel() == params[x.param].size(1) && x.offset == 0,
+                  "adam_mini_step: column blocks need a 2-D parameter, fp32/bf16 momentum and a column map");
+    } else if (kp[x.param] == 2) {
       const int64_t row = params[x.param].numel() / params[x.param].size(0);
       TORCH_CHECK(x.block_size % row == 0 && x.offset % row == 0,
                   "adam_mini_step: int8 momentum needs blocks of whole rows (parameter ", x.param, ")");
@@ -317,7 +379,7 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
   const Hyper h{(float)(1.0 - beta1), (float)beta2, (float)(1.0 - beta2), (float)eps, maximize ? -1.0f : 1.0f};
 
   const Item& last = it[C - 1];
-  const int64_t total = last.start + last.blocks * last.block_size;
+  const int64_t total = last.start + (last.block_size ? last.blocks * last.block_size : params[last.param].numel());
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
   std::vector<int64_t> starts(C);
   for (int64_t c = 0; c < C; ++c) starts[c] = it[c].start;
@@ -334,7 +396,15 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
         float* p = Pp[i] + x.offset;
         const float* g = Gp[i] + x.offset;
         float* v = Vp[i] + x.v_offset;
-        if (mo.kind == 2) {
+        if (x.block_size == 0) {
+          const int64_t rows = params[i].size(0), cols = params[i].size(1);
+          const int32_t* cm = colmaps[i].data_ptr<int32_t>();
+          if (mo.kind == 1) {
+            columnwise<true>(p, g, mo.data, v, rows, cols, cm, x.blocks, sc[i], h, mo.seed);
+          } else {
+            columnwise<false>(p, g, mo.data, v, rows, cols, cm, x.blocks, sc[i], h, 0);
+          }
+        } else if (mo.kind == 2) {
           blockwise_int8(p, g, mo, v, x.blocks, x.block_size, sc[i], h, x.offset);
         } else if (x.block_size == 1 && mo.kind == 1) {
           elementwise<true>(p, g, (uint16_t*)mo.data + x.offset, v, x.blocks, sc[i], h, mo.seed, x.offset);

@@ -34,7 +34,7 @@ import torch
 
 from .blocks import Geometry
 
-__all__ = ["adam_mini_fused_cpu", "fused_cpu_supports", "load_cpu_kernel", "cpu_kernel_error", "step_table"]
+__all__ = ["adam_mini_fused_cpu", "fused_cpu_supports", "load_cpu_kernel", "cpu_kernel_error", "step_table", "column_map"]
 
 log = logging.getLogger(__name__)
 
@@ -105,27 +105,32 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
     ``exp_avg`` may be fp32, bf16 or int8 (:mod:`blockopt.kernels.momentum`); int8 codes need
     blocks made of whole rows (rows, heads, whole tensors) of a tensor with two or more dims.
     """
+    axis, segments = geometry
     if exp_avg.dtype == torch.int8:
-        axis, segments = geometry
         rows_only = axis == 0 or (axis == -1 and segments[0][1] == segments[0][0])
         if p.dim() < 2 or not rows_only:
             return False
+    if axis == 1 and p.dim() != 2:  # column blocks: 2-D tensors stored [in, out]
+        return False
     return (
         p.device.type == "cpu"
         and p.dtype == torch.float32
         and exp_avg.dtype in (torch.float32, torch.bfloat16, torch.int8)
         and p.is_contiguous()
         and exp_avg.is_contiguous()
-        and geometry.axis in (-1, 0)
+        and axis in (-1, 0, 1)
         and type(p) in (torch.nn.Parameter, torch.Tensor)  # not DTensor or other subclasses
     )
 
 
 @functools.lru_cache(maxsize=4096)
 def _chunks_of(shape: tuple[int, ...], geometry: Geometry) -> tuple[tuple[int, int, int, int], ...]:
-    """(element offset, blocks, block size, v offset) runs, cut into chunks of whole blocks."""
+    """(element offset, blocks, block size, v offset) runs, cut into chunks of whole blocks; column
+    blocks are one run of block size 0 (the kernel walks the whole tensor)."""
     numel = math.prod(shape)
     axis, segments = geometry
+    if axis == 1:
+        return ((0, geometry.num_blocks, 0, 0),)
     inner = 1 if axis == -1 else (numel // shape[0] if shape else 1)
     out = []
     off = voff = 0
@@ -149,13 +154,25 @@ def _table(key: tuple[tuple[tuple[int, ...], Geometry], ...]) -> torch.Tensor:
     for i, (shape, geometry) in enumerate(key):
         for off, nb, bs, voff in _chunks_of(shape, geometry):
             rows.append((i, off, nb, bs, voff, start))
-            start += nb * bs
+            start += nb * bs if bs else math.prod(shape)
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
 
 
 def step_table(shapes: Sequence[tuple[int, ...]], geometries: Sequence[Geometry]) -> torch.Tensor:
     """Work items for parameters of these shapes and geometries (cached); see the C++ source."""
     return _table(tuple(zip(shapes, geometries)))
+
+
+@functools.lru_cache(maxsize=1024)
+def column_map(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
+    """Block of every column (int32) for column geometries; an empty tensor otherwise."""
+    if geometry.axis != 1:
+        return _EMPTY_INT
+    ids, first = [], 0
+    for size, unit in geometry.segments:
+        ids.append(first + torch.arange(size, dtype=torch.int32) // unit)
+        first += size // unit
+    return torch.cat(ids)
 
 
 def adam_mini_fused_cpu(
@@ -194,8 +211,10 @@ def adam_mini_fused_cpu(
         list(params), list(grads), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), table,
         torch.tensor(list(decay), dtype=torch.uint8), lr, beta1, beta2, eps, weight_decay, maximize,
         kinds, scales, torch.tensor(list(seeds or [0] * n), dtype=torch.int64),
+        [column_map(tuple(p.shape), geo) for p, geo in zip(params, geometries)],
     )
 
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _EMPTY = torch.empty(0)
+_EMPTY_INT = torch.empty(0, dtype=torch.int32)

@@ -25,7 +25,7 @@ from ..kernels import (
     load_cpu_kernel,
     step_table,
 )
-from ..kernels.adam_mini_cpu import _EMPTY, _KINDS
+from ..kernels.adam_mini_cpu import _EMPTY, _KINDS, column_map
 from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, triton_supports
 from ..kernels import momentum as mom
 from ..kernels.blocks import Geometry
@@ -470,11 +470,11 @@ class AdamMini(torch.optim.Optimizer):
             for route, index, lists in prepared.routes:
                 route_grads = [grads[i] for i in index] if index is not None else grads
                 if route == "cpu":
-                    params, exp_avgs, vs, steps, table, decay, kinds, scales, seeds = lists
+                    params, exp_avgs, vs, steps, table, decay, kinds, scales, seeds, colmaps = lists
                     load_cpu_kernel().adam_mini_step(
                         params, route_grads, exp_avgs, vs, steps, table, decay,
                         hyper["lr"], beta1, beta2, hyper["eps"], hyper["weight_decay"], hyper["maximize"],
-                        kinds, scales, seeds)
+                        kinds, scales, seeds, colmaps)
                     continue
                 if route == "adamw":  # per-element blocks are AdamW: torch's own fused kernel, per decay class
                     for decayed, sub, (params, exp_avgs, vs, steps) in lists:
@@ -545,7 +545,8 @@ class AdamMini(torch.optim.Optimizer):
                 kinds = torch.tensor([_KINDS[s["exp_avg"].dtype] for s in ss], dtype=torch.uint8)
                 scales = [s.get("exp_avg_scale", _EMPTY) for s in ss]
                 seeds = torch.tensor([mom.name_seed(e.name) for e in es], dtype=torch.int64)
-                lists = (ps, *lists, table, decay, kinds, scales, seeds)
+                colmaps = [column_map(tuple(p.shape), e.geometry) for p, e in zip(ps, es)]
+                lists = (ps, *lists, table, decay, kinds, scales, seeds, colmaps)
             else:
                 # the Triton step stores bf16 momentum itself (int8 never reaches it: triton_supports)
                 native = route == "triton"
