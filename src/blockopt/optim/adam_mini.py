@@ -98,13 +98,18 @@ class AdamMini(torch.optim.Optimizer):
             named parameters are given instead of a module.
         foreach: ``True``/``None`` (default) use the vectorised step;
             ``False`` the plain reference loop.
-        fused: ``None`` (default) uses the fused CPU kernel (one pass per
-            block, built once on first use) for the parameters it supports
-            (fp32, contiguous, CPU, row/head/tensor/element blocks) unless
-            ``foreach=False``, and the foreach step for the rest; ``True``
-            requires the kernel (an error if it cannot be built); ``False``
-            never uses it. On CUDA the fused step is a Triton kernel (the
-            ``[gpu]`` extra), used the same way.
+        fused: ``None`` (default) uses the fused CPU kernel (one call per
+            group, one pass per block, built once on first use) for the
+            parameters it supports (fp32, contiguous, CPU; row, head, whole-tensor
+            and column blocks; fp32, bf16 or int8 momentum) unless
+            ``foreach=False``, torch's fused AdamW kernel for per-element
+            blocks with fp32 momentum, and the foreach step for the rest;
+            ``True`` requires the kernel (an error if it cannot be built);
+            ``False`` never uses it. On CUDA the fused step is a Triton kernel
+            (the ``[gpu]`` extra), used the same way. The step caches its
+            per-group lists (state tensors, routes) while the set of parameters
+            with gradients stays the same; replace state tensors through
+            :meth:`load_state_dict`, not by assigning into ``optimizer.state``.
         capturable: keep step counters on the parameter's device and compute
             bias corrections there (CUDA + Triton only), so the step can be
             recorded in a CUDA graph; ``lr`` may then be a device tensor.
