@@ -185,12 +185,20 @@ template <bool Bf16>
 inline void columnwise(float* __restrict p, const float* __restrict g, void* mv, float* __restrict v, int64_t rows,
                        int64_t cols, const int32_t* __restrict colblock, int64_t nb, const Scalars& s,
                        const Hyper& h, uint32_t seed) {
+  // float sums over tiles of 32 rows, added in double (as the row sums are tiled)
   std::vector<double> colsum(cols, 0.0);
+  std::vector<float> tile(cols);
   double* __restrict cs = colsum.data();
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* __restrict gr = g + r * cols;
+  float* __restrict ts = tile.data();
+  for (int64_t r0 = 0; r0 < rows; r0 += 32) {
+    std::fill(tile.begin(), tile.end(), 0.0f);
+    for (int64_t r = r0; r < std::min(rows, r0 + 32); ++r) {
+      const float* __restrict gr = g + r * cols;
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) cs[c] += (double)gr[c] * (double)gr[c];
+      for (int64_t c = 0; c < cols; ++c) ts[c] += gr[c] * gr[c];
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) cs[c] += (double)ts[c];
   }
   std::vector<double> bsum(nb, 0.0);
   std::vector<int64_t> bcount(nb, 0);
