@@ -71,7 +71,8 @@ def test_supports_only_what_it_handles():
     assert fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 1),)))  # per element: plain Adam in the kernel
     assert fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 24),)))  # whole tensor
     assert fused_cpu_supports(p, p, blockopt.Geometry(1, ((6, 1),)))  # columns of a [in, out] weight
-    assert not fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(1, ((6, 1),)))  # int8 codes need rows
+    assert fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(1, ((6, 1),)))  # int8 codes along rows
+    assert not fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(-1, ((24, 1),)))  # ... not elements
     assert not fused_cpu_supports(p.t(), p.t(), blockopt.Geometry(0, ((6, 1),)))  # non-contiguous
     assert not fused_cpu_supports(p.bfloat16(), p, rows)
     assert not fused_cpu_supports(p.double(), p.double(), rows)
@@ -192,7 +193,7 @@ def test_cached_step_lists_follow_frozen_parameters_state_loads_and_clears():
 
 
 @needs_compiler
-@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16, "int8"])
 def test_fused_column_blocks_of_hf_gpt2_conv1d_equal_reference(momentum_dtype):
     """Hugging Face GPT-2 stores weights [in, out]: its blocks are columns, and c_attn is fused
     q | k | v along the columns. The kernel walks them in place (no transposed copy)."""
@@ -209,7 +210,11 @@ def test_fused_column_blocks_of_hf_gpt2_conv1d_equal_reference(momentum_dtype):
     cpu = next(lists[0] for r, _, lists in routes if r == "cpu")
     assert any(p is model.transformer.h[0].attn.c_attn.weight for p in cpu)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        assert max_rel_diff(p, q) <= TOL[torch.float32], name
+        tol = 1e-4 if momentum_dtype == "int8" else TOL[torch.float32]  # int8: a rare code differs (sqrt rounding)
+        assert max_rel_diff(p, q) <= tol, name
         assert max_rel_diff(fast.state[p]["block_exp_avg_sq"], slow.state[q]["block_exp_avg_sq"]) <= TOL[torch.float32], name
-        if momentum_dtype is not None:
+        if momentum_dtype == torch.bfloat16:
             assert torch.equal(fast.state[p]["exp_avg"], slow.state[q]["exp_avg"]), name
+        elif momentum_dtype == "int8":
+            same = (fast.state[p]["exp_avg"] == slow.state[q]["exp_avg"]).float().mean().item()
+            assert same >= 0.999, name

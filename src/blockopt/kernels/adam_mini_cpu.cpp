@@ -179,12 +179,72 @@ inline void blockwise(float* __restrict p, const float* __restrict g, void* mv, 
   }
 }
 
+// int8 momentum, one row of the tensor (`a`: index of its first element): per scale group, decode
+// m, update m and p, then re-encode the group with its new absolute maximum. The step is `scale`
+// for the whole row, or `colscale[c]` per column (column blocks).
+template <bool PerColumn>
+inline void int8_row(float* __restrict p, const float* __restrict g, int8_t* __restrict codes, float* scales,
+                     int64_t row_len, int64_t groups, int64_t a, float scale, const float* __restrict colscale,
+                     const Hyper& h, float decay, uint32_t seed) {
+  const float sg = h.sign, w1 = h.w1;
+  float buf[kGroup];
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t o = gi * kGroup;  // offset in the row
+    const int64_t n = std::min<int64_t>(kGroup, row_len - o);
+    const float c = scales[gi] / 16129.0f;
+    const float* __restrict ga = g + o;
+    float* __restrict pa = p + o;
+    int8_t* __restrict qa = codes + o;
+    float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+    for (int64_t i = 0; i < n; ++i) {
+      const float q = (float)qa[i];
+      const float m0 = (q * std::abs(q)) * c;
+      const float mm = std::fma(w1, sg * ga[i] - m0, m0);
+      buf[i] = mm;
+      pa[i] = pa[i] * decay - (PerColumn ? colscale[o + i] : scale) * mm;
+      amax = std::max(amax, std::abs(mm));
+    }
+    const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
+    const uint32_t a32 = (uint32_t)(a + o);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float u = (float)(int32_t)(hash32((a32 + (uint32_t)i) * 0x9E3779B9u + seed) >> 8) *
+                      (1.0f / 16777216.0f);
+      const float y = std::sqrt(std::abs(buf[i]) * inv) * 127.0f;
+      const int32_t q = std::min((int32_t)(y + u), 127);  // y + u >= 0: truncation is floor
+      qa[i] = (int8_t)(buf[i] < 0.0f ? -q : q);
+    }
+    scales[gi] = amax;
+  }
+}
+
+// int8 momentum, blocks of whole rows (bs is a multiple of the row length).
+inline void blockwise_int8(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
+                           int64_t nb, int64_t bs, const Scalars& s, const Hyper& h, int64_t first) {
+  const double inv_bs = 1.0 / (double)bs;
+  int8_t* codes = (int8_t*)mo.data;
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t b0 = first + j * bs;  // index of the block's first element in the tensor
+    const double acc = sum_sq(g + j * bs, bs);
+    const float vv = h.b2 * v[j] + h.omb2 * (float)(acc * inv_bs);
+    v[j] = vv;
+    const float scale = s.step_size / (std::sqrt(vv) / s.bc2_sqrt + h.eps);
+    for (int64_t r0 = b0; r0 < b0 + bs; r0 += mo.row) {
+      int8_row<false>(p + (r0 - first), g + (r0 - first), codes + r0, mo.scale + (r0 / mo.row) * mo.groups,
+                      mo.row, mo.groups, r0, scale, nullptr, h, s.decay, mo.seed);
+    }
+  }
+}
+
 // Column blocks (layers stored [in, out], e.g. Hugging Face Conv1D): block colblock[c] holds column c
 // of every row. One pass sums g*g per column, a second updates m and p with each column's step.
-template <bool Bf16>
-inline void columnwise(float* __restrict p, const float* __restrict g, void* mv, float* __restrict v, int64_t rows,
-                       int64_t cols, const int32_t* __restrict colblock, int64_t nb, const Scalars& s,
-                       const Hyper& h, uint32_t seed) {
+template <int Kind>  // momentum kind: 0 fp32, 1 bf16, 2 int8
+inline void columnwise(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
+                       int64_t rows, int64_t cols, const int32_t* __restrict colblock, int64_t nb, const Scalars& s,
+                       const Hyper& h) {
+  void* mv = mo.data;
+  const uint32_t seed = mo.seed;
   // float sums over tiles of 32 rows, added in double (as the row sums are tiled)
   std::vector<double> colsum(cols, 0.0);
   std::vector<float> tile(cols);
@@ -218,7 +278,10 @@ inline void columnwise(float* __restrict p, const float* __restrict g, void* mv,
   for (int64_t r = 0; r < rows; ++r) {
     const float* __restrict gr = g + r * cols;
     float* __restrict pr = p + r * cols;
-    if (Bf16) {
+    if (Kind == 2) {
+      int8_row<true>(pr, gr, (int8_t*)mv + r * cols, mo.scale + r * mo.groups, cols, mo.groups, r * cols, 0.0f, sc,
+                     h, decay, seed);
+    } else if (Kind == 1) {
       uint16_t* __restrict mr = (uint16_t*)mv + r * cols;
       const int64_t base = r * cols;
 #pragma omp simd
@@ -235,57 +298,6 @@ inline void columnwise(float* __restrict p, const float* __restrict g, void* mv,
         const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
         mr[c] = mm;
         pr[c] = pr[c] * decay - sc[c] * mm;
-      }
-    }
-  }
-}
-
-// int8 momentum: blocks are whole rows (bs is a multiple of the row length). Per row group:
-// decode m, update m and p, then re-encode the group with its new absolute maximum.
-inline void blockwise_int8(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
-                           int64_t nb, int64_t bs, const Scalars& s, const Hyper& h, int64_t first) {
-  const double inv_bs = 1.0 / (double)bs;
-  const float sg = h.sign, w1 = h.w1, decay = s.decay;
-  int8_t* codes = (int8_t*)mo.data;
-  float buf[kGroup];
-  for (int64_t j = 0; j < nb; ++j) {
-    const int64_t b0 = first + j * bs;  // index of the block's first element in the tensor
-    const double acc = sum_sq(g + j * bs, bs);
-    const float vv = h.b2 * v[j] + h.omb2 * (float)(acc * inv_bs);
-    v[j] = vv;
-    const float denom = std::sqrt(vv) / s.bc2_sqrt + h.eps;
-    const float scale = s.step_size / denom;
-    for (int64_t r0 = b0; r0 < b0 + bs; r0 += mo.row) {
-      const int64_t row = r0 / mo.row;
-      for (int64_t gi = 0; gi < mo.groups; ++gi) {
-        const int64_t a = r0 + gi * kGroup;
-        const int64_t n = std::min<int64_t>(kGroup, mo.row - gi * kGroup);
-        float* sc = mo.scale + row * mo.groups + gi;
-        const float c = *sc / 16129.0f;
-        const float* __restrict ga = g + (a - first);
-        float* __restrict pa = p + (a - first);
-        int8_t* __restrict qa = codes + a;
-        float amax = 0.0f;
-#pragma omp simd reduction(max : amax)
-        for (int64_t i = 0; i < n; ++i) {
-          const float q = (float)qa[i];
-          const float m0 = (q * std::abs(q)) * c;
-          const float mm = std::fma(w1, sg * ga[i] - m0, m0);
-          buf[i] = mm;
-          pa[i] = pa[i] * decay - scale * mm;
-          amax = std::max(amax, std::abs(mm));
-        }
-        const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
-        const uint32_t a32 = (uint32_t)a;
-#pragma omp simd
-        for (int64_t i = 0; i < n; ++i) {
-          const float u = (float)(int32_t)(hash32((a32 + (uint32_t)i) * 0x9E3779B9u + mo.seed) >> 8) *
-                          (1.0f / 16777216.0f);
-          const float y = std::sqrt(std::abs(buf[i]) * inv) * 127.0f;
-          const int32_t q = std::min((int32_t)(y + u), 127);  // y + u >= 0: truncation is floor
-          qa[i] = (int8_t)(buf[i] < 0.0f ? -q : q);
-        }
-        *sc = amax;
       }
     }
   }
@@ -345,9 +357,9 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
     TORCH_CHECK(x.param >= 0 && (size_t)x.param < P, "adam_mini_step: bad item");
     if (x.block_size == 0) {
       const at::Tensor& cm = colmaps[x.param];
-      TORCH_CHECK(params[x.param].dim() == 2 && kp[x.param] != 2 && cm.scalar_type() == at::kInt &&
-                      cm.is_contiguous() && cm.numel() == params[x.param].size(1) && x.offset == 0,
-                  "adam_mini_step: column blocks need a 2-D parameter, fp32/bf16 momentum and a column map");
+      TORCH_CHECK(params[x.param].dim() == 2 && cm.scalar_type() == at::kInt && cm.is_contiguous() &&
+                      cm.numel() == params[x.param].size(1) && x.offset == 0,
+                  "adam_mini_step: column blocks need a 2-D parameter and a column map");
     } else if (kp[x.param] == 2) {
       const int64_t row = params[x.param].numel() / params[x.param].size(0);
       TORCH_CHECK(x.block_size % row == 0 && x.offset % row == 0,
@@ -407,10 +419,12 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
         if (x.block_size == 0) {
           const int64_t rows = params[i].size(0), cols = params[i].size(1);
           const int32_t* cm = colmaps[i].data_ptr<int32_t>();
-          if (mo.kind == 1) {
-            columnwise<true>(p, g, mo.data, v, rows, cols, cm, x.blocks, sc[i], h, mo.seed);
+          if (mo.kind == 2) {
+            columnwise<2>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h);
+          } else if (mo.kind == 1) {
+            columnwise<1>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h);
           } else {
-            columnwise<false>(p, g, mo.data, v, rows, cols, cm, x.blocks, sc[i], h, 0);
+            columnwise<0>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h);
           }
         } else if (mo.kind == 2) {
           blockwise_int8(p, g, mo, v, x.blocks, x.block_size, sc[i], h, x.offset);

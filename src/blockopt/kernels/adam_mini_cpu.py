@@ -103,11 +103,11 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
     """Whether the fused kernel handles this parameter (the gradient is checked at step time).
 
     ``exp_avg`` may be fp32, bf16 or int8 (:mod:`blockopt.kernels.momentum`); int8 codes need
-    blocks made of whole rows (rows, heads, whole tensors) of a tensor with two or more dims.
+    blocks made of whole rows (rows, heads, whole tensors) or columns of a tensor with two or more dims.
     """
     axis, segments = geometry
-    if exp_avg.dtype == torch.int8:
-        rows_only = axis == 0 or (axis == -1 and segments[0][1] == segments[0][0])
+    if exp_avg.dtype == torch.int8:  # codes are grouped along rows: blocks of whole rows, or columns
+        rows_only = axis in (0, 1) or (axis == -1 and segments[0][1] == segments[0][0])
         if p.dim() < 2 or not rows_only:
             return False
     if axis == 1 and p.dim() != 2:  # column blocks: 2-D tensors stored [in, out]
