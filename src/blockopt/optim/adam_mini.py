@@ -51,6 +51,36 @@ def _check_float(name: str, value: Any, *, low: float = 0.0, high: float | None 
         raise ValueError(f"Invalid {name}: {value}; expected a finite float {allowed}")
 
 
+def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Mapping[str, Any], *,
+                    plan_required: bool, missing_plan: str) -> tuple[Any, PartitionPlan | None]:
+    """The param groups and the plan of an optimizer built on a partition plan.
+
+    A module gives one group of its named parameters and, unless ``plan`` is
+    passed, a plan built from it with ``hints`` (the :func:`blockopt.partition`
+    arguments). Parameters or groups are used as given; hints are then an
+    error, and so is a missing plan when ``plan_required`` (``missing_plan`` is
+    the message).
+    """
+    if isinstance(model_or_params, nn.Module):
+        if plan is None:
+            plan = partition(model_or_params, **hints)
+        params: Any = [{"params": list(model_or_params.named_parameters())}]
+    else:
+        used = [k for k, v in hints.items() if v]
+        if used:
+            raise ValueError(
+                f"Invalid arguments {used} with named parameters: partition hints are used only when a "
+                f"module is given; pass the model, or build the plan with blockopt.partition(model, ...) "
+                f"and pass plan="
+            )
+        if plan is None and plan_required:
+            raise ValueError(missing_plan)
+        params = model_or_params
+    if plan is not None and not isinstance(plan, PartitionPlan):
+        raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
+    return params, plan
+
+
 def _check_hparams(group: Mapping[str, Any]) -> None:
     _check_float("lr", group["lr"])
     betas = group["betas"]
@@ -210,29 +240,12 @@ class AdamMini(torch.optim.Optimizer):
             raise ValueError("Invalid fused=True with foreach=False: choose one implementation")
         if capturable and not triton_available():
             raise RuntimeError("capturable=True needs the Triton step on CUDA: pip install 'blockopt[gpu]'")
-        if isinstance(model_or_params, nn.Module):
-            if plan is None:
-                plan = partition(model_or_params, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                 head_dim=head_dim, overrides=overrides, value_single_block=value_single_block)
-            params: Any = [{"params": list(model_or_params.named_parameters())}]
-        else:
-            given = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-                     "overrides": overrides, "value_single_block": value_single_block or None}
-            used = [k for k, v in given.items() if v]
-            if used:
-                raise ValueError(
-                    f"Invalid arguments {used} with named parameters: partition hints are used only when a "
-                    f"module is given; pass the model, or build the plan with blockopt.partition(model, ...) "
-                    f"and pass plan="
-                )
-            if plan is None:
-                raise ValueError(
-                    "Invalid plan: None. AdamMini needs to know each parameter's blocks: pass the model "
-                    "(AdamMini(model)), or named parameters with plan=blockopt.partition(model)"
-                )
-            params = model_or_params
-        if not isinstance(plan, PartitionPlan):
-            raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
+        hints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, overrides=overrides,
+                     value_single_block=value_single_block)
+        params, plan = params_and_plan(
+            model_or_params, plan, hints, plan_required=True,
+            missing_plan="Invalid plan: None. AdamMini needs to know each parameter's blocks: pass the model "
+                         "(AdamMini(model)), or named parameters with plan=blockopt.partition(model)")
         self.plan = plan
         self._entries: dict[torch.Tensor, PlanEntry] = {}
         # DTensor parameters: their ShardInfo for Shard(0), None for Replicate()

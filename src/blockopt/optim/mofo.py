@@ -13,8 +13,8 @@ from torch import nn
 
 from ..kernels.blocks import Geometry
 from ..kernels.mofo import mofo_step
-from ..partition import PartitionPlan, partition
-from .adam_mini import _check_hparams
+from ..partition import PartitionPlan
+from .adam_mini import _check_hparams, params_and_plan
 
 __all__ = ["MoFO"]
 
@@ -150,28 +150,13 @@ class MoFO(torch.optim.Optimizer):
             raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")
         if second_moment not in _SECOND_MOMENTS:
             raise ValueError(f"Invalid second_moment: {second_moment!r}; allowed: {', '.join(map(repr, _SECOND_MOMENTS))}")
-        hints = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
-                 "overrides": overrides, "value_single_block": value_single_block or None}
-        if isinstance(model_or_params, nn.Module):
-            if plan is None:
-                plan = partition(model_or_params, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                                 head_dim=head_dim, overrides=overrides, value_single_block=value_single_block)
-            params: Any = [{"params": list(model_or_params.named_parameters())}]
-        else:
-            used = [k for k, v in hints.items() if v]
-            if used:
-                raise ValueError(
-                    f"Invalid arguments {used} with parameters: partition hints are used only when a module is "
-                    f"given; pass the model, or plan=blockopt.partition(model, ...)"
-                )
-            if plan is None and second_moment == "block":
-                raise ValueError(
-                    "Invalid plan: None. MoFO(second_moment='block') needs each parameter's blocks: pass the "
-                    "model (MoFO(model, second_moment='block')), or named parameters with plan=blockopt.partition(model)"
-                )
-            params = model_or_params
-        if plan is not None and not isinstance(plan, PartitionPlan):
-            raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
+        hints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, overrides=overrides,
+                     value_single_block=value_single_block)
+        params, plan = params_and_plan(
+            model_or_params, plan, hints, plan_required=second_moment == "block",
+            missing_plan="Invalid plan: None. MoFO(second_moment='block') needs each parameter's blocks: pass the "
+                         "model (MoFO(model, second_moment='block')), or named parameters with "
+                         "plan=blockopt.partition(model)")
         self.plan = plan
         self.second_moment = second_moment
         self._info: dict[torch.Tensor, _Info] = {}
