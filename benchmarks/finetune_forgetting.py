@@ -108,9 +108,7 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, args: argparse.
         rest = [p for n, p in model.named_parameters() if not plan[n].weight_decay]
         return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], **kw)
     if name == "adam-mini":
-        # the foreach step (the same math as the fused CPU kernel, tested equal), so that this script does
-        # not depend on building the C++ kernel
-        return blockopt.AdamMini(model, plan=plan, fused=False, **kw)
+        return blockopt.AdamMini(model, plan=plan, **kw)  # the default step (the fused CPU kernel)
     return blockopt.MoFO(model, plan=plan, fraction=args.fraction,
                          second_moment="block" if name == "mofo-block" else "element", **kw)
 
