@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from ..partition import PartitionPlan, partition
+from ..partition.rules import compile_override_pattern
 
 __all__ = ["BLOCK_TYPES", "BLOCKWISE_LR_MULTIPLIERS", "blockwise_block_types", "blockwise_lr_groups"]
 
@@ -118,12 +119,7 @@ def _check_overrides(overrides: Mapping[str, str] | None) -> list[tuple[str, re.
         raise ValueError(f"Invalid overrides: {overrides!r}; expected a mapping {{name pattern: block type}}")
     parsed = []
     for pattern, block_type in overrides.items():
-        if not isinstance(pattern, str):
-            raise ValueError(f"Invalid overrides key: {pattern!r}; expected a regular-expression string")
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"Invalid overrides pattern {pattern!r}: {e}") from None
+        regex = compile_override_pattern(pattern)
         if block_type not in BLOCK_TYPES:
             raise ValueError(
                 f"Invalid overrides[{pattern!r}]: {block_type!r}; allowed block types: {', '.join(BLOCK_TYPES)}"

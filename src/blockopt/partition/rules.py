@@ -56,7 +56,7 @@ from torch import nn
 from ..kernels.blocks import Geometry
 from .plan import PartitionPlan, PlanEntry
 
-__all__ = ["partition", "OVERRIDE_KINDS"]
+__all__ = ["partition", "OVERRIDE_KINDS", "compile_override_pattern"]
 
 #: kinds accepted by ``overrides``
 OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head")
@@ -532,6 +532,17 @@ def _apply_override(pattern: str, spec: dict[str, Any], d: _Decision, shape: tup
     return _Decision(geom, d.role, f"override {pattern!r}" + (f" -> {kind}" if kind else "") + (f", decay {wd}" if "weight_decay" in spec else ""), wd, parts)
 
 
+def compile_override_pattern(pattern: Any) -> re.Pattern[str]:
+    """An ``overrides`` key (a regular expression, full-matched against parameter names), compiled;
+    ``ValueError`` naming the key when it is not a string or not a valid expression."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"Invalid overrides key: {pattern!r}; expected a regular-expression string")
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"Invalid overrides pattern {pattern!r}: {e}") from None
+
+
 def partition(
     model: nn.Module,
     *,
@@ -585,13 +596,7 @@ def partition(
     overrides = dict(overrides or {})
     parsed = {}
     for pattern, spec in overrides.items():
-        if not isinstance(pattern, str):
-            raise ValueError(f"Invalid overrides key: {pattern!r}; expected a regular-expression string")
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"Invalid overrides pattern {pattern!r}: {e}") from None
-        parsed[pattern] = (regex, _parse_override(pattern, spec))
+        parsed[pattern] = (compile_override_pattern(pattern), _parse_override(pattern, spec))
 
     hints = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
     engine = _Engine(model, hints, value_single_block, config)
