@@ -74,22 +74,15 @@ def train_steps(model, opt, xs, rank: int = 0, world: int = 1, on_step=None) -> 
 
 
 def snapshot(model, opt) -> dict[str, dict[str, torch.Tensor]]:
-    """Full (gathered) parameters and state by parameter name. Collective for sharded models."""
+    """Full (gathered) parameters and every state tensor (step, exp_avg in its stored form,
+    block_exp_avg_sq, exp_avg_scale for int8 momentum) by parameter name. Collective for sharded models."""
     sd = opt.state_dict()
     names = [n for g in sd["param_groups"] for n in g["param_names"]]
     params = dict(model.named_parameters())
-    out = {}
-    for i, name in enumerate(names):
-        p = params[name]
-        s = sd["state"][i]
-        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-        out[name] = {
-            "param": full(p.detach()).clone(),
-            "exp_avg": full(s["exp_avg"]).clone(),
-            "block_exp_avg_sq": s["block_exp_avg_sq"].clone(),
-            "step": s["step"].clone(),
-        }
-    return out
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
+    return {name: {"param": full(params[name].detach()).clone(),
+                   **{k: full(v).clone() for k, v in sd["state"][i].items()}}
+            for i, name in enumerate(names)}
 
 
 def single_process_run(n_steps: int = STEPS, n_layers: int = 1,
@@ -297,22 +290,11 @@ def worker_fsdp(rank: int, world: int, out: str, resume_from: str | None = None,
 COMPACT = {"bf16": torch.bfloat16, "int8": "int8"}
 
 
-def compact_snapshot(model, opt) -> dict[str, dict[str, torch.Tensor]]:
-    """Full parameters and the stored (compact) momentum tensors by name. Collective for sharded models."""
-    sd = opt.state_dict()
-    names = [n for g in sd["param_groups"] for n in g["param_names"]]
-    params = dict(model.named_parameters())
-    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t
-    return {name: {"param": full(params[name].detach()).clone(),
-                   **{k: full(v).clone() for k, v in sd["state"][i].items() if k != "step"}}
-            for i, name in enumerate(names)}
-
-
 def single_process_compact_run(fmt: str, n_steps: int = STEPS) -> dict[str, dict[str, torch.Tensor]]:
     model = tiny_model(dtype=torch.float32)
     opt = make_optimizer(model, momentum_dtype=COMPACT[fmt])
     train_steps(model, opt, batches()[:n_steps])
-    return compact_snapshot(model, opt)
+    return snapshot(model, opt)
 
 
 def worker_compact(rank: int, world: int, out: str) -> None:
@@ -340,7 +322,7 @@ def worker_compact(rank: int, world: int, out: str) -> None:
                 dcp.save(state, checkpoint_id=str(out / f"ckpt-{fmt}"))
 
         train_steps(model, opt, xs, rank, world, on_step=on_step)
-        results[fmt] = compact_snapshot(model, opt)
+        results[fmt] = snapshot(model, opt)
         model = shard(tiny_model(1, seed=123, dtype=torch.float32))
         opt = make_optimizer(model, momentum_dtype=md)
         state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
@@ -348,6 +330,6 @@ def worker_compact(rank: int, world: int, out: str) -> None:
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
         train_steps(model, opt, xs[5:], rank, world)
-        results[f"{fmt}-resumed"] = compact_snapshot(model, opt)
+        results[f"{fmt}-resumed"] = snapshot(model, opt)
     if rank == 0:
         torch.save(results, out / f"compact{world}.pt")
