@@ -5,7 +5,8 @@
 # The device machine has torch and triton installed; nothing is installed here (PYTHONPATH=src).
 #
 #   bash benchmarks/gpu_check.sh                          # writes to $OUT (device tool) or runs/gpu-check
-#   DEVICE=cpu MODELS=gpt2-20m bash benchmarks/gpu_check.sh   # a dry run of the script on CPU
+#   DEVICE=cpu MODELS=gpt2-20m IMPLS=adamw-fused,adam-mini bash benchmarks/gpu_check.sh   # a dry run on CPU
+# (the *-graph implementations replay the step as a CUDA graph: AdamMini(capturable=True), lr on the device)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -19,5 +20,5 @@ PY=$(command -v python3 || command -v python)
 "$PY" -m pytest tests/kernels/test_triton_step.py -q -p no:cacheprovider 2>&1 | tee "$OUT/triton_tests.txt"
 "$PY" benchmarks/bandwidth.py --device "$DEVICE" 2>&1 | tee "$OUT/bandwidth.txt"
 "$PY" benchmarks/step_time.py --device "$DEVICE" --models "$MODELS" \
-  --impls adamw-foreach,adamw-fused,adam-mini-foreach,adam-mini,adam-mini-bf16 --rounds 5 \
+  --impls "${IMPLS:-adamw-foreach,adamw-fused,adamw-fused-graph,adam-mini-foreach,adam-mini,adam-mini-graph,adam-mini-bf16}" --rounds 5 \
   --json "$OUT/step_time_$DEVICE.json" 2>&1 | tee "$OUT/step_time.txt"

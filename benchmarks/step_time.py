@@ -9,6 +9,7 @@ ratio to torch.optim.AdamW (foreach and fused) measured in the same run.
     python benchmarks/step_time.py --models gpt2-20m --rounds 5 --json out.json
     python benchmarks/step_time.py --impls adamw-fused,adam-mini,adam-mini-bf16,adam-mini-int8
     python benchmarks/step_time.py --models hf-gpt2-small --impls adamw-fused,adam-mini-foreach,adam-mini
+    python benchmarks/step_time.py --device cuda --models llama-1b --impls adamw-fused,adamw-fused-graph,adam-mini,adam-mini-graph
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def make_optimizers(model, which, lr=1e-4):
             out[name] = blockopt.AdamMini(model, lr=lr, momentum_dtype=torch.bfloat16 if name.endswith("bf16") else "int8")
         elif name == "adam-mini-foreach":
             out[name] = blockopt.AdamMini(model, lr=lr, fused=False)
+        elif name in ("adam-mini-graph", "adamw-fused-graph"):  # CUDA only: the step replayed as a CUDA graph
+            lr_t = torch.tensor(lr, device=next(model.parameters()).device)
+            opt = (blockopt.AdamMini(model, lr=lr_t, capturable=True) if name == "adam-mini-graph"
+                   else torch.optim.AdamW(model.parameters(), lr=lr_t, fused=True, capturable=True))
+            out[name] = Graphed(opt)
         elif name == "adam-mini-reference":
             out[name] = blockopt.AdamMini(model, lr=lr, foreach=False)
         elif name == "adam-mini-official":
@@ -59,6 +65,25 @@ def make_optimizers(model, which, lr=1e-4):
         else:
             raise SystemExit(f"unknown implementation {name!r}")
     return out
+
+
+class Graphed:
+    """An optimizer whose ``step()`` replays a CUDA graph of one step (warmed up on a side stream)."""
+
+    def __init__(self, opt, warmup: int = 3) -> None:
+        self.opt = opt
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            opt.step()
+
+    def step(self) -> None:
+        self.graph.replay()
 
 
 def sync(device):

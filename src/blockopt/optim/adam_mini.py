@@ -419,7 +419,9 @@ class AdamMini(torch.optim.Optimizer):
         for group, lists, sharded, codec, sharded_codec in work:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            hyper = dict(lr=lr.item() if isinstance(lr, torch.Tensor) else lr, beta1=beta1, beta2=beta2,
+            # a capturable step never reads lr on the host (no sync: it may be recorded in a CUDA graph)
+            host_lr = lr.item() if isinstance(lr, torch.Tensor) and not group["capturable"] else lr
+            hyper = dict(lr=host_lr, beta1=beta1, beta2=beta2,
                          eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
             if sharded[0]:
                 if sharded_codec is not None:
@@ -483,7 +485,9 @@ class AdamMini(torch.optim.Optimizer):
         for group, prepared, grads in todo:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            hyper = dict(lr=lr.item() if isinstance(lr, torch.Tensor) else lr, beta1=beta1, beta2=beta2,
+            # a capturable step never reads lr on the host (no sync: it may be recorded in a CUDA graph)
+            host_lr = lr.item() if isinstance(lr, torch.Tensor) and not group["capturable"] else lr
+            hyper = dict(lr=host_lr, beta1=beta1, beta2=beta2,
                          eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
             for route, index, lists in prepared.routes:
                 route_grads = [grads[i] for i in index] if index is not None else grads
