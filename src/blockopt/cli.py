@@ -420,5 +420,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+def entry() -> None:
+    """The ``blockopt`` console script: :func:`main`, then exit with its status.
+
+    A rank of ``bench --parallel`` leaves through :func:`blockopt.distributed.launch.exit_process`,
+    which skips interpreter teardown. Gloo's threads can abort a finished run there.
+    """
+    rc = main()
+    from .distributed.launch import exit_process
+
+    exit_process(rc)
+
+
 if __name__ == "__main__":  # python -m blockopt.cli
-    sys.exit(main())
+    entry()

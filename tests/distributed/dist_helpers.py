@@ -119,24 +119,27 @@ def _entry(rank: int, fn_name: str, world: int, port: int, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from blockopt.distributed import launch
+
+    launch.init_distributed(device="cpu")
     try:
         globals()[fn_name](rank, world, *args)
     except BaseException:
         Path(args[0], f"error-{fn_name}-{rank}.txt").write_text(traceback.format_exc())
         raise
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        launch.cleanup()
+    launch.exit_process(0)  # no interpreter teardown with gloo threads alive (see exit_process)
 
 
 def spawn(fn_name: str, world: int, out: Path, *args: Any) -> None:
     """Run worker ``fn_name(rank, world, out, *args)`` in ``world`` processes joined by gloo.
 
-    A worker that raises fails the call with its traceback. A worker killed by a
-    signal before any Python error (seen rarely on a loaded 2-core machine: a C++
-    abort in gloo/TCPStore set-up, "terminate called without an active exception")
-    gets one retry on a fresh port, with a warning; a second crash fails.
+    A worker that raises fails the call with its traceback. A finished worker leaves
+    through ``launch.exit_process``, which avoids the known abort at interpreter
+    teardown ("terminate called without an active exception"). A worker still killed
+    by a signal before any Python error gets one retry on a fresh port, with a
+    warning; a second crash fails.
     """
     out.mkdir(parents=True, exist_ok=True)
     for attempt in (1, 2):

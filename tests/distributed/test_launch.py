@@ -45,6 +45,28 @@ def test_torchrun_fsdp_and_ddp_losses_equal_one_process(tmp_path):
         assert got[parallel]["param_sums"] == pytest.approx(sums, rel=1e-9, abs=1e-12), parallel
 
 
+def test_exit_process_ends_ranks_cleanly_with_collectives_in_flight():
+    """Without exit_process this script aborts at teardown (SIGABRT, "terminate called without an
+    active exception") in 9 of 10 runs on torch 2.13 / 2 cores; through it, every rank exits 0
+    and its buffered stdout still arrives."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(HERE / "torchrun_exit.py"), "hard"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "terminate called" not in proc.stderr
+        assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
+
+
+def test_exit_process_outside_a_process_group_is_sys_exit(monkeypatch):
+    monkeypatch.setattr(launch, "_ran_collectives", [False])
+    with pytest.raises(SystemExit) as e:
+        launch.exit_process(3)
+    assert e.value.code == 3
+
+
 def test_launch_helpers_outside_torchrun(tmp_path, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)

@@ -46,3 +46,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    launch.exit_process(0)

@@ -10,6 +10,7 @@ Typical use (what ``blockopt bench --parallel fsdp|ddp`` does)::
         ...
         if ctx.is_main: write_on_rank0(path, text)
     cleanup()
+    exit_process(0)                               # a script's last line: see exit_process for why
 
 World size, rank and device come from the process group and torchrun's
 environment, never from the number of visible GPUs. The backend is NCCL when
@@ -18,7 +19,9 @@ the device is CUDA and gloo otherwise (CPU runs, tests).
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +35,7 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "cleanup",
+    "exit_process",
     "init_distributed",
     "is_main_process",
     "shard_batch",
@@ -42,6 +46,7 @@ __all__ = [
 ]
 
 PARALLEL_CHOICES = ("fsdp", "ddp")
+_ran_collectives = [False]  # set by init_distributed: see exit_process
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
         if dev.type == "cuda":
             kwargs["device_id"] = dev
         dist.init_process_group(backend, rank=env["rank"], world_size=env["world_size"], **kwargs)
+    _ran_collectives[0] = True
     return DistContext(dist.get_rank(), dist.get_world_size(), env["local_rank"], dev, str(dist.get_backend()))
 
 
@@ -219,3 +225,25 @@ def cleanup() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a process that ran a process group: flush, then ``os._exit(code)``, without
+    interpreter finalization.
+
+    Why: ``destroy_process_group()`` does not always destroy the backend. A ``DistributedDataParallel``
+    model keeps the gloo process group alive after it is gone (torch 2.13), so gloo's worker threads
+    outlive ``cleanup()``. When a worker still holds a finished collective with a Python tensor while
+    the interpreter shuts down, dropping it takes the GIL. That aborts the process
+    ("terminate called without an active exception", SIGABRT), at random, after all the work is done.
+    Leaving with ``os._exit`` skips that teardown. Outside a process group this is ``sys.exit(code)``.
+    """
+    if not _ran_collectives[0]:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can reach it
+            pass
+    os._exit(code)
