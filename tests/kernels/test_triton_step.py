@@ -97,3 +97,125 @@ def test_triton_bf16_momentum_equals_the_codec_around_the_reference():
     assert same / sum(x.numel() for x in m) >= 0.999  # a code can differ where fp32 m differs by an ulp
     for name, a, b in zip(names, params, rparams):
         assert max_rel_diff(a, b) <= 1e-5, name
+
+
+def _int8_case():
+    """Tensors with int8 momentum: rows shorter and longer than a scale group (256), ragged last
+    groups, blocks of one row, of two rows (heads), of fused q|k|v rows, and a whole tensor."""
+    from blockopt import Geometry
+
+    shapes_geoms = [
+        ((6, 700), Geometry(0, ((6, 1),))),  # 3 groups per row, the last one ragged
+        ((8, 40), Geometry(0, ((8, 2),))),  # heads: 2 rows per block, 1 group
+        ((8, 300), Geometry(0, ((4, 2), (2, 1), (2, 1)))),  # fused rows: q heads | k rows | v rows
+        ((3, 4, 90), Geometry(-1, ((1080, 1080),))),  # one block: the whole tensor (rows of 360)
+        ((2, 1500), Geometry(0, ((2, 1),))),  # 6 groups: two tiles of 4 groups per row
+    ]
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(s, generator=g).to(DEVICE) for s, _ in shapes_geoms]
+    geoms = [geo for _, geo in shapes_geoms]
+    return params, geoms, g
+
+
+def test_triton_int8_momentum_equals_the_codec_around_the_reference():
+    """int8 codes and scales written by the kernel equal decode -> reference step -> encode
+    (the same random bits); a code may differ where fp32 m differs by an ulp."""
+    from blockopt.kernels import momentum as mom
+
+    params, geoms, g = _int8_case()
+    seeds = [mom.name_seed(f"w{i}") for i in range(len(params))]
+    nblocks = [sum(size // unit for size, unit in geo.segments) for geo in geoms]
+    rparams = [p.clone() for p in params]
+    state = [mom.new_state("int8", p) for p in params]
+    rstate = [mom.new_state("int8", p) for p in params]
+    v = [torch.zeros(n, device=DEVICE) for n in nblocks]
+    rv = [x.clone() for x in v]
+    steps = [torch.tensor(0.0) for _ in params]
+    rsteps = [torch.tensor(0.0) for _ in params]
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, maximize=False)
+    decay = [True] * len(params)
+    for _ in range(8):
+        gs = [torch.randn(p.shape, generator=g).to(DEVICE) for p in params]
+        adam_mini_triton(params, gs, [s["exp_avg"] for s in state], v, steps, geoms, decay, seeds=seeds,
+                         scales=[s["exp_avg_scale"] for s in state], **kw)
+        m32 = [mom.decode(s["exp_avg"], s["exp_avg_scale"]) for s in rstate]
+        adam_mini_reference(rparams, gs, m32, rv, rsteps, geoms, decay, **kw)
+        for s, y, seed, t in zip(rstate, m32, seeds, rsteps):
+            mom.encode_(s["exp_avg"], y, mom.step_seed(seed, int(t.item())), s["exp_avg_scale"])
+    total = sum(p.numel() for p in params)
+    same = sum((a["exp_avg"] == b["exp_avg"]).sum().item() for a, b in zip(state, rstate))
+    assert same / total >= 0.999
+    assert all(s["exp_avg"].abs().max().item() == 127 for s in state)  # codes use their whole range
+    for i, (a, b) in enumerate(zip(state, rstate)):
+        assert max_rel_diff(a["exp_avg_scale"], b["exp_avg_scale"]) <= 1e-4, i
+    for i, (a, b) in enumerate(zip(params, rparams)):
+        assert max_rel_diff(a, b) <= 1e-4, i
+    for a, b in zip(v, rv):
+        assert max_rel_diff(a, b) <= TOL[torch.float32]
+
+
+def test_triton_int8_bad_scales_are_refused_before_anything_changes():
+    from blockopt import Geometry
+    from blockopt.kernels import momentum as mom
+
+    params, geoms, _ = _int8_case()
+    state = [mom.new_state("int8", p) for p in params]
+    codes = [s["exp_avg"] for s in state]
+    scales = [s["exp_avg_scale"] for s in state]
+    v = [torch.zeros(sum(size // unit for size, unit in geo.segments), device=DEVICE) for geo in geoms]
+    steps = [torch.tensor(0.0) for _ in params]
+    before = [p.clone() for p in params]
+    grads = [torch.ones_like(p) for p in params]
+    call = dict(decay=[False] * len(params), lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
+                maximize=False)
+    with pytest.raises(ValueError, match="needs its exp_avg_scale"):
+        adam_mini_triton(params, grads, codes, v, steps, geoms, **call)
+    with pytest.raises(ValueError, match=r"exp_avg_scale has shape \(2, 3\); expected \(2, 6\)"):
+        adam_mini_triton(params, grads, codes, v, steps, geoms, scales=[*scales[:4], torch.zeros(2, 3)], **call)
+    elementwise = [*geoms[:4], Geometry(-1, ((3000, 1),))]
+    with pytest.raises(ValueError, match="needs blocks of whole rows"):
+        adam_mini_triton(params, grads, codes, v, steps, elementwise, scales=scales, **call)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(t.item() == 0 for t in steps)
+    assert all(not c.any() for c in codes)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces the Triton route on CPU tensors (interpreter)")
+def test_adam_mini_int8_momentum_through_the_triton_route_equals_the_cpu_route(monkeypatch):
+    """AdamMini(momentum_dtype="int8") hands codes and scales to the Triton step (no codec); its
+    state equals the default CPU route's."""
+    import copy
+
+    from blockopt.kernels.adam_mini_triton import triton_supports
+
+    model = build_model("llama-tiny", vocab_size=40, n_layers=1, d_model=32, n_heads=4, max_seq_len=8)
+    other = copy.deepcopy(model)
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_dtype="int8")
+    via_cpu = blockopt.AdamMini(other, **kw)
+    via_triton = blockopt.AdamMini(model, **kw)
+    original = via_triton._route
+    monkeypatch.setattr(via_triton, "_route", lambda p, g, m, geometry, fused: (
+        "triton" if triton_supports(p, m, geometry) else original(p, g, m, geometry, fused)))
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(6):
+        for m in (model, other):
+            for p in m.parameters():
+                p.grad = None
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        via_triton.step()
+        via_cpu.step()
+    routes = {r for r, _, _ in via_triton._prepared_cache[id(via_triton.param_groups[0])].routes}
+    assert routes == {"triton"}
+    assert {r for r, _, _ in via_cpu._prepared_cache[id(via_cpu.param_groups[0])].routes} == {"cpu"}
+    n_int8 = 0
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        a, b = via_triton.state[p], via_cpu.state[q]
+        assert a["exp_avg"].dtype == b["exp_avg"].dtype, name
+        n_int8 += a["exp_avg"].dtype == torch.int8
+        assert (a["exp_avg"] == b["exp_avg"]).float().mean().item() >= 0.999, name
+        if "exp_avg_scale" in a:
+            assert max_rel_diff(a["exp_avg_scale"], b["exp_avg_scale"]) <= 1e-4, name
+        assert max_rel_diff(p, q) <= 1e-4, name
+    assert n_int8 >= 5

@@ -4,7 +4,10 @@ Same contract as the other step functions in :mod:`blockopt.kernels`. One
 program handles one block: it sums ``g * g`` over the block, updates the
 block's second moment, then sweeps the block again (now in cache) to update
 ``m`` and ``p``. Per-element blocks (biases) use an element-wise Adam kernel.
-Parameters may be fp32, bf16 or fp16; arithmetic and state are fp32.
+Parameters may be fp32, bf16 or fp16; arithmetic is fp32. The first moment is
+stored in fp32, in bf16 with stochastic rounding, or as int8 codes with one
+scale per group of 256 elements of a row (:mod:`blockopt.kernels.momentum`;
+for int8 one program decodes, updates and re-encodes whole groups).
 
 With ``capturable=True`` nothing leaves the device: the step counters are
 device tensors incremented in place, bias corrections are computed inside the
@@ -22,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from .blocks import Geometry
-from .momentum import step_seed
+from .momentum import GROUP, step_seed
 
 __all__ = ["adam_mini_triton", "triton_available", "triton_supports"]
 
@@ -43,12 +46,30 @@ def triton_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometry) 
     return (
         triton is not None
         and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and exp_avg.dtype in (torch.float32, torch.bfloat16)  # bf16: momentum_dtype=torch.bfloat16
+        and exp_avg.dtype in (torch.float32, torch.bfloat16, torch.int8)  # momentum_dtype=bf16 / "int8"
         and p.is_contiguous()
         and exp_avg.is_contiguous()
         and geometry.axis in (-1, 0)
+        and (exp_avg.dtype != torch.int8 or _whole_rows(tuple(p.shape), geometry))
         and type(p) in (torch.nn.Parameter, torch.Tensor)
     )
+
+
+def _whole_rows(shape: tuple[int, ...], geometry: Geometry) -> bool:
+    """int8 codes are grouped along rows: every block must be made of whole rows of a 2-D+ tensor."""
+    axis, segments = geometry
+    return len(shape) >= 2 and (axis == 0 or (len(segments) == 1 and segments[0][0] == segments[0][1]))
+
+
+def _check_int8(shape: tuple[int, ...], scale: torch.Tensor | None, geometry: Geometry) -> None:
+    if scale is None or scale.dtype != torch.float32 or scale.dim() != 2 or not scale.is_contiguous():
+        raise ValueError("int8 momentum needs its exp_avg_scale: contiguous float32 [rows, groups]")
+    if not _whole_rows(shape, geometry):
+        raise ValueError(f"int8 momentum needs blocks of whole rows; got geometry {geometry} for shape {shape}")
+    want = (shape[0], -(-math.prod(shape[1:]) // GROUP))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"int8 momentum: exp_avg_scale has shape {tuple(scale.shape)}; expected {want} "
+                         f"for a parameter of shape {shape}")
 
 
 if triton is not None:
@@ -129,6 +150,69 @@ if triton is not None:
             _store_param(p_ptr + base + offs, p, mask)
 
     @triton.jit
+    def _block_kernel_int8(
+        p_ptr, g_ptr, q_ptr, scale_ptr, v_ptr,
+        lr, step_size, bc2_sqrt, beta2, omb1, omb2, eps, weight_decay, seed,
+        block_size, row0, rows_per_block, cols, groups,
+        DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, TILE: tl.constexpr, GPT: tl.constexpr, GROUP: tl.constexpr,
+    ):
+        """One block of whole rows with int8 momentum. ``p_ptr``/``g_ptr``/``v_ptr`` start at the
+        segment, ``q_ptr``/``scale_ptr`` at the tensor (row ``row0`` is the segment's first row).
+        The second sweep takes ``GPT`` scale groups of a row at a time, as a [GPT, GROUP] tile:
+        decode, update ``m`` and ``p``, then re-encode each group with its new absolute maximum."""
+        b = tl.program_id(0)
+        base = b.to(tl.int64) * block_size
+        acc = tl.zeros([TILE], dtype=tl.float32)
+        for start in range(0, block_size, TILE):
+            offs = start + tl.arange(0, TILE)
+            mask = offs < block_size
+            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += g * g
+        mean = tl.sum(acc, axis=0) / block_size
+        v = tl.load(v_ptr + b) * beta2 + omb2 * mean
+        tl.store(v_ptr + b, v)
+        denom = tl.sqrt(v) / bc2_sqrt + eps
+        gi = tl.arange(0, GPT)
+        ci = tl.arange(0, GROUP)
+        for r in range(0, rows_per_block):
+            row = row0 + b.to(tl.int64) * rows_per_block + r
+            local = base + r * cols  # the row's first element, from the segment's start
+            for g0 in range(0, groups, GPT):
+                gidx = g0 + gi
+                col = gidx[:, None] * GROUP + ci[None, :]
+                mask = col < cols
+                gmask = gidx < groups
+                a_old = tl.load(scale_ptr + row * groups + gidx, mask=gmask, other=0.0)
+                q = tl.load(q_ptr + row * cols + col, mask=mask, other=0).to(tl.float32)
+                m = (q * tl.abs(q)) * (a_old / 16129.0)[:, None]
+                g = tl.load(g_ptr + local + col, mask=mask, other=0.0).to(tl.float32)
+                if MAXIMIZE:
+                    g = -g
+                m = m + omb1 * (g - m)
+                m = tl.where(mask, m, 0.0)
+                p = tl.load(p_ptr + local + col, mask=mask, other=0.0).to(tl.float32)
+                if DECAY:
+                    p = p * (1.0 - lr * weight_decay)
+                p = p - step_size * (m / denom)
+                _store_param(p_ptr + local + col, p, mask)
+                amax = tl.max(tl.abs(m), axis=1)
+                safe = tl.where(amax > 0, amax, 1.0)
+                inv = tl.where(amax > 0, tl.div_rn(tl.full([GPT], 1.0, tl.float32), safe), 0.0)
+                M: tl.constexpr = 0xFFFFFFFF
+                x = ((row * cols + col) * 0x9E3779B9 + seed) & M
+                x = x ^ (x >> 16)
+                x = (x * 0x7FEB352D) & M
+                x = x ^ (x >> 15)
+                x = (x * 0x846CA68B) & M
+                x = x ^ (x >> 16)
+                u = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+                y = tl.sqrt_rn(tl.abs(m) * inv[:, None]) * 127.0
+                code = tl.minimum(tl.floor(y + u), 127.0)
+                code = tl.where(m < 0, -code, code)
+                tl.store(q_ptr + row * cols + col, code.to(tl.int8), mask=mask)
+                tl.store(scale_ptr + row * groups + gidx, amax, mask=gmask)
+
+    @triton.jit
     def _element_kernel(
         p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
         lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay, seed, first,
@@ -189,44 +273,54 @@ def adam_mini_triton(
     maximize: bool,
     capturable: bool = False,
     seeds: Sequence[int] | None = None,
+    scales: Sequence[torch.Tensor | None] | None = None,
 ) -> None:
     """Fused Triton step; with ``capturable`` the steps and ``lr`` live on the device.
 
     ``exp_avgs`` may be bf16 (``momentum_dtype=torch.bfloat16``): stored with stochastic rounding,
-    with ``seeds`` the parameters' base seeds (:func:`blockopt.kernels.momentum.name_seed`).
+    with ``seeds`` the parameters' base seeds (:func:`blockopt.kernels.momentum.name_seed`). They
+    may be int8 codes (``momentum_dtype="int8"``, blocks of whole rows): then ``scales[i]`` is the
+    parameter's fp32 ``exp_avg_scale`` of shape ``[rows, groups]``, updated in place.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed: pip install 'blockopt[gpu]'")
     if not params:
         return
+    scales = list(scales) if scales is not None else [None] * len(params)
+    for p, m, scale, geometry, step_t in zip(params, exp_avgs, scales, geometries, state_steps):  # before any change
+        if m.dtype == torch.int8:
+            _check_int8(tuple(p.shape), scale, geometry)
+        if capturable and m.dtype != torch.float32:
+            raise ValueError("capturable=True keeps fp32 momentum")
+        if capturable and step_t.device != p.device:
+            raise ValueError("capturable=True needs the step tensors on the parameter's device")
     torch._foreach_add_(list(state_steps), 1.0)
     if capturable:
         device = params[0].device
         lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), device=device)
         lr_t = lr_t.to(device=device, dtype=torch.float32).reshape(1)
-    if capturable and any(m.dtype != torch.float32 for m in exp_avgs):
-        raise ValueError("capturable=True keeps fp32 momentum")
     seeds = list(seeds) if seeds is not None else [0] * len(params)
-    for p, g, m, v, step_t, geometry, on, base_seed in zip(
-        params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds
+    for p, g, m, v, step_t, geometry, on, base_seed, scale in zip(
+        params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds, scales
     ):
         g = g if g.is_contiguous() else g.contiguous()
         if capturable:
-            if step_t.device != p.device:
-                raise ValueError("capturable=True needs the step tensors on the parameter's device")
             step_size, bc2_sqrt, lr_f, step_ptr, lr_ptr = 0.0, 1.0, 0.0, step_t, lr_t
         else:
             t = step_t.item()
             lr_f = lr.item() if isinstance(lr, torch.Tensor) else lr
             step_size, bc2_sqrt = lr_f / (1 - beta1**t), (1 - beta2**t) ** 0.5
             step_ptr = lr_ptr = v  # unused when not capturable
-        seed = step_seed(base_seed, int(t)) if m.dtype == torch.bfloat16 else 0
+        seed = step_seed(base_seed, int(t)) if m.dtype in (torch.bfloat16, torch.int8) else 0
         flags = dict(DECAY=bool(on and weight_decay != 0), MAXIMIZE=bool(maximize), CAPTURABLE=bool(capturable))
         # 1 - beta from the host in double: in fp32, 1 - 0.999 cancels to 1.3e-5 off
         scalars = (lr_f, step_size, bc2_sqrt, math.log(beta1) if beta1 > 0 else -math.inf,
                    math.log(beta2) if beta2 > 0 else -math.inf, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
                    seed)
         pf, gf, mf = p.view(-1), g.view(-1), m.view(-1)
+        if m.dtype == torch.int8:
+            _int8_launches(pf, gf, mf, v, scale, p.shape, geometry, scalars, flags)
+            continue
         for off, nb, bs, voff in _runs(tuple(p.shape), geometry):
             n = nb * bs
             args = (pf[off:off + n], gf[off:off + n], mf[off:off + n], v[voff:voff + nb], step_ptr, lr_ptr, *scalars,
@@ -237,3 +331,22 @@ def adam_mini_triton(
             else:
                 tile = min(1024, triton.next_power_of_2(bs))
                 _block_kernel[(nb,)](*args, bs, TILE=tile, **flags)
+
+
+def _int8_launches(pf: torch.Tensor, gf: torch.Tensor, qf: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None,
+                   shape: torch.Size, geometry: Geometry, scalars: tuple, flags: dict) -> None:
+    """The int8-momentum step of one parameter (checked by _check_int8): one launch per segment,
+    a program per block."""
+    cols = math.prod(shape[1:])
+    groups = scale.shape[1]
+    lr_f, step_size, bc2_sqrt, _, _, beta2, omb1, omb2, eps, weight_decay, seed = scalars
+    gpt = max(1, min(4, triton.next_power_of_2(groups)))  # up to 1024 elements of a row per tile
+    for off, nb, bs, voff in _runs(tuple(shape), geometry):
+        n = nb * bs
+        _block_kernel_int8[(nb,)](
+            pf[off:off + n], gf[off:off + n], qf, scale, v[voff:voff + nb],
+            lr_f, step_size, bc2_sqrt, beta2, omb1, omb2, eps, weight_decay, seed,
+            bs, off // cols, bs // cols, cols, groups,
+            DECAY=flags["DECAY"], MAXIMIZE=flags["MAXIMIZE"], TILE=min(1024, triton.next_power_of_2(bs)),
+            GPT=gpt, GROUP=GROUP,
+        )

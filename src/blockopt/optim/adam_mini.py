@@ -506,7 +506,7 @@ class AdamMini(torch.optim.Optimizer):
                             beta1=beta1, beta2=beta2, weight_decay=hyper["weight_decay"] if decayed else 0.0,
                             eps=hyper["eps"], amsgrad=False, maximize=hyper["maximize"])
                     continue
-                params, exp_avgs, vs, steps, geoms, decay, codec, seeds = lists
+                params, exp_avgs, vs, steps, geoms, decay, codec, seeds, scales = lists
                 if codec is not None:
                     exp_avgs = codec.decode()
                 args = (params, route_grads, exp_avgs, vs, steps, geoms, decay)
@@ -515,7 +515,7 @@ class AdamMini(torch.optim.Optimizer):
                 elif route == "capturable":
                     adam_mini_triton(*args, **{**hyper, "lr": lr}, capturable=True)
                 elif route == "triton":
-                    adam_mini_triton(*args, **hyper, seeds=seeds)
+                    adam_mini_triton(*args, **hyper, seeds=seeds, scales=scales)
                 else:
                     adam_mini_foreach(*args, **hyper)
                 if codec is not None:
@@ -570,11 +570,12 @@ class AdamMini(torch.optim.Optimizer):
                 colmaps = [column_map(tuple(p.shape), e.geometry) for p, e in zip(ps, es)]
                 lists = (ps, *lists, table, decay, kinds, scales, seeds, colmaps)
             else:
-                # the Triton step stores bf16 momentum itself (int8 never reaches it: triton_supports)
+                # the Triton step stores bf16 and int8 momentum itself; the other routes go through the codec
                 native = route == "triton"
                 lists = (ps, *lists, [e.geometry for e in es], [e.weight_decay for e in es],
                          None if native else self._momentum_codec(ps),
-                         [mom.name_seed(e.name) for e in es] if native else None)
+                         [mom.name_seed(e.name) for e in es] if native else None,
+                         [s.get("exp_avg_scale") for s in ss] if native else None)
             out.append((route, None if len(index) == len(with_grad) else index, lists))
         prepared = _Prepared(key, out)
         self._prepared_cache[id(group)] = prepared
