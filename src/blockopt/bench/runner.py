@@ -500,7 +500,7 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
 
 
 PARALLEL_CHOICES = ("none", "fsdp", "ddp")
-PARALLEL_OPTIMIZERS = ("adamw", "adam-mini")
+PARALLEL_OPTIMIZERS = ("adamw", "adam-mini", "adamw+blr", "adam-mini+blr")
 
 
 def _check_parallel(cfg: SweepConfig) -> int:
