@@ -105,13 +105,17 @@ def test_hf_gpt2_conv1d_and_fused_qkv_foreach_equals_reference():
         assert max_rel_diff(p, q) <= 1e-10, name
 
 
-def test_equals_official_adam_mini_1_1_1():
+# float64 pins the semantics (measured: 1.4e-15 after 20 steps); float32 runs the default fast path,
+# where 20 steps of reordered fp32 sums leave ~1e-6 (measured: 8.7e-7 with the C++ kernel, 1.14e-6 on
+# k_proj's momentum with BLOCKOPT_DISABLE_CPU_KERNEL=1, the foreach path)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_equals_official_adam_mini_1_1_1(dtype, tol):
     official = pytest.importorskip(
         "adam_mini", reason="the official adam-mini package is not installed (pip install 'blockopt[official]')"
     )
     # untied head and names the official release recognises: embed, q_proj/k_proj, v_proj, o_proj, mlp, lm_head,
     # ln_*/norm (no decay), *.bias (per-element Adam), wpe (one block)
-    model = tiny("gpt2", tie_embeddings=False)
+    model = tiny("gpt2", tie_embeddings=False).to(dtype)
     # the key bias cannot change attention (softmax is shift invariant): its gradient is pure rounding
     # noise, on which two correct implementations legitimately diverge; freeze it in both
     for block in model.blocks:
@@ -125,14 +129,14 @@ def test_equals_official_adam_mini_1_1_1():
     train(ref, theirs, batches)
     checked = 0
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        assert max_rel_diff(p, q) <= 1e-6, name
+        assert max_rel_diff(p, q) <= tol, name
         if not p.requires_grad:
             continue
         s, t = ours.state[p], theirs.state[q]
         v_theirs = t["vmean"] if "vmean" in t else t["v"]
         assert s["block_exp_avg_sq"].numel() == v_theirs.numel(), name
-        assert max_rel_diff(s["exp_avg"], t["m"].reshape(p.shape)) <= 1e-6, name
-        assert max_rel_diff(s["block_exp_avg_sq"], v_theirs.reshape(-1)) <= 1e-6, name
+        assert max_rel_diff(s["exp_avg"], t["m"].reshape(p.shape)) <= tol, name
+        assert max_rel_diff(s["block_exp_avg_sq"], v_theirs.reshape(-1)) <= tol, name
         checked += 1
     assert checked == sum(p.requires_grad for p in model.parameters())
 

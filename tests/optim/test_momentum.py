@@ -12,6 +12,7 @@ import torch
 import blockopt
 from blockopt.bench.models import build_model
 from blockopt.kernels import load_cpu_kernel
+from blockopt.kernels.adam_mini_cpu import cpu_kernel_error
 from blockopt.kernels import momentum as mom
 from conftest import TOL, max_rel_diff
 
@@ -86,7 +87,7 @@ def test_fused_kernel_equals_the_codec_around_the_reference_loop(fmt):
     """The C++ kernel stores m inline; the reference loop runs on decoded fp32 and encodes after.
     Same hash and formulas, so bf16 codes agree exactly and int8 codes all but never differ."""
     if load_cpu_kernel() is None:
-        pytest.skip("no C++ compiler: the fused CPU kernel cannot be built")
+        pytest.skip(f"the fused CPU kernel is not built: {cpu_kernel_error()}")
     model = _model()
     ref = copy.deepcopy(model)
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_dtype=FORMATS[fmt])
