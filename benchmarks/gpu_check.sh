@@ -20,5 +20,5 @@ PY=$(command -v python3 || command -v python)
 "$PY" -m pytest tests/kernels/test_triton_step.py -q -p no:cacheprovider 2>&1 | tee "$OUT/triton_tests.txt"
 "$PY" benchmarks/bandwidth.py --device "$DEVICE" 2>&1 | tee "$OUT/bandwidth.txt"
 "$PY" benchmarks/step_time.py --device "$DEVICE" --models "$MODELS" \
-  --impls "${IMPLS:-adamw-foreach,adamw-fused,adamw-fused-graph,adam-mini-foreach,adam-mini,adam-mini-graph,adam-mini-bf16,adam-mini-int8}" --rounds 5 \
+  --impls "${IMPLS:-adamw-foreach,adamw-fused,adamw-fused-graph,adam-mini-foreach,adam-mini,adam-mini-per-segment,adam-mini-graph,adam-mini-bf16,adam-mini-int8}" --rounds 5 \
   --json "$OUT/step_time_$DEVICE.json" 2>&1 | tee "$OUT/step_time.txt"

@@ -45,6 +45,8 @@ def make_optimizers(model, which, lr=1e-4):
             out[name] = blockopt.AdamMini(model, lr=lr)
         elif name in ("adam-mini-bf16", "adam-mini-int8"):
             out[name] = blockopt.AdamMini(model, lr=lr, momentum_dtype=torch.bfloat16 if name.endswith("bf16") else "int8")
+        elif name == "adam-mini-per-segment":  # CUDA: the Triton step with a launch per tensor segment
+            out[name] = PerSegment(blockopt.AdamMini(model, lr=lr))
         elif name == "adam-mini-foreach":
             out[name] = blockopt.AdamMini(model, lr=lr, fused=False)
         elif name in ("adam-mini-graph", "adamw-fused-graph"):  # CUDA only: the step replayed as a CUDA graph
@@ -65,6 +67,26 @@ def make_optimizers(model, which, lr=1e-4):
         else:
             raise SystemExit(f"unknown implementation {name!r}")
     return out
+
+
+class PerSegment:
+    """AdamMini whose Triton step launches once per tensor segment (``multi_tensor=False``): what the
+    table-driven multi-tensor launch of the default saves in host time."""
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+
+    def step(self) -> None:
+        import functools
+
+        from blockopt.optim import adam_mini as module
+
+        default = module.adam_mini_triton
+        module.adam_mini_triton = functools.partial(default, multi_tensor=False)
+        try:
+            self.opt.step()
+        finally:
+            module.adam_mini_triton = default
 
 
 class Graphed:

@@ -222,3 +222,44 @@ def test_adam_mini_int8_momentum_through_the_triton_route_equals_the_cpu_route(m
             assert max_rel_diff(a["exp_avg_scale"], b["exp_avg_scale"]) <= 1e-4, name
         assert max_rel_diff(p, q) <= 1e-4, name
     assert n_int8 >= 5
+
+
+@pytest.mark.parametrize("momentum", [torch.float32, torch.bfloat16])
+def test_triton_multi_tensor_launch_equals_one_launch_per_segment(momentum):
+    """The table-driven launches (the default) give the per-segment launches' results bit for bit:
+    rows, heads, fused q|k|v rows, whole tensors and per-element blocks; fp32, bf16 and fp16
+    parameters (a launch per dtype); decayed and not; 7 steps."""
+    from blockopt import Geometry
+    from blockopt.kernels import momentum as mom
+
+    cases = [
+        ((6, 40), Geometry(0, ((6, 1),)), torch.float32, True),
+        ((8, 12), Geometry(0, ((8, 2),)), torch.float32, False),
+        ((8, 20), Geometry(0, ((4, 2), (2, 1), (2, 1))), torch.float32, True),
+        ((3, 50), Geometry(-1, ((150, 150),)), torch.bfloat16, True),
+        ((2100,), Geometry(-1, ((2100, 1),)), torch.float32, False),  # per-element: 3 programs of 1024
+        ((7,), Geometry(-1, ((7, 1),)), torch.float16, False),
+        ((4, 1500), Geometry(0, ((4, 1),)), torch.float16, True),  # blocks longer than a tile
+    ]
+    g = torch.Generator().manual_seed(5)
+    init = [torch.randn(shape, generator=g).to(DEVICE, dtype) for shape, _, dtype, _ in cases]
+    geoms = [c[1] for c in cases]
+    decay = [c[3] for c in cases]
+    seeds = [mom.name_seed(f"t{i}") for i in range(len(cases))]
+    grads = [[torch.randn(x.shape, generator=g).to(DEVICE, x.dtype) for x in init] for _ in range(7)]
+
+    def run(multi_tensor):
+        params = [x.clone() for x in init]
+        m = [torch.zeros(x.shape, device=DEVICE, dtype=momentum) for x in init]
+        v = [torch.zeros(sum(size // unit for size, unit in geo.segments), device=DEVICE) for geo in geoms]
+        steps = [torch.tensor(0.0) for _ in init]
+        for gs in grads:
+            adam_mini_triton(params, gs, m, v, steps, geoms, decay, lr=3e-2, beta1=0.9, beta2=0.95, eps=1e-8,
+                             weight_decay=0.1, maximize=False, seeds=seeds, multi_tensor=multi_tensor)
+        return params, m, v
+
+    fast, slow = run(True), run(False)
+    for kind, a_list, b_list in zip(("param", "exp_avg", "v"), fast, slow):
+        for i, (a, b) in enumerate(zip(a_list, b_list)):
+            assert torch.equal(a, b), (kind, i)
+    assert not torch.equal(fast[0][0], init[0])

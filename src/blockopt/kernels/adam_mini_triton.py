@@ -20,6 +20,7 @@ Correctness tests run on CPU tensors with ``TRITON_INTERPRET=1``.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -111,19 +112,11 @@ if triton is not None:
             tl.store(ptr, m, mask=mask)
 
     @triton.jit
-    def _block_kernel(
-        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
-        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay, seed, first,
-        block_size,
-        DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
-    ):
-        b = tl.program_id(0)
+    def _block_body(p_ptr, g_ptr, m_ptr, v_ptr, b, block_size, step_size, bc2_sqrt, dmul, beta2, omb1, omb2, eps,
+                    seed, first, MAXIMIZE: tl.constexpr, TILE: tl.constexpr):
+        """Block ``b`` of a segment: sum g*g, update its v, then sweep again to update m and p.
+        ``dmul``: the decoupled weight-decay factor (1 for no decay; ``p * 1.0`` is exact)."""
         base = b.to(tl.int64) * block_size
-        if CAPTURABLE:
-            t = tl.load(step_ptr)
-            lr = tl.load(lr_ptr)
-            step_size = lr / _one_minus_pow(ln_beta1, t)
-            bc2_sqrt = tl.sqrt(_one_minus_pow(ln_beta2, t))
         acc = tl.zeros([TILE], dtype=tl.float32)
         for start in range(0, block_size, TILE):
             offs = start + tl.arange(0, TILE)
@@ -144,10 +137,109 @@ if triton is not None:
             m = m + omb1 * (g - m)
             _store_momentum(m_ptr + base + offs, m, first + base + offs, seed, mask)
             p = tl.load(p_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            if DECAY:
-                p = p * (1.0 - lr * weight_decay)
+            p = p * dmul
             p = p - step_size * (m / denom)
             _store_param(p_ptr + base + offs, p, mask)
+
+    @triton.jit
+    def _element_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, step_size, bc2_sqrt, dmul, beta2, omb1, omb2, eps,
+                      seed, first, MAXIMIZE: tl.constexpr):
+        """Elements ``offs`` of a segment of per-element blocks: Adam."""
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            g = -g
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        m = m + omb1 * (g - m)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        v = v * beta2 + omb2 * g * g
+        _store_momentum(m_ptr + offs, m, first + offs, seed, mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = p * dmul
+        p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
+        _store_param(p_ptr + offs, p, mask)
+
+    @triton.jit
+    def _device_scalars(step_ptr, lr_ptr, ln_beta1, ln_beta2):
+        """lr, step size and sqrt(1 - beta2**t) from device memory (capturable steps)."""
+        t = tl.load(step_ptr)
+        lr = tl.load(lr_ptr)
+        return lr, lr / _one_minus_pow(ln_beta1, t), tl.sqrt(_one_minus_pow(ln_beta2, t))
+
+    @triton.jit
+    def _block_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
+        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay, seed, first,
+        block_size,
+        DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
+    ):
+        if CAPTURABLE:
+            lr, step_size, bc2_sqrt = _device_scalars(step_ptr, lr_ptr, ln_beta1, ln_beta2)
+        dmul = 1.0 - lr * weight_decay if DECAY else 1.0
+        _block_body(p_ptr, g_ptr, m_ptr, v_ptr, tl.program_id(0), block_size, step_size, bc2_sqrt, dmul, beta2,
+                    omb1, omb2, eps, seed, first, MAXIMIZE, TILE)
+
+    @triton.jit
+    def _element_kernel(
+        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
+        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay, seed, first,
+        n,
+        DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
+    ):
+        if CAPTURABLE:
+            lr, step_size, bc2_sqrt = _device_scalars(step_ptr, lr_ptr, ln_beta1, ln_beta2)
+        dmul = 1.0 - lr * weight_decay if DECAY else 1.0
+        offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+        _element_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, n, step_size, bc2_sqrt, dmul, beta2, omb1, omb2, eps,
+                      seed, first, MAXIMIZE)
+
+    @triton.jit
+    def _find_segment(starts_ptr, pid, LOG: tl.constexpr):
+        """The segment whose first program is the last of ``starts`` (sorted, starts[0] = 0) <= pid."""
+        lo = pid * 0
+        hi = lo + (1 << LOG)
+        for _ in tl.static_range(LOG):
+            mid = (lo + hi) // 2
+            ok = tl.load(starts_ptr + mid) <= pid
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        return lo
+
+    @triton.jit
+    def _multi_kernel(
+        itab, dtab, ftab, starts, p_like, g_like, m_like,
+        lr, beta2, omb1, omb2, eps, weight_decay,
+        ELEMENTS: tl.constexpr, MAXIMIZE: tl.constexpr, TILE: tl.constexpr, LOG: tl.constexpr,
+    ):
+        """Many segments in one launch. Row ``s`` of ``itab`` (int64, fixed while the tensors are):
+        addresses of p, m and v at the segment's start, its block size (per-element blocks: its
+        length), the index of its first element in the tensor, whether it decays; of ``dtab``
+        (int64, per step): the gradient's address there and the random seed; of ``ftab`` (fp32, per
+        step): step size and sqrt(1 - beta2**t). ``starts[s]``: the segment's first program (padded
+        with a large value to a power of two). ``*_like``: tensors whose pointer types the addresses
+        take."""
+        pid = tl.program_id(0).to(tl.int64)
+        seg = _find_segment(starts, pid, LOG)
+        row = itab + seg * 6
+        p_ptr = tl.load(row).to(p_like.dtype)
+        m_ptr = tl.load(row + 1).to(m_like.dtype)
+        v_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+        size = tl.load(row + 3)
+        first = tl.load(row + 4)
+        dmul = tl.where(tl.load(row + 5) != 0, 1.0 - lr * weight_decay, 1.0)
+        g_ptr = tl.load(dtab + seg * 2).to(g_like.dtype)
+        seed = tl.load(dtab + seg * 2 + 1)
+        step_size = tl.load(ftab + seg * 2)
+        bc2_sqrt = tl.load(ftab + seg * 2 + 1)
+        local = pid - tl.load(starts + seg)
+        if ELEMENTS:
+            offs = local * TILE + tl.arange(0, TILE)
+            _element_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, size, step_size, bc2_sqrt, dmul, beta2, omb1, omb2,
+                          eps, seed, first, MAXIMIZE)
+        else:
+            _block_body(p_ptr, g_ptr, m_ptr, v_ptr, local, size, step_size, bc2_sqrt, dmul, beta2, omb1, omb2,
+                        eps, seed, first, MAXIMIZE, TILE)
 
     @triton.jit
     def _block_kernel_int8(
@@ -274,8 +366,13 @@ def adam_mini_triton(
     capturable: bool = False,
     seeds: Sequence[int] | None = None,
     scales: Sequence[torch.Tensor | None] | None = None,
+    multi_tensor: bool = True,
 ) -> None:
     """Fused Triton step; with ``capturable`` the steps and ``lr`` live on the device.
+
+    Without ``capturable``, ``multi_tensor`` (the default) steps the fp32/bf16-momentum tensors in
+    a few launches (one per kind of segment, parameter dtype and tile), each reading a table of the
+    segments' addresses, instead of a launch per segment; the results are the same bit for bit.
 
     ``exp_avgs`` may be bf16 (``momentum_dtype=torch.bfloat16``): stored with stochastic rounding,
     with ``seeds`` the parameters' base seeds (:func:`blockopt.kernels.momentum.name_seed`). They
@@ -300,10 +397,21 @@ def adam_mini_triton(
         lr_t = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), device=device)
         lr_t = lr_t.to(device=device, dtype=torch.float32).reshape(1)
     seeds = list(seeds) if seeds is not None else [0] * len(params)
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    if multi_tensor and not capturable:
+        multi = [i for i, m in enumerate(exp_avgs) if m.dtype != torch.int8]
+        lr_f = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
+        _multi_launches([params[i] for i in multi], [grads[i] for i in multi], [exp_avgs[i] for i in multi],
+                        [block_exp_avg_sqs[i] for i in multi], [state_steps[i] for i in multi],
+                        [geometries[i] for i in multi], [decay[i] for i in multi], [seeds[i] for i in multi],
+                        lr=lr_f, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        keep = set(multi)
+        params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds, scales = (
+            [x for i, x in enumerate(lst) if i not in keep]
+            for lst in (params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds, scales))
     for p, g, m, v, step_t, geometry, on, base_seed, scale in zip(
         params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds, scales
     ):
-        g = g if g.is_contiguous() else g.contiguous()
         if capturable:
             step_size, bc2_sqrt, lr_f, step_ptr, lr_ptr = 0.0, 1.0, 0.0, step_t, lr_t
         else:
@@ -350,3 +458,116 @@ def _int8_launches(pf: torch.Tensor, gf: torch.Tensor, qf: torch.Tensor, v: torc
             DECAY=flags["DECAY"], MAXIMIZE=flags["MAXIMIZE"], TILE=min(1024, triton.next_power_of_2(bs)),
             GPT=gpt, GROUP=GROUP,
         )
+
+
+class _MultiPlan:
+    """What stays fixed while the tensors do: per launch, its segments' static table and program starts
+    on the device; per segment, its tensor and the gradient's byte offset (to add each step)."""
+
+    def __init__(self, params, grads, exp_avgs, vs, geometries, decay, seeds) -> None:
+        launches: dict[tuple, list[tuple]] = {}
+        for i, (p, g, m, v, geometry, on) in enumerate(zip(params, grads, exp_avgs, vs, geometries, decay)):
+            for off, nb, bs, voff in _runs(tuple(p.shape), geometry):
+                if nb == 0:
+                    continue
+                elements = bs == 1
+                tile = 1024 if elements else min(1024, 1 << (bs - 1).bit_length())
+                size, programs = (nb, -(-nb // tile)) if elements else (bs, nb)
+                row = (p.data_ptr() + off * p.element_size(), m.data_ptr() + off * m.element_size(),
+                       v.data_ptr() + voff * 4, size, off, int(on))
+                launches.setdefault((elements, tile, p.dtype, g.dtype, m.dtype), []).append(
+                    (row, i, off * g.element_size(), programs))
+        device = params[0].device
+        rows, starts, self.seg_tensor, self.g_off, self.launches = [], [], [], [], []
+        for (elements, tile, *_), segs in launches.items():
+            log = max(1, (len(segs) - 1).bit_length())
+            first = 0
+            for row, i, g_off, programs in segs:
+                rows.append(row)
+                starts.append(first)
+                self.seg_tensor.append(i)
+                self.g_off.append(g_off)
+                first += programs
+            starts.extend([1 << 62] * ((1 << log) - len(segs)))  # padding the search never passes
+            self.launches.append((elements, tile, segs[0][1], len(segs), 1 << log, first, log))
+        self.itab = torch.tensor(rows, dtype=torch.int64).to(device)
+        self.starts = torch.tensor(starts, dtype=torch.int64).to(device)
+        self.seg_tensor = torch.tensor(self.seg_tensor, dtype=torch.int64)
+        self.g_off = torch.tensor(self.g_off, dtype=torch.int64)
+        self.seeds = torch.tensor(seeds, dtype=torch.int64)
+        self.bf16 = torch.tensor([m.dtype == torch.bfloat16 for m in exp_avgs])
+        # one-element tensors whose pointer types the launches' addresses take (no reference to the
+        # caller's tensors is kept: a cached plan does not keep a model alive)
+        self.witness = [(torch.empty(1, dtype=params[i].dtype, device=device),
+                         torch.empty(1, dtype=grads[i].dtype, device=device),
+                         torch.empty(1, dtype=exp_avgs[i].dtype, device=device))
+                        for _, _, i, *_ in self.launches]
+
+
+_PLANS: OrderedDict[tuple, _MultiPlan] = OrderedDict()
+_PLANS_KEPT = 8
+
+
+def _multi_plan(params, grads, exp_avgs, vs, geometries, decay, seeds) -> _MultiPlan:
+    """The cached plan of these tensors. The key holds every address (a tensor whose storage moved,
+    e.g. ``p.data = ...``, gets a new plan) besides shapes, geometries, decay, seeds and dtypes."""
+    key = (tuple([p.data_ptr() for p in params]), tuple([m.data_ptr() for m in exp_avgs]),
+           tuple([v.data_ptr() for v in vs]), tuple([p.shape for p in params]), tuple(geometries),
+           tuple(decay), tuple(seeds), tuple([p.dtype for p in params]), tuple([g.dtype for g in grads]),
+           tuple([m.dtype for m in exp_avgs]), params[0].device)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _MultiPlan(params, grads, exp_avgs, vs, geometries, decay, seeds)
+        while len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def _step_seeds(bases: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """:func:`blockopt.kernels.momentum.step_seed` for int64 tensors of seeds and steps."""
+    m32 = 0xFFFFFFFF
+    x = (bases ^ ((steps * 0x9E3779B1) & m32)) & m32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & m32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & m32
+    return x ^ (x >> 16)
+
+
+def _multi_launches(params, grads, exp_avgs, vs, steps, geometries, decay, seeds, *, lr: float, beta1: float,
+                    beta2: float, eps: float, weight_decay: float, maximize: bool) -> None:
+    """Non-capturable steps of fp32/bf16-momentum tensors (steps already incremented), a launch per
+    (per-element or blocks, parameter, gradient and momentum dtypes, tile). The static table comes
+    from the cached :class:`_MultiPlan`; per step only the gradients' addresses, the seeds and the
+    bias corrections are gathered (vectorised on the host) and copied, in two small transfers."""
+    if not params:
+        return
+    decay = [bool(on and weight_decay != 0) for on in decay]
+    plan = _multi_plan(params, grads, exp_avgs, vs, geometries, decay, seeds)
+    ts = [s.item() for s in steps]
+    scalars = {t: (lr / (1 - beta1**t), (1 - beta2**t) ** 0.5) for t in set(ts)}  # Python floats, as per segment
+    per_tensor = torch.tensor([scalars[t] for t in ts], dtype=torch.float64).to(torch.float32)
+    t_int = torch.tensor([int(t) for t in ts], dtype=torch.int64)
+    seeds_now = torch.where(plan.bf16, _step_seeds(plan.seeds, t_int), 0)
+    g_ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+    seg = plan.seg_tensor
+    device = params[0].device
+    pin = device.type == "cuda"
+    dyn = torch.stack((g_ptrs[seg] + plan.g_off, seeds_now[seg]), dim=1)
+    flt = per_tensor[seg]
+    if pin:
+        dyn, flt = dyn.pin_memory(), flt.pin_memory()
+    dtab = dyn.to(device, non_blocking=True)
+    ftab = flt.to(device, non_blocking=True)
+    i0 = s0 = 0
+    for (elements, tile, _, n, padded, programs, log), (p_like, g_like, m_like) in zip(plan.launches, plan.witness):
+        _multi_kernel[(programs,)](
+            plan.itab[i0:i0 + n], dtab[i0:i0 + n], ftab[i0:i0 + n], plan.starts[s0:s0 + padded],
+            p_like, g_like, m_like,
+            lr, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+            ELEMENTS=elements, MAXIMIZE=bool(maximize), TILE=tile, LOG=log,
+        )
+        i0 += n
+        s0 += padded
