@@ -19,6 +19,7 @@ Correctness tests run on CPU tensors with ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -334,6 +335,11 @@ if triton is not None:
         _store_param(p_ptr + offs, p, mask)
 
 
+def _on(device: torch.device):
+    """Launch on ``device``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _runs(shape: tuple[int, ...], geometry: Geometry) -> list[tuple[int, int, int, int]]:
     """(element offset, blocks, block size, v offset) for each segment."""
     numel = math.prod(shape)
@@ -401,10 +407,15 @@ def adam_mini_triton(
     if multi_tensor and not capturable:
         multi = [i for i, m in enumerate(exp_avgs) if m.dtype != torch.int8]
         lr_f = lr.item() if isinstance(lr, torch.Tensor) else float(lr)
-        _multi_launches([params[i] for i in multi], [grads[i] for i in multi], [exp_avgs[i] for i in multi],
-                        [block_exp_avg_sqs[i] for i in multi], [state_steps[i] for i in multi],
-                        [geometries[i] for i in multi], [decay[i] for i in multi], [seeds[i] for i in multi],
-                        lr=lr_f, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        by_device: dict[torch.device, list[int]] = {}
+        for i in multi:  # a table holds addresses on one device
+            by_device.setdefault(params[i].device, []).append(i)
+        for idx in by_device.values():
+            _multi_launches([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                            [block_exp_avg_sqs[i] for i in idx], [state_steps[i] for i in idx],
+                            [geometries[i] for i in idx], [decay[i] for i in idx], [seeds[i] for i in idx],
+                            lr=lr_f, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                            maximize=maximize)
         keep = set(multi)
         params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds, scales = (
             [x for i, x in enumerate(lst) if i not in keep]
@@ -426,19 +437,25 @@ def adam_mini_triton(
                    math.log(beta2) if beta2 > 0 else -math.inf, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
                    seed)
         pf, gf, mf = p.view(-1), g.view(-1), m.view(-1)
-        if m.dtype == torch.int8:
-            _int8_launches(pf, gf, mf, v, scale, p.shape, geometry, scalars, flags)
-            continue
-        for off, nb, bs, voff in _runs(tuple(p.shape), geometry):
-            n = nb * bs
-            args = (pf[off:off + n], gf[off:off + n], mf[off:off + n], v[voff:voff + nb], step_ptr, lr_ptr, *scalars,
-                    off)
-            if bs == 1:
-                tile = 1024
-                _element_kernel[(triton.cdiv(n, tile),)](*args, n, TILE=tile, **flags)
-            else:
-                tile = min(1024, triton.next_power_of_2(bs))
-                _block_kernel[(nb,)](*args, bs, TILE=tile, **flags)
+        with _on(p.device):
+            _segment_launches(pf, gf, mf, v, scale, p.shape, geometry, scalars, flags, step_ptr, lr_ptr)
+
+
+def _segment_launches(pf, gf, mf, v, scale, shape, geometry, scalars, flags, step_ptr, lr_ptr) -> None:
+    """A launch per segment of one parameter (int8 momentum, capturable steps, ``multi_tensor=False``)."""
+    if mf.dtype == torch.int8:
+        _int8_launches(pf, gf, mf, v, scale, shape, geometry, scalars, flags)
+        return
+    for off, nb, bs, voff in _runs(tuple(shape), geometry):
+        n = nb * bs
+        args = (pf[off:off + n], gf[off:off + n], mf[off:off + n], v[voff:voff + nb], step_ptr, lr_ptr, *scalars,
+                off)
+        if bs == 1:
+            tile = 1024
+            _element_kernel[(triton.cdiv(n, tile),)](*args, n, TILE=tile, **flags)
+        else:
+            tile = min(1024, triton.next_power_of_2(bs))
+            _block_kernel[(nb,)](*args, bs, TILE=tile, **flags)
 
 
 def _int8_launches(pf: torch.Tensor, gf: torch.Tensor, qf: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None,
@@ -563,11 +580,12 @@ def _multi_launches(params, grads, exp_avgs, vs, steps, geometries, decay, seeds
     ftab = flt.to(device, non_blocking=True)
     i0 = s0 = 0
     for (elements, tile, _, n, padded, programs, log), (p_like, g_like, m_like) in zip(plan.launches, plan.witness):
-        _multi_kernel[(programs,)](
-            plan.itab[i0:i0 + n], dtab[i0:i0 + n], ftab[i0:i0 + n], plan.starts[s0:s0 + padded],
-            p_like, g_like, m_like,
-            lr, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-            ELEMENTS=elements, MAXIMIZE=bool(maximize), TILE=tile, LOG=log,
-        )
+        with _on(device):
+            _multi_kernel[(programs,)](
+                plan.itab[i0:i0 + n], dtab[i0:i0 + n], ftab[i0:i0 + n], plan.starts[s0:s0 + padded],
+                p_like, g_like, m_like,
+                lr, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+                ELEMENTS=elements, MAXIMIZE=bool(maximize), TILE=tile, LOG=log,
+            )
         i0 += n
         s0 += padded
