@@ -95,29 +95,32 @@ if triton is not None:
             tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _hash32(index, seed):
+        """:func:`blockopt.kernels.momentum.hash32` of int64 ``index`` (32 bits, in an int64)."""
+        M: tl.constexpr = 0xFFFFFFFF
+        x = (index * 0x9E3779B9 + seed) & M
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & M
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & M
+        return x ^ (x >> 16)
+
+    @triton.jit
     def _store_momentum(ptr, m, index, seed, mask):
         """fp32 ``m`` into the state; a bf16 state rounds stochastically with the bits of
         :func:`blockopt.kernels.momentum.hash32` at each element's index (the same bits as the CPU paths)."""
         if ptr.dtype.element_ty == tl.bfloat16:
-            M: tl.constexpr = 0xFFFFFFFF
-            x = (index * 0x9E3779B9 + seed) & M
-            x = x ^ (x >> 16)
-            x = (x * 0x7FEB352D) & M
-            x = x ^ (x >> 15)
-            x = (x * 0x846CA68B) & M
-            x = x ^ (x >> 16)
+            x = _hash32(index, seed)
             bits = m.to(tl.uint32, bitcast=True).to(tl.int64)
-            bits = ((bits + (x & 0xFFFF)) & M) >> 16
+            bits = ((bits + (x & 0xFFFF)) & 0xFFFFFFFF) >> 16
             tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
         else:
             tl.store(ptr, m, mask=mask)
 
     @triton.jit
-    def _block_body(p_ptr, g_ptr, m_ptr, v_ptr, b, block_size, step_size, bc2_sqrt, dmul, beta2, omb1, omb2, eps,
-                    seed, first, MAXIMIZE: tl.constexpr, TILE: tl.constexpr):
-        """Block ``b`` of a segment: sum g*g, update its v, then sweep again to update m and p.
-        ``dmul``: the decoupled weight-decay factor (1 for no decay; ``p * 1.0`` is exact)."""
-        base = b.to(tl.int64) * block_size
+    def _block_denom(g_ptr, v_ptr, b, base, block_size, bc2_sqrt, beta2, omb2, eps, TILE: tl.constexpr):
+        """The first sweep of block ``b``: mean of g*g, the block's new v (stored), and the
+        denominator sqrt(v / (1 - beta2**t)) + eps of its update."""
         acc = tl.zeros([TILE], dtype=tl.float32)
         for start in range(0, block_size, TILE):
             offs = start + tl.arange(0, TILE)
@@ -127,7 +130,15 @@ if triton is not None:
         mean = tl.sum(acc, axis=0) / block_size
         v = tl.load(v_ptr + b) * beta2 + omb2 * mean
         tl.store(v_ptr + b, v)
-        denom = tl.sqrt(v) / bc2_sqrt + eps
+        return tl.sqrt(v) / bc2_sqrt + eps
+
+    @triton.jit
+    def _block_body(p_ptr, g_ptr, m_ptr, v_ptr, b, block_size, step_size, bc2_sqrt, dmul, beta2, omb1, omb2, eps,
+                    seed, first, MAXIMIZE: tl.constexpr, TILE: tl.constexpr):
+        """Block ``b`` of a segment: sum g*g, update its v, then sweep again to update m and p.
+        ``dmul``: the decoupled weight-decay factor (1 for no decay; ``p * 1.0`` is exact)."""
+        base = b.to(tl.int64) * block_size
+        denom = _block_denom(g_ptr, v_ptr, b, base, block_size, bc2_sqrt, beta2, omb2, eps, TILE)
         for start in range(0, block_size, TILE):
             offs = start + tl.arange(0, TILE)
             mask = offs < block_size
@@ -255,16 +266,7 @@ if triton is not None:
         decode, update ``m`` and ``p``, then re-encode each group with its new absolute maximum."""
         b = tl.program_id(0)
         base = b.to(tl.int64) * block_size
-        acc = tl.zeros([TILE], dtype=tl.float32)
-        for start in range(0, block_size, TILE):
-            offs = start + tl.arange(0, TILE)
-            mask = offs < block_size
-            g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-            acc += g * g
-        mean = tl.sum(acc, axis=0) / block_size
-        v = tl.load(v_ptr + b) * beta2 + omb2 * mean
-        tl.store(v_ptr + b, v)
-        denom = tl.sqrt(v) / bc2_sqrt + eps
+        denom = _block_denom(g_ptr, v_ptr, b, base, block_size, bc2_sqrt, beta2, omb2, eps, TILE)
         gi = tl.arange(0, GPT)
         ci = tl.arange(0, GROUP)
         for r in range(0, rows_per_block):
@@ -291,48 +293,12 @@ if triton is not None:
                 amax = tl.max(tl.abs(m), axis=1)
                 safe = tl.where(amax > 0, amax, 1.0)
                 inv = tl.where(amax > 0, tl.div_rn(tl.full([GPT], 1.0, tl.float32), safe), 0.0)
-                M: tl.constexpr = 0xFFFFFFFF
-                x = ((row * cols + col) * 0x9E3779B9 + seed) & M
-                x = x ^ (x >> 16)
-                x = (x * 0x7FEB352D) & M
-                x = x ^ (x >> 15)
-                x = (x * 0x846CA68B) & M
-                x = x ^ (x >> 16)
-                u = (x >> 8).to(tl.float32) * (1.0 / 16777216.0)
+                u = (_hash32(row * cols + col, seed) >> 8).to(tl.float32) * (1.0 / 16777216.0)
                 y = tl.sqrt_rn(tl.abs(m) * inv[:, None]) * 127.0
                 code = tl.minimum(tl.floor(y + u), 127.0)
                 code = tl.where(m < 0, -code, code)
                 tl.store(q_ptr + row * cols + col, code.to(tl.int8), mask=mask)
                 tl.store(scale_ptr + row * groups + gidx, amax, mask=gmask)
-
-    @triton.jit
-    def _element_kernel(
-        p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, lr_ptr,
-        lr, step_size, bc2_sqrt, ln_beta1, ln_beta2, beta2, omb1, omb2, eps, weight_decay, seed, first,
-        n,
-        DECAY: tl.constexpr, MAXIMIZE: tl.constexpr, CAPTURABLE: tl.constexpr, TILE: tl.constexpr,
-    ):
-        offs = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-        mask = offs < n
-        if CAPTURABLE:
-            t = tl.load(step_ptr)
-            lr = tl.load(lr_ptr)
-            step_size = lr / _one_minus_pow(ln_beta1, t)
-            bc2_sqrt = tl.sqrt(_one_minus_pow(ln_beta2, t))
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if MAXIMIZE:
-            g = -g
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m = m + omb1 * (g - m)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-        v = v * beta2 + omb2 * g * g
-        _store_momentum(m_ptr + offs, m, first + offs, seed, mask)
-        tl.store(v_ptr + offs, v, mask=mask)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if DECAY:
-            p = p * (1.0 - lr * weight_decay)
-        p = p - step_size * (m / (tl.sqrt(v) / bc2_sqrt + eps))
-        _store_param(p_ptr + offs, p, mask)
 
 
 def _on(device: torch.device):
