@@ -223,6 +223,7 @@ if triton is not None:
         itab, dtab, ftab, starts, p_like, g_like, m_like,
         lr, beta2, omb1, omb2, eps, weight_decay,
         ELEMENTS: tl.constexpr, MAXIMIZE: tl.constexpr, TILE: tl.constexpr, LOG: tl.constexpr,
+        ALIGNED: tl.constexpr,
     ):
         """Many segments in one launch. Row ``s`` of ``itab`` (int64, fixed while the tensors are):
         addresses of p, m and v at the segment's start, its block size (per-element blocks: its
@@ -230,7 +231,7 @@ if triton is not None:
         (int64, per step): the gradient's address there and the random seed; of ``ftab`` (fp32, per
         step): step size and sqrt(1 - beta2**t). ``starts[s]``: the segment's first program (padded
         with a large value to a power of two). ``*_like``: tensors whose pointer types the addresses
-        take."""
+        take. ``ALIGNED``: the host checked the alignment the hints below state."""
         pid = tl.program_id(0).to(tl.int64)
         seg = _find_segment(starts, pid, LOG)
         row = itab + seg * 6
@@ -245,6 +246,11 @@ if triton is not None:
         step_size = tl.load(ftab + seg * 2)
         bc2_sqrt = tl.load(ftab + seg * 2 + 1)
         local = pid - tl.load(starts + seg)
+        if ALIGNED:  # every address of this launch is 16-byte aligned and every size a multiple of 4
+            p_ptr = tl.multiple_of(p_ptr, 16)
+            g_ptr = tl.multiple_of(g_ptr, 16)
+            m_ptr = tl.multiple_of(m_ptr, 16)
+            size = tl.multiple_of(size, 4)
         if ELEMENTS:
             offs = local * TILE + tl.arange(0, TILE)
             _element_body(p_ptr, g_ptr, m_ptr, v_ptr, offs, size, step_size, bc2_sqrt, dmul, beta2, omb1, omb2,
@@ -472,7 +478,10 @@ class _MultiPlan:
                 self.g_off.append(g_off)
                 first += programs
             starts.extend([1 << 62] * ((1 << log) - len(segs)))  # padding the search never passes
-            self.launches.append((elements, tile, segs[0][1], len(segs), 1 << log, first, log))
+            # 16-byte aligned starts and sizes that are multiples of 4: the kernel may then use
+            # vector loads (the addresses come from a table, so Triton cannot see their alignment)
+            aligned = all(row[0] % 16 == 0 and row[1] % 16 == 0 and row[3] % 4 == 0 for row, *_ in segs)
+            self.launches.append((elements, tile, segs[0][1], len(segs), 1 << log, first, log, aligned))
         self.itab = torch.tensor(rows, dtype=torch.int64).to(device)
         self.starts = torch.tensor(starts, dtype=torch.int64).to(device)
         self.seg_tensor = torch.tensor(self.seg_tensor, dtype=torch.int64)
@@ -538,20 +547,24 @@ def _multi_launches(params, grads, exp_avgs, vs, steps, geometries, decay, seeds
     seg = plan.seg_tensor
     device = params[0].device
     pin = device.type == "cuda"
-    dyn = torch.stack((g_ptrs[seg] + plan.g_off, seeds_now[seg]), dim=1)
+    g_addr = g_ptrs[seg] + plan.g_off
+    g_aligned = g_addr % 16 == 0
+    dyn = torch.stack((g_addr, seeds_now[seg]), dim=1)
     flt = per_tensor[seg]
     if pin:
         dyn, flt = dyn.pin_memory(), flt.pin_memory()
     dtab = dyn.to(device, non_blocking=True)
     ftab = flt.to(device, non_blocking=True)
     i0 = s0 = 0
-    for (elements, tile, _, n, padded, programs, log), (p_like, g_like, m_like) in zip(plan.launches, plan.witness):
+    for (elements, tile, _, n, padded, programs, log, aligned), (p_like, g_like, m_like) in zip(plan.launches,
+                                                                                                 plan.witness):
+        aligned = aligned and bool(g_aligned[i0:i0 + n].all())
         with _on(device):
             _multi_kernel[(programs,)](
                 plan.itab[i0:i0 + n], dtab[i0:i0 + n], ftab[i0:i0 + n], plan.starts[s0:s0 + padded],
                 p_like, g_like, m_like,
                 lr, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-                ELEMENTS=elements, MAXIMIZE=bool(maximize), TILE=tile, LOG=log,
+                ELEMENTS=elements, MAXIMIZE=bool(maximize), TILE=tile, LOG=log, ALIGNED=aligned,
             )
         i0 += n
         s0 += padded
