@@ -382,12 +382,16 @@ def adam_mini_triton(
         by_device: dict[torch.device, list[int]] = {}
         for i in multi:  # a table holds addresses on one device
             by_device.setdefault(params[i].device, []).append(i)
+        hyper = dict(lr=lr_f, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        if len(multi) == len(params) and len(by_device) == 1:  # the usual case: one table, all of it
+            _multi_launches(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds,
+                            **hyper)
+            return
         for idx in by_device.values():
             _multi_launches([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                             [block_exp_avg_sqs[i] for i in idx], [state_steps[i] for i in idx],
                             [geometries[i] for i in idx], [decay[i] for i in idx], [seeds[i] for i in idx],
-                            lr=lr_f, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                            maximize=maximize)
+                            **hyper)
         keep = set(multi)
         params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds, scales = (
             [x for i, x in enumerate(lst) if i not in keep]
