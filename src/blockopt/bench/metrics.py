@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..utils import atomic_write_text  # noqa: E402,F401  (re-exported)
+
 __all__ = [
     "StepTimer",
     "aggregate",
@@ -271,15 +273,3 @@ def fmt_bytes(n: float | None) -> str:
     return str(n)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -30,6 +30,7 @@ from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, trito
 from ..kernels import momentum as mom
 from ..kernels.blocks import Geometry
 from ..partition import PartitionPlan, PlanEntry, partition
+from .calibration import InRunCalibration, check_calibrate_args, decode_state, encode_state
 
 __all__ = ["AdamMini"]
 
@@ -218,7 +219,15 @@ class AdamMini(torch.optim.Optimizer):
         maximize: bool = False,
         state_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | str | None = None,
+        calibrate: int | None = None,
+        calibrate_points: int = 4,
+        snr_cutoff: float = 1.0,
     ) -> None:
+        if calibrate is not None:
+            calibrate, calibrate_points, snr_cutoff = check_calibrate_args(calibrate, calibrate_points, snr_cutoff)
+            if capturable:
+                raise ValueError("Invalid calibrate with capturable=True: the switch to the SNR plan changes the "
+                                 "state's shapes, which a recorded CUDA graph cannot follow")
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused, capturable=capturable,
                         maximize=maximize)
@@ -246,6 +255,11 @@ class AdamMini(torch.optim.Optimizer):
             model_or_params, plan, hints, plan_required=True,
             missing_plan="Invalid plan: None. AdamMini needs to know each parameter's blocks: pass the model "
                          "(AdamMini(model)), or named parameters with plan=blockopt.partition(model)")
+        # calibrate=N: per-element v for N steps, then the SNR plan (see blockopt.optim.calibration)
+        self._calib: InRunCalibration | None = None
+        if calibrate is not None:
+            self._calib = InRunCalibration(plan, calibrate, calibrate_points, snr_cutoff)
+            plan = self._calib.active_plan()
         self.plan = plan
         self._entries: dict[torch.Tensor, PlanEntry] = {}
         # DTensor parameters: their ShardInfo for Shard(0), None for Replicate()
@@ -352,6 +366,32 @@ class AdamMini(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = self._step(closure)
+        if self._calib is not None:
+            self._calib.after_step(self)
+        return loss
+
+    @property
+    def calibration(self) -> InRunCalibration | None:
+        """The in-run SNR calibration (``calibrate=N``): ``.phase`` (``"calibrating"`` or ``"done"``),
+        ``.steps_done``, ``.meter.calibration`` (the SNRs measured so far), ``.chosen`` (the SNR plan after
+        the switch; also ``self.plan``). ``None`` without ``calibrate``."""
+        return self._calib
+
+    def _set_plan(self, plan: PartitionPlan) -> None:
+        """Swap the plan (the calibration switch): entries, shard layouts, group plans, cached step lists."""
+        self.plan = plan
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"]):
+                entry = plan[name]
+                self._entries[p] = entry
+                if p in self._dtensors:
+                    self._dtensors[p] = make_shard_info(p, entry.geometry, entry.name)
+            group["block_plan"] = _block_plan(self._entries[p] for p in group["params"])
+        self._prepared_cache = {}
+        self._state_epoch += 1
+
+    def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -628,6 +668,9 @@ class AdamMini(torch.optim.Optimizer):
             for (i, _), v in zip(sharded, full):
                 sd["state"][i] = {**sd["state"][i], "block_exp_avg_sq": v}
         sd["plan"] = {e.name: e.to_dict() for e in self._param_entries()}
+        if self._calib is not None and sd["param_groups"]:
+            # in the groups, as block_plan is, so that it survives torch.distributed.checkpoint
+            sd["param_groups"][0]["snr_calibration"] = encode_state(self._calib.to_state())
         return sd
 
     def _check_saved_plan(
@@ -710,6 +753,50 @@ class AdamMini(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Invalid state_dict: expected a mapping with 'state' and 'param_groups'")
+        groups = state_dict["param_groups"]
+        saved = groups[0].get("snr_calibration") if groups and isinstance(groups[0], Mapping) else None
+        if self._calib is None:
+            if saved is not None:
+                raise ValueError("Invalid state_dict: it was saved by AdamMini(calibrate=...) (in-run SNR calibration); "
+                                 "build this optimizer with the same calibrate, calibrate_points and snr_cutoff")
+            self._load_checked(state_dict)
+            return
+        if saved is None:
+            raise ValueError("Invalid state_dict: this optimizer calibrates its blocks in the run (calibrate="
+                             f"{self._calib.window}), but the state was saved without calibrate")
+        calibration, chosen, steps = self._calib.check_state(decode_state(saved))
+        before = (self.plan, dict(self._entries), dict(self._dtensors),
+                  [g["block_plan"] for g in self.param_groups])
+        # the saved phase's plan first, so that the checks compare against it; undone if anything fails
+        self._set_plan(chosen if chosen is not None else self._calib.calibrating_plan())
+        try:
+            self._load_checked(state_dict)
+        except BaseException:
+            self.plan, self._entries, self._dtensors, block_plans = before
+            for g, bp in zip(self.param_groups, block_plans):
+                g["block_plan"] = bp
+            self._prepared_cache = {}
+            self._state_epoch += 1
+            raise
+        self._calib.restore(calibration, chosen, steps)
+
+    load_state_dict.__doc__ = """Load a state saved by :meth:`state_dict` (or through ``torch.distributed.checkpoint``).
+
+        Everything is checked before anything changes: a state saved under a
+        different plan, for different parameters, or with tensors of the wrong
+        size raises ``ValueError`` naming the parameter, and leaves this
+        optimizer as it was. With ``calibrate=N`` the saved phase (calibrating,
+        or switched to its SNR plan) and the SNRs measured so far are restored
+        too. State tensors keep their saved dtype (fp32 state of bf16
+        parameters stays fp32) and move to the parameter's device. For sharded
+        parameters each rank keeps its range of the full second-moment vector,
+        and ``exp_avg`` is resharded to the parameter's layout (or sliced, when
+        it was saved by a single process).
+        """
+
+    def _load_checked(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict` (or through ``torch.distributed.checkpoint``).
 
         Everything is checked before anything changes: a state saved under a
@@ -758,7 +845,7 @@ class AdamMini(torch.optim.Optimizer):
         groups = []
         for group, saved in zip(self.param_groups, saved_groups):
             new_group = {k: copy.deepcopy(v) for k, v in saved.items()
-                         if k not in ("params", "param_names", "block_plan")}
+                         if k not in ("params", "param_names", "block_plan", "snr_calibration")}
             new_group["params"] = group["params"]
             new_group["param_names"] = group["param_names"]
             new_group["block_plan"] = group["block_plan"]
@@ -770,7 +857,7 @@ class AdamMini(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype,
-                "momentum_format": self.momentum_format}
+                "momentum_format": self.momentum_format, "_calib": self._calib}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -778,6 +865,8 @@ class AdamMini(torch.optim.Optimizer):
         self._state_epoch = getattr(self, "_state_epoch", 0) + 1
         if not hasattr(self, "momentum_format"):  # pickled before compact momentum existed
             self.momentum_format = "fp32"
+        if not hasattr(self, "_calib"):  # pickled before in-run calibration existed
+            self._calib = None
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)

@@ -35,6 +35,10 @@ class PlanEntry:
         parts: for fused weights, the role of each segment (e.g.
             ``("query", "key", "value")``).
         aliases: other names of the same tensor (tied weights).
+        snr: for entries decided from data, the measured SNR of each candidate
+            partition (``(("row", 4.7), ("column", 0.4), ...)``); empty otherwise.
+        snr_choice: the candidate an SNR plan chose (``"row"``, ``"column"``,
+            ``"element"``...); empty for structural entries.
     """
 
     name: str
@@ -45,6 +49,8 @@ class PlanEntry:
     weight_decay: bool
     parts: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    snr: tuple[tuple[str, float], ...] = ()
+    snr_choice: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -53,6 +59,8 @@ class PlanEntry:
         object.__setattr__(self, "geometry", geometry)
         object.__setattr__(self, "parts", tuple(self.parts))
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        snr = self.snr.items() if isinstance(self.snr, Mapping) else self.snr
+        object.__setattr__(self, "snr", tuple((str(k), float(v)) for k, v in snr))
         check_geometry(self.shape, geometry)
         if self.parts and len(self.parts) != len(geometry.segments):
             raise ValueError(
@@ -106,6 +114,8 @@ class PlanEntry:
             "weight_decay": self.weight_decay,
             "parts": list(self.parts),
             "aliases": list(self.aliases),
+            **({"snr": dict(self.snr)} if self.snr else {}),
+            **({"snr_choice": self.snr_choice} if self.snr_choice else {}),
             # derived, for readers of the JSON; ignored on load
             "kind": self.kind,
             "num_blocks": self.num_blocks,
@@ -123,6 +133,8 @@ class PlanEntry:
                 weight_decay=bool(d["weight_decay"]),
                 parts=tuple(d.get("parts", ())),
                 aliases=tuple(d.get("aliases", ())),
+                snr=tuple(dict(d.get("snr", {})).items()),
+                snr_choice=str(d.get("snr_choice", "")),
             )
         except KeyError as e:
             raise ValueError(f"plan entry {dict(d)!r} lacks the field {e.args[0]!r}") from None
@@ -266,7 +278,8 @@ class PartitionPlan(Mapping[str, PlanEntry]):
 
     # Display
     def table(self, max_rule: int = 72) -> str:
-        header = ("parameter", "shape", "blocks", "role", "decay", "rule")
+        with_snr = any(e.snr or e.snr_choice for e in self.entries)
+        header = ("parameter", "shape", "blocks", "role", "decay", *(("snr",) if with_snr else ()), "rule")
         rows = [
             (
                 e.name + (f" (= {', '.join(e.aliases)})" if e.aliases else ""),
@@ -274,6 +287,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
                 e.describe(),
                 e.role,
                 "yes" if e.weight_decay else "no",
+                *((_snr_cell(e),) if with_snr else ()),
                 e.rule if len(e.rule) <= max_rule else e.rule[: max_rule - 3] + "...",
             )
             for e in self.entries
@@ -307,6 +321,18 @@ class PartitionPlan(Mapping[str, PlanEntry]):
             f"PartitionPlan({len(self.entries)} tensors, {self.num_params:,} parameters, "
             f"{self.num_blocks:,} blocks)"
         )
+
+
+def _snr_cell(e: PlanEntry) -> str:
+    """``row 4.72`` (the chosen candidate's SNR), ``element (best 0.79)``, or ``-``."""
+    snr = dict(e.snr)
+    if not e.snr_choice:
+        return "-"
+    if e.snr_choice in snr:
+        return f"{e.snr_choice} {snr[e.snr_choice]:.2f}"
+    if e.snr_choice == "element" and snr:
+        return f"element (best {max(snr.values()):.2f})"
+    return e.snr_choice
 
 
 def _fmt_bytes(n: int) -> str:

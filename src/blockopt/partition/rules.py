@@ -553,6 +553,8 @@ def partition(
     value_single_block: bool = False,
     config: Any = None,
     warn: bool = True,
+    snr: Any = None,
+    snr_cutoff: float = 1.0,
 ) -> PartitionPlan:
     """Decide, from the model's structure, which block every parameter belongs to.
 
@@ -574,6 +576,16 @@ def partition(
         config: a model config to read head counts from when the model has
             none as ``model.config``.
         warn: emit the one warning that lists tensors no rule recognised.
+        snr: decide the blocks from data instead of the structural rules: an
+            :class:`~blockopt.partition.snr.SNRCalibration` measured on this
+            model (each tensor gets the candidate partition with the highest
+            SNR of Adam's second moment above ``snr_cutoff``, else one value per
+            element), :class:`~blockopt.partition.snr.SNRRules` (decisions by
+            role, e.g. from a smaller model of the family), or ``"builtin"``
+            (:data:`~blockopt.partition.snr.BUILTIN_SNR_RULES`). The structural
+            rules still find roles, heads and candidates; ``overrides`` that set
+            a kind still win. See ``docs/snr.md``.
+        snr_cutoff: the SNR a candidate must exceed (positive; default 1.0).
 
     Returns:
         A :class:`PartitionPlan`, keyed by ``model.named_parameters()`` names.
@@ -610,7 +622,12 @@ def partition(
         else:
             canonical[id(p)] = (n, p)
 
+    if snr is not None:
+        from .snr import check_cutoff
+
+        snr_cutoff = check_cutoff(snr_cutoff)
     matched = {pattern: 0 for pattern in parsed}
+    user_kind: set[str] = set()  # names whose blocks an override decided: SNR leaves them alone
     entries = []
     for pid, (n, p) in canonical.items():
         d = decisions[pid]
@@ -621,6 +638,7 @@ def partition(
                 d = _apply_override(pattern, spec, d, tuple(p.shape), n)
                 if "kind" in spec:
                     engine.unknown.pop(pid, None)  # the user decided it
+                    user_kind.add(n)
         entries.append(PlanEntry(n, tuple(p.shape), d.geometry, d.role, d.rule, d.weight_decay, d.parts, tuple(aliases.get(pid, ()))))
 
     unmatched = [pattern for pattern, count in matched.items() if count == 0]
@@ -646,7 +664,12 @@ def partition(
         if warn:
             warnings.warn("blockopt.partition: " + msg, stacklevel=2)
     options = {**hints, "value_single_block": value_single_block, "overrides": {k: _json_spec(v) for k, v in overrides.items()}}
-    return PartitionPlan(tuple(entries), options, plan_warnings)
+    plan = PartitionPlan(tuple(entries), options, plan_warnings)
+    if snr is not None:
+        from .snr import apply_snr
+
+        plan = apply_snr(plan, snr, snr_cutoff, keep=user_kind)
+    return plan
 
 
 def _json_spec(spec: Any) -> Any:
