@@ -88,8 +88,8 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--model", metavar="NAME", help="built-in model (default llama-tiny)")
     g.add_argument("--hf-config", metavar="PATH_OR_JSON", help="a transformers causal-LM config instead")
     g = p.add_argument_group("optimizers")
-    g.add_argument("--optimizers", default="adamw,adam-mini", metavar="LIST",
-                   help="comma separated (default adamw,adam-mini)")
+    g.add_argument("--optimizers", default="adamw,adam-mini,adam-mini-snr", metavar="LIST",
+                   help="comma separated (default adamw,adam-mini,adam-mini-snr)")
     g.add_argument("--lrs", metavar="GRID", help="learning rates, see below")
     g.add_argument("--seeds", default="0", metavar="LIST", help="comma separated seeds (default 0)")
     g.add_argument("--betas", default="0.9,0.95", metavar="B1,B2", help="for Adam-type optimizers (default 0.9,0.95)")
@@ -146,6 +146,39 @@ def _plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, metavar="N", help="override the vocabulary size")
     p.add_argument("--value-single-block", action="store_true", help="one block for each value projection")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (PartitionPlan.from_json reads it)")
+    p.add_argument("--snr", metavar="FILE|builtin",
+                   help="blocks from data: a calibration or rules file written by 'blockopt calibrate', or 'builtin'")
+    p.add_argument("--snr-cutoff", type=float, default=1.0, metavar="X", help="SNR a candidate must exceed (default 1)")
+    return p
+
+
+def _calibrate_parser(sub: Any) -> argparse.ArgumentParser:
+    from .bench.models import MODEL_PRESETS
+
+    p = sub.add_parser(
+        "calibrate",
+        help="measure the SNR of Adam's second moment and print the plan it gives",
+        description="Train a model briefly on real text, measure for every tensor the signal-to-noise ratio of "
+                    "Adam's second moment along each candidate partition (rows, columns, heads, whole tensor), and "
+                    "print the SNR table and the plan it gives (SlimAdam's rule: the best candidate above the "
+                    "cutoff, else per element).",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="NAME", help=f"built-in (default llama-tiny): {', '.join(MODEL_PRESETS)}")
+    src.add_argument("--hf-config", metavar="PATH_OR_JSON", help="a transformers causal-LM config instead")
+    p.add_argument("--data", metavar="PATH", help="text file or folder (default: the Python standard library)")
+    p.add_argument("--steps", type=int, default=300, help="calibration steps (default 300)")
+    p.add_argument("--points", type=int, default=4, help="measurements, spread over the second half (default 4)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3; use your run's)")
+    p.add_argument("--batch-size", type=int, default=16, help="default 16")
+    p.add_argument("--context", type=int, default=128, help="default 128")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--cutoff", type=float, default=1.0, help="SNR a candidate must exceed (default 1)")
+    p.add_argument("--sample", action="store_true",
+                   help="bounded memory: train with AdamMini and estimate SNR on a random sample of blocks")
+    p.add_argument("--out", metavar="FILE", help="write the calibration (JSON) here")
+    p.add_argument("--rules-out", metavar="FILE", help="write the decisions as rules by role (JSON) here")
+    p.add_argument("--cache-dir", metavar="DIR", help="token cache (default $BLOCKOPT_CACHE or ~/.cache/blockopt)")
     return p
 
 
@@ -154,9 +187,10 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="blockopt", description="Adam-mini and block-wise optimizers for PyTorch.")
     parser.add_argument("--version", action="version", version=f"blockopt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,plan,hessian}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{bench,plan,calibrate,hessian}", parser_class=_Parser)
     _bench_parser(sub)
     _plan_parser(sub)
+    _calibrate_parser(sub)
     from .hessian.cli import add_parser as _hessian_parser
 
     _hessian_parser(sub)
@@ -376,13 +410,103 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise BenchInputError(f"--model: unknown model {args.model!r}; available: {', '.join(MODEL_PRESETS)}")
         model = build_model(args.model, vocab_size=args.vocab_size, device="meta", seed=None)
         name = args.model
-    plan = partition(model, value_single_block=args.value_single_block)
+    snr = _load_snr(args.snr) if args.snr is not None else None
+    try:
+        plan = partition(model, value_single_block=args.value_single_block, snr=snr, snr_cutoff=args.snr_cutoff)
+    except ValueError as e:
+        if snr is None:
+            raise
+        raise BenchInputError(f"--snr {args.snr}: {e}") from None
     if args.json:
         print(plan.to_json())
     else:
         n = sum(p.numel() for p in model.parameters())
         print(f"{name}: {n:,} parameters")
         print(plan)
+    return EXIT_OK
+
+
+def _load_snr(text: str) -> Any:
+    """``--snr``: ``builtin``, or a calibration / rules JSON file."""
+    from .bench.errors import BenchInputError
+    from .partition.snr import SNRCalibration, SNRRules
+
+    if text == "builtin":
+        return "builtin"
+    try:
+        with open(text, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BenchInputError(f"--snr: cannot read {text!r} as JSON ({e}); expected a file written by "
+                              "'blockopt calibrate --out/--rules-out', or 'builtin'") from None
+    try:
+        if isinstance(d, dict) and d.get("kind") == "blockopt.snr_rules":
+            return SNRRules.from_dict(d)
+        return SNRCalibration.from_dict(d)
+    except (ValueError, KeyError, TypeError) as e:
+        raise BenchInputError(f"--snr {text}: {e}") from None
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from .bench.data import get_batch, load_corpus, resolve_source, train_batches
+    from .bench.errors import BenchInputError
+    from .partition import calibrate, partition
+    from .partition.snr import SNRRules, check_cutoff
+
+    for name in ("steps", "points", "batch_size", "context"):
+        if getattr(args, name) <= 0:
+            raise BenchInputError(f"--{name.replace('_', '-')}: {getattr(args, name)}; expected a positive integer")
+    if args.points > args.steps:
+        raise BenchInputError(f"--points: {args.points}; expected at most --steps ({args.steps})")
+    if not (args.lr > 0 and args.lr < float("inf")):
+        raise BenchInputError(f"--lr: {args.lr}; expected a positive number")
+    try:
+        cutoff = check_cutoff(args.cutoff)
+    except ValueError as e:
+        raise BenchInputError(f"--cutoff: {e}") from None
+    corpus = load_corpus(resolve_source(args.data), cache_dir=args.cache_dir)
+    if args.hf_config is not None:
+        from .bench.hf import build_hf_model, load_hf_config
+
+        cfg = load_hf_config(args.hf_config, vocab_size=256)
+        model = build_hf_model(cfg, device="cpu", seed=args.seed)
+        name = f"hf:{cfg.model_type}"
+
+        def loss_fn(m, batch):
+            x, y = batch
+            logits = m(input_ids=x).logits
+            return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    else:
+        from .bench.models import MODEL_PRESETS, build_model
+
+        name = args.model or "llama-tiny"
+        if name not in MODEL_PRESETS:
+            raise BenchInputError(f"--model: unknown model {name!r}; available: {', '.join(MODEL_PRESETS)}")
+        model = build_model(name, vocab_size=256, seed=args.seed)
+
+        def loss_fn(m, batch):
+            return m(*batch)
+    offsets = train_batches(len(corpus.train), args.steps, args.batch_size, args.context, args.seed)
+    batches = (get_batch(corpus.train, o, args.context) for o in offsets)
+    plan = partition(model, warn=False)
+    calib = calibrate(copy.deepcopy(model), batches, loss_fn, steps=args.steps, lr=args.lr, points=args.points,
+                      plan=plan, sample=args.sample, seed=args.seed)
+    calib.source.update(model=name)
+    print(f"{name}: SNR of Adam's second moment ({calib.source['method']}), {args.steps} steps at lr {args.lr:g}, "
+          f"measured at steps {calib.steps}")
+    print(calib.table(cutoff=cutoff))
+    print()
+    print(partition(model, warn=False, snr=calib, snr_cutoff=cutoff))
+    if args.out:
+        calib.save(args.out)
+        print(f"calibration: {args.out}")
+    if args.rules_out:
+        SNRRules.from_calibration(plan, calib, cutoff).save(args.rules_out)
+        print(f"rules: {args.rules_out}")
     return EXIT_OK
 
 
@@ -394,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as e:
-        prog = "blockopt" + (f" {argv[0]}" if argv and argv[0] in ("bench", "plan", "hessian") else "")
+        prog = "blockopt" + (f" {argv[0]}" if argv and argv[0] in ("bench", "plan", "calibrate", "hessian") else "")
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as e:  # --help, --version
@@ -413,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _cmd_bench(args, argv)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args)
         return _cmd_plan(args)
     except BenchInputError as e:
         msg = " ".join(str(e).split())  # one line

@@ -335,3 +335,44 @@ def worker_compact(rank: int, world: int, out: str) -> None:
         results[f"{fmt}-resumed"] = snapshot(model, opt)
     if rank == 0:
         torch.save(results, out / f"compact{world}.pt")
+
+
+# --- in-run SNR calibration under FSDP2 -------------------------------------------------------------
+SNR_KW = {"calibrate": 4, "calibrate_points": 2}
+
+
+def single_process_snr_run(n_steps: int = STEPS) -> dict[str, Any]:
+    model = tiny_model(2)
+    opt = make_optimizer(model, **SNR_KW)
+    train_steps(model, opt, batches()[:n_steps])
+    return {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json(),
+            "calibration": opt.calibration.meter.calibration.to_json()}
+
+
+def worker_snr(rank: int, world: int, out: str) -> None:
+    """FSDP2 with AdamMini(calibrate=4): 10 steps (the switch after step 4), DCP checkpoints at step 2
+    (calibrating) and step 6 (switched), each resumed in a fresh sharded model + optimizer to step 10
+    through blockopt.distributed.checkpoint (which takes the saved phase before DCP builds its template)."""
+    from blockopt.distributed import checkpoint as ckpt
+
+    out = Path(out)
+    xs = batches()
+    model = shard(tiny_model(2))
+    opt = make_optimizer(model, **SNR_KW)
+
+    def on_step(i, step):
+        step()
+        if i in (1, 5):
+            ckpt.save(out / f"snr-ckpt-{i + 1}", model, opt)
+
+    train_steps(model, opt, xs, rank, world, on_step=on_step)
+    results: dict[str, Any] = {"run": {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json(),
+                                       "calibration": opt.calibration.meter.calibration.to_json()}}
+    for at in (2, 6):
+        model = shard(tiny_model(2, seed=123))
+        opt = make_optimizer(model, **SNR_KW)
+        ckpt.load(out / f"snr-ckpt-{at}", model, opt)
+        train_steps(model, opt, xs[at:], rank, world)
+        results[f"resumed-{at}"] = {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json()}
+    if rank == 0:
+        torch.save(results, out / f"snr{world}.pt")

@@ -48,6 +48,18 @@ class Hyper:
     weight_decay: float = 0.1
     value_single_block: bool = False
     momentum_dtype: str = "fp32"  # Adam-mini's first-moment storage: fp32, bf16 or int8
+    calibrate: float = 0.2  # adam-mini-snr: calibration window, a fraction of the run (< 1) or steps (>= 1)
+    snr_cutoff: float = 1.0  # adam-mini-snr: the SNR a candidate partition must exceed
+    run_steps: int = 0  # the run's length, set by the runner (not an option)
+
+    def calibrate_steps(self) -> int:
+        """The calibration window in steps: ``calibrate`` x the run when below 1, else ``calibrate``."""
+        n = round(self.calibrate * self.run_steps) if self.calibrate < 1 else int(self.calibrate)
+        if self.run_steps and not 1 <= n < self.run_steps:
+            raise BenchInputError(
+                f"--optimizers: calibrate={self.calibrate:g} gives a calibration window of {n} steps; expected "
+                f"1 <= window < --steps ({self.run_steps}): a fraction in (0, 1) or a number of steps")
+        return max(1, n)
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,22 @@ def _adam_mini(model, lr, hp, plan, info):
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
                     value_single_block=hp.value_single_block, plan=plan,
                     momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype)
+
+
+def _adam_mini_snr(model, lr, hp, plan, info):
+    from ..optim import AdamMini
+
+    return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
+                    plan=_blr_plan(model, hp, plan), calibrate=hp.calibrate_steps(), snr_cutoff=hp.snr_cutoff)
+
+
+def _adam_mini_snr_blr(model, lr, hp, plan, info):
+    from ..optim import AdamMini, blockwise_lr_groups
+
+    plan = _blr_plan(model, hp, plan)  # roles (hence multipliers) are the structural plan's; SNR changes blocks
+    groups = blockwise_lr_groups(model, lr, plan=plan, weight_decay=hp.weight_decay)
+    return AdamMini(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay, plan=plan,
+                    calibrate=hp.calibrate_steps(), snr_cutoff=hp.snr_cutoff)
 
 
 def _blr_plan(model, hp, plan):
@@ -343,6 +371,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("adam-mini+blr", "Adam-mini+BLR", _adam_mini_blr, 1e-3,
                       "blockopt.AdamMini with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)", options=_ADAM_OPTS + ("value_single_block",)),
+        OptimizerSpec("adam-mini-snr", "Adam-mini (SNR)", _adam_mini_snr, 3e-3,
+                      "blockopt.AdamMini(calibrate=N): AdamW's per-element v for the first 20 % of the run (past the warmup), "
+                      "then one v per block chosen from the SNR of v (SlimAdam's rule)",
+                      options=_ADAM_OPTS + ("calibrate", "snr_cutoff")),
+        OptimizerSpec("adam-mini-snr+blr", "Adam-mini (SNR)+BLR", _adam_mini_snr_blr, 1e-3,
+                      "adam-mini-snr with Blockwise LR (multipliers as adam-mini+blr; the swept lr is the norm one)",
+                      options=_ADAM_OPTS + ("calibrate", "snr_cutoff")),
         OptimizerSpec("adam-mini-official", "Adam-mini (official)", _adam_mini_official, 3e-3,
                       "the official release, adam_mini.Adam_mini 1.1.1", package="adam_mini", pip_name="adam-mini",
                       extra="official"),
@@ -418,6 +453,13 @@ def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoi
             except ValueError:
                 v = math.nan
             lim = (0.0, 1.0) if key in ("beta1", "beta2") else (0.0, math.inf)
+            if key in ("calibrate", "snr_cutoff") and not (v > 0 and math.isfinite(v)):
+                raise BenchInputError(
+                    f"--optimizers: {spec.name}:{key}={value!r}; expected a positive number"
+                    + (" (a fraction of the run below 1, or steps)" if key == "calibrate" else ""))
+            if key == "calibrate" and v >= 1 and v != int(v):
+                raise BenchInputError(f"--optimizers: {spec.name}:calibrate={value!r}; expected a fraction in (0, 1) "
+                                      "or a whole number of steps")
             if not (lim[0] <= v < lim[1]):
                 raise BenchInputError(
                     f"--optimizers: {spec.name}:{key}={value!r}; expected a number in [{lim[0]:g}, {lim[1]:g})"

@@ -20,7 +20,10 @@ when the checkpoint was written under a plan with a *different number of
 blocks* for some parameter, ``dcp.load`` itself fails first, with DCP's
 "Size mismatch ... block_exp_avg_sq" message. :func:`load` (or
 :func:`check_plan` before ``dcp.load``) reads the saved plan alone first and
-raises AdamMini's ``ValueError`` naming the parameter instead.
+raises AdamMini's ``ValueError`` naming the parameter instead. For
+``AdamMini(calibrate=N)`` they also put a freshly built optimizer into the
+checkpoint's calibration phase (calibrating, or switched to its SNR plan), whose
+state shapes differ: use :func:`load` (or :func:`check_plan`) there.
 """
 
 from __future__ import annotations
@@ -55,6 +58,18 @@ def check_plan(path: str | os.PathLike, optimizer: torch.optim.Optimizer, key: s
 
     if not hasattr(optimizer, "_check_saved_plan"):
         raise TypeError(f"check_plan needs a blockopt optimizer, got {type(optimizer).__name__}")
+    if getattr(optimizer, "calibration", None) is not None:
+        # AdamMini(calibrate=N): take the checkpoint's phase first, so that the plan (and the shapes of the
+        # template DCP loads into) are the saved ones
+        calib_probe = {key: {"param_groups": [{"snr_calibration": ""}]}}
+        try:
+            dcp.load(calib_probe, checkpoint_id=str(path))
+        except Exception as e:
+            raise ValueError(
+                f"Invalid checkpoint {os.fspath(path)!r}: this optimizer calibrates its blocks in the run "
+                f"(calibrate=...), but the checkpoint has no calibration state under {key!r} (saved without "
+                f"calibrate?)") from e
+        optimizer._enter_saved_phase(calib_probe[key]["param_groups"][0]["snr_calibration"])  # type: ignore[attr-defined]
     probe = {key: {"param_groups": [{"block_plan": list(g["block_plan"])} for g in optimizer.param_groups]}}
     try:
         dcp.load(probe, checkpoint_id=str(path))

@@ -391,6 +391,23 @@ class AdamMini(torch.optim.Optimizer):
         self._prepared_cache = {}
         self._state_epoch += 1
 
+    def _enter_saved_phase(self, saved: Any) -> None:
+        """Take the calibration phase (and its plan) of a saved ``snr_calibration`` entry, before a
+        ``torch.distributed.checkpoint`` load builds its template (see :func:`blockopt.distributed.checkpoint.load`).
+        Only an optimizer without state can change phase; nothing changes on error."""
+        if self._calib is None:
+            raise ValueError("Invalid checkpoint: it was saved by AdamMini(calibrate=...); build this optimizer "
+                             "with the same calibrate, calibrate_points and snr_cutoff")
+        _, chosen, _ = self._calib.check_state(decode_state(saved))
+        target = chosen if chosen is not None else self._calib.calibrating_plan()
+        if target.entries == self.plan.entries:
+            return
+        if any(self.state.get(p) for p in self._params_in_order()):
+            raise ValueError(
+                f"Invalid checkpoint: it was saved in calibration phase {decode_state(saved)['phase']!r}, this "
+                f"optimizer is in phase {self._calib.phase!r} and holds state; load it into a freshly built optimizer")
+        self._set_plan(target)
+
     def _step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:

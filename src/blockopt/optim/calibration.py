@@ -1,7 +1,7 @@
 """In-run SNR calibration for :class:`~blockopt.AdamMini` (``calibrate=N``).
 
 For the first ``N`` steps every tensor keeps one second moment per element
-(the step is AdamW's); at ``points`` evenly spaced steps of that window the SNR
+(the step is AdamW's); at ``points`` evenly spaced steps of the second half of that window the SNR
 of each tensor's ``v`` along its candidate partitions is measured
 (:mod:`blockopt.partition.snr`). After step ``N`` the plan switches to the SNR
 plan: each tensor's new block value is the mean of its full ``v`` over the
@@ -24,7 +24,7 @@ import torch
 
 from ..kernels.blocks import Geometry, block_views
 from ..partition import PartitionPlan, PlanEntry
-from ..partition.snr import SNRCalibration, SNRMeter, apply_snr, candidates, check_cutoff
+from ..partition.snr import SNRCalibration, SNRMeter, apply_snr, candidates, check_cutoff, measure_steps
 
 if TYPE_CHECKING:
     from .adam_mini import AdamMini
@@ -84,7 +84,7 @@ class InRunCalibration:
         return "calibrating" if self.chosen is None else "done"
 
     def measure_at(self) -> list[int]:
-        return sorted({max(1, round(self.window * (i + 1) / self.points)) for i in range(self.points)})
+        return measure_steps(self.window, self.points)
 
     def calibrating_plan(self) -> PartitionPlan:
         """The structural plan with every tensor that has candidates (and no user kind) per element."""

@@ -63,6 +63,7 @@ __all__ = [
     "check_cutoff",
     "rule_key",
     "snr_entry",
+    "measure_steps",
 ]
 
 #: candidate labels, in the order they are listed; ``element`` is the fallback, never scored
@@ -318,7 +319,8 @@ class SampledSNRMeter:
 
     For every tensor and candidate, up to ``max_blocks`` blocks are drawn (all of
     them when there are fewer), and inside each block up to ``max_elements``
-    elements; the meter keeps ``v`` only there, updating it from the gradients
+    elements (a candidate with fewer blocks may use its whole budget of ``max_blocks x max_elements``
+    elements); the meter keeps ``v`` only there, updating it from the gradients
     with :meth:`update` (``v <- beta2 v + (1 - beta2) g**2``, as AdamW does), so
     a model whose full AdamW ``v`` does not fit can still be calibrated while it
     trains with any optimizer. Memory: at most ``candidates x max_blocks x
@@ -352,11 +354,14 @@ class SampledSNRMeter:
                 nb = geo.num_blocks
                 blocks = (torch.arange(nb) if nb <= max_blocks
                           else torch.randperm(nb, generator=gen)[:max_blocks].sort().values)
+                # a candidate's budget is max_blocks x max_elements values: few large blocks (a whole
+                # tensor) get more elements each
+                per_block = max(max_elements, (max_blocks * max_elements) // len(blocks))
                 idx, ids = [], []
                 for j, b in enumerate(blocks.tolist()):
                     el = _block_elements(e.shape, geo, b)
-                    if el.numel() > max_elements:
-                        el = el[torch.randperm(el.numel(), generator=gen)[:max_elements].sort().values]
+                    if el.numel() > per_block:
+                        el = el[torch.randperm(el.numel(), generator=gen)[:per_block].sort().values]
                     idx.append(el)
                     ids.append(torch.full((el.numel(),), j, dtype=torch.int64))
                 chosen.append((label, torch.cat(idx), torch.cat(ids), len(idx)))
@@ -402,6 +407,14 @@ class SampledSNRMeter:
 
     def measure(self, step: int) -> None:
         self.calibration.add(step, self.estimates())
+
+
+def measure_steps(window: int, points: int) -> list[int]:
+    """The steps (1-based) at which a calibration of ``window`` steps measures ``v``: ``points`` evenly
+    spaced over the second half of the window (the first steps' ``v`` is mostly the first gradients),
+    the last at the window's end."""
+    half = window / 2
+    return sorted({max(1, round(half + half * (i + 1) / points)) for i in range(points)})
 
 
 # --- decisions --------------------------------------------------------------------------------

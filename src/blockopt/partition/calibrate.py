@@ -1,0 +1,106 @@
+"""``blockopt.calibrate``: measure the SNR of Adam's second moment on a model, outside a training run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import PartitionPlan
+from .rules import partition
+from .snr import SampledSNRMeter, SNRCalibration, SNRMeter, measure_steps
+
+__all__ = ["calibrate"]
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    warmup: int | None = None,
+    points: int = 4,
+    plan: PartitionPlan | None = None,
+    sample: bool | Mapping[str, int] = False,
+    seed: int = 0,
+    grad_clip: float | None = 1.0,
+) -> SNRCalibration:
+    """Train ``model`` for ``steps`` steps and measure the SNR of Adam's ``v`` for every tensor.
+
+    Args:
+        model: trained in place (pass a copy to keep it).
+        batches: yields one batch per step (at least ``steps``).
+        loss_fn: ``loss_fn(model, batch)`` -> scalar loss.
+        steps: the calibration window; ``v`` is measured at ``points`` steps of its
+            second half (:func:`~blockopt.partition.snr.measure_steps`).
+        lr, betas, eps, weight_decay: the optimizer's; SNR depends on the learning
+            rate (higher rates lower it), so use the run's. ``warmup`` steps of
+            linear warmup (default 10 % of ``steps``), then constant.
+        plan: the structural plan that gives roles and candidates (default
+            ``blockopt.partition(model)``).
+        sample: ``False`` trains with ``torch.optim.AdamW`` and measures its full
+            ``v`` (exact; AdamW's memory). ``True`` or ``{"max_blocks": .., "max_elements": ..}``
+            trains with :class:`~blockopt.AdamMini` (half the state) and measures a
+            :class:`~blockopt.partition.snr.SampledSNRMeter`'s running ``v`` on a random sample:
+            bounded memory, an estimate (its error is stated in ``docs/snr.md``).
+        seed: the sample's seed.
+        grad_clip: clip the gradient norm to this (``None``: no clipping).
+
+    Returns:
+        an :class:`~blockopt.partition.snr.SNRCalibration`; feed it to
+        ``blockopt.partition(model, snr=...)`` or ``SNRRules.from_calibration``.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"Invalid steps: {steps!r}; expected a positive int")
+    if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= steps:
+        raise ValueError(f"Invalid points: {points!r}; expected an int in [1, steps={steps}]")
+    warmup = max(1, steps // 10) if warmup is None else warmup
+    if plan is None:
+        plan = partition(model, warn=False)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    source = {"lr": lr, "betas": list(betas), "weight_decay": weight_decay, "steps": steps}
+    if sample:
+        from ..optim import AdamMini
+
+        opts = dict(sample) if isinstance(sample, Mapping) else {}
+        meter: SNRMeter | SampledSNRMeter = SampledSNRMeter(plan, beta2=betas[1], seed=seed, source=source, **opts)
+        opt: torch.optim.Optimizer = AdamMini(named, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                              plan=plan)
+    else:
+        meter = SNRMeter(plan, source=source)
+        decay = [p for n, p in named if plan[n].weight_decay]
+        rest = [p for n, p in named if not plan[n].weight_decay]
+        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                              {"params": rest, "weight_decay": 0.0}) if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    at = set(measure_steps(steps, points))
+    it = iter(batches)
+    model.train()
+    for step in range(1, steps + 1):
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise ValueError(f"Invalid batches: they ran out after {step - 1} of steps={steps}") from None
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, step / warmup) if warmup else lr
+        loss = loss_fn(model, batch)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], grad_clip)
+        if isinstance(meter, SampledSNRMeter):
+            meter.update(named)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step in at:
+            if isinstance(meter, SampledSNRMeter):
+                meter.measure(step)
+            else:
+                meter.measure_optimizer(step, opt, named)
+    return meter.calibration

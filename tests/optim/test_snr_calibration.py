@@ -1,0 +1,222 @@
+"""AdamMini(calibrate=N): AdamW for N steps while measuring SNR, then the SNR plan with block-mean v."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+import pytest
+import torch
+
+import blockopt
+from blockopt.bench.metrics import optimizer_state_bytes
+from blockopt.bench.models import build_model
+from blockopt.kernels import load_cpu_kernel
+from blockopt.optim.calibration import compress_to_blocks
+
+N = 6  # calibration window of most tests
+FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures"
+
+
+def _text_batches(n, batch=4, seq=32, seed=0):
+    text = b"".join(pathlib.Path(p).read_bytes() for p in sorted(pathlib.Path(blockopt.__file__).parent.glob("*.py")))
+    data = torch.tensor(list(text))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        i = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[j:j + seq + 1] for j in i.tolist()])
+        out.append((x[:, :-1], x[:, 1:]))
+    return out
+
+
+def _model(n_layers=2, **kw):
+    return build_model("llama-tiny", seed=0, n_layers=n_layers, d_model=32, n_heads=4, n_kv_heads=2, **kw)
+
+
+def _make(model, **kw):
+    return blockopt.AdamMini(model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                             **{"calibrate": N, "calibrate_points": 2, **kw})
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _routes(opt):
+    return {r for r, _, _ in opt._prepared_cache[id(opt.param_groups[0])].routes}
+
+
+def test_calibration_phase_is_adamw_bit_for_bit_and_the_switch_keeps_block_means():
+    batches = _text_batches(N)
+    model, ref_model = _model(), _model()
+    opt = _make(model)
+    plan = blockopt.partition(ref_model, warn=False)
+    decay = [p for n, p in ref_model.named_parameters() if plan[n].weight_decay]
+    rest = [p for n, p in ref_model.named_parameters() if not plan[n].weight_decay]
+    ref = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95), fused=True)
+    for i, (x, y) in enumerate(batches, start=1):
+        for m, o in ((model, opt), (ref_model, ref)):
+            m(x, y).backward()
+            if m is model and i == N:
+                assert opt.calibration.phase == "calibrating" and _routes(opt) == {"adamw"}
+            o.step()
+            o.zero_grad()
+        for a, b in zip(model.parameters(), ref_model.parameters()):
+            assert torch.equal(a, b), i
+    # switched after step N: every v is the mean of AdamW's v over the chosen block
+    assert opt.calibration.phase == "done" and opt.calibration.steps_done == N
+    assert opt.plan is opt.calibration.chosen and opt.calibration.meter.calibration.steps == [4, 6]
+    named = dict(ref_model.named_parameters())
+    changed = 0
+    for name, p in model.named_parameters():
+        if name not in opt.plan or opt.plan[name].name != name:
+            continue
+        entry = opt.plan[name]
+        got = opt.state[p]["block_exp_avg_sq"]
+        want = compress_to_blocks(ref.state[named[name]]["exp_avg_sq"], entry.shape, entry.geometry)
+        assert got.numel() == entry.num_blocks and torch.equal(got, want), name
+        changed += entry.kind != "element"
+    assert changed >= 10
+
+
+@pytest.mark.skipif(load_cpu_kernel() is None, reason="the fused CPU kernel is not available here")
+def test_after_the_switch_the_fused_kernel_runs_and_matches_the_reference_loop():
+    batches = _text_batches(N + 6)
+    fast_model, ref_model = _model(), _model()
+    fast, slow = _make(fast_model), _make(ref_model, foreach=False)
+    _train(fast_model, fast, batches[:N + 1])
+    assert "cpu" in _routes(fast)  # the C++ kernel, with the SNR plan's rows and columns
+    assert any(e.kind == "column" for e in fast.plan.entries)
+    _train(fast_model, fast, batches[N + 1:])
+    _train(ref_model, slow, batches)
+    assert [e.geometry for e in fast.plan.entries] == [e.geometry for e in slow.plan.entries]
+    for a, b in zip(fast_model.parameters(), ref_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("at", [3, N, N + 3], ids=["during calibration", "at the switch", "after the switch"])
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(at):
+    batches = _text_batches(N + 6)
+    model = _model()
+    opt = _make(model)
+    _train(model, opt, batches)
+    model2 = _model()
+    opt2 = _make(model2)
+    _train(model2, opt2, batches[:at])
+    ck = _roundtrip({"model": model2.state_dict(), "optim": opt2.state_dict()})
+    saved = json.loads(ck["optim"]["param_groups"][0]["snr_calibration"])
+    assert saved["phase"] == ("calibrating" if at < N else "done") and saved["steps_done"] == min(at, N)
+    model3 = build_model("llama-tiny", seed=7, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
+    opt3 = _make(model3)
+    model3.load_state_dict(ck["model"])
+    opt3.load_state_dict(ck["optim"])
+    assert opt3.calibration.phase == saved["phase"]
+    _train(model3, opt3, batches[at:])
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), model3.parameters()):
+        for k in opt.state[p]:
+            assert torch.equal(opt.state[p][k], opt3.state[q][k]), k
+    assert opt3.plan == opt.plan
+    assert opt3.calibration.meter.calibration.values == opt.calibration.meter.calibration.values
+
+
+def test_saved_phase_checks_refuse_mismatches_and_change_nothing():
+    batches = _text_batches(N + 1)
+    model = _model()
+    opt = _make(model)
+    _train(model, opt, batches)
+    sd = opt.state_dict()
+    plain = blockopt.AdamMini(_model(), lr=3e-3)
+    with pytest.raises(ValueError, match=r"saved by AdamMini\(calibrate=\.\.\.\)"):
+        plain.load_state_dict(sd)
+    other = _make(_model(), calibrate=N + 1)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="saved with calibrate window 6, this optimizer has 7"):
+        other.load_state_dict(sd)
+    fresh = _make(_model())
+    plain_sd = blockopt.AdamMini(_model(), lr=3e-3).state_dict()
+    with pytest.raises(ValueError, match="the state was saved without calibrate"):
+        fresh.load_state_dict(plain_sd)
+    # a state of the right phase but a corrupted tensor: refused, and the optimizer keeps its plan and phase
+    bad = _roundtrip(sd)
+    first = next(iter(bad["state"]))
+    bad["state"][first]["block_exp_avg_sq"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="block values"):
+        fresh.load_state_dict(bad)
+    assert fresh.calibration.phase == "calibrating" and all(e.kind in ("element", "tensor")
+                                                            for e in fresh.plan.entries)
+    assert other.state_dict()["param_groups"][0]["snr_calibration"] == before["param_groups"][0]["snr_calibration"]
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"calibrate": 0}, r"Invalid calibrate: 0; expected a positive int"),
+    ({"calibrate": -3}, r"Invalid calibrate: -3"),
+    ({"calibrate": 2.5}, r"Invalid calibrate: 2.5"),
+    ({"calibrate": True}, r"Invalid calibrate: True"),
+    ({"calibrate": 4, "calibrate_points": 5}, r"Invalid calibrate_points: 5; expected an int in \[1, calibrate=4\]"),
+    ({"calibrate": 4, "snr_cutoff": 0.0}, r"Invalid snr_cutoff: 0.0"),
+])
+def test_bad_calibration_arguments_are_clear_errors(kw, match):
+    model = _model(1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        blockopt.AdamMini(model, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_snr_plan_of_llama_tiny_halves_the_state_in_the_plan_and_in_the_tensors():
+    """Real text, the bench's lr and betas, 40 steps of calibration at the default cutoff."""
+    model = build_model("llama-tiny", seed=0)
+    opt = blockopt.AdamMini(model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, calibrate=40)
+    _train(model, opt, _text_batches(41, batch=8, seq=64))
+    plan = opt.plan
+    assert opt.calibration.phase == "done"
+    ratio_plan = plan.state_bytes() / plan.adamw_state_bytes()
+    adamw_bytes = 2 * 4 * sum(p.numel() for p in model.parameters())
+    ratio_measured = optimizer_state_bytes(opt) / adamw_bytes
+    assert ratio_plan <= 0.52 and ratio_measured <= 0.52, (ratio_plan, ratio_measured)
+    assert sum(e.kind == "column" for e in plan.entries) >= 4  # o / MLP-down per input column
+    text = str(plan)
+    assert "snr" in text.splitlines()[0] and "SNR: row" in text and "SNR: column" in text
+
+
+def test_a_state_saved_by_release_0_1_0_still_loads():
+    """tests/fixtures/make_v0_1_0_state.py wrote these with release 0.1.0 (before SNR plans)."""
+    import sys
+
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        from make_v0_1_0_state import make_model, train
+    finally:
+        sys.path.pop(0)
+    saved = torch.load(FIXTURES / "adam_mini_state_v0_1_0.pt", weights_only=True)
+    plan = blockopt.PartitionPlan.load(FIXTURES / "plan_v0_1_0.json")
+    model = make_model()
+    model.load_state_dict(saved["model"])
+    opt = blockopt.AdamMini(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    assert opt.plan == plan
+    opt.load_state_dict(saved["optimizer"])
+    # and it goes on exactly as the uninterrupted 0.1.0 run would: 3 + 2 steps equal 5 steps from scratch
+    train(model, opt, 2)
+    ref_model = make_model()
+    ref = blockopt.AdamMini(ref_model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    train(ref_model, ref, 3)
+    train(ref_model, ref, 2)
+    assert opt.state_dict()["state"][0]["step"].item() == 5.0
+    named = dict(ref_model.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.allclose(p, named[n], rtol=0, atol=1e-6), n
