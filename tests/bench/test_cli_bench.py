@@ -25,6 +25,7 @@ from blockopt.cli import main
 RUN_FIELDS = ("optimizer", "lr", "seed", "final_val_loss", "state_bytes", "tokens_per_s", "step_ms",
               "peak_mem_bytes", "diverged")
 GRID = "adamw=1e-3,3e-3;adam-mini=2e-3"
+GRID_ARGS = ("--optimizers", "adamw,adam-mini", "--lrs", GRID)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def finished(tmp_path_factory, corpus, cache_dir):
 
     so, se = io.StringIO(), io.StringIO()
     with redirect_stdout(so), redirect_stderr(se):
-        rc = main(tiny_args(corpus, cache_dir, out, "--lrs", GRID))
+        rc = main(tiny_args(corpus, cache_dir, out, *GRID_ARGS))
     return {"out": out, "rc": rc, "stdout": so.getvalue(), "stderr": se.getvalue()}
 
 
@@ -117,20 +118,20 @@ def test_table_and_report(finished):
 def test_out_folder_with_another_sweep_is_refused(finished, corpus, cache_dir, cli):
     out = finished["out"]
     before = (out / "summary.json").read_bytes()
-    rc, stdout, err = cli(tiny_args(corpus, cache_dir, out, "--lrs", GRID, "--steps", "7"))
+    rc, stdout, err = cli(tiny_args(corpus, cache_dir, out, *GRID_ARGS, "--steps", "7"))
     assert rc == 2 and stdout == ""
     assert err.count("\n") == 1 and "holds a different sweep" in err and "steps" in err
     assert (out / "summary.json").read_bytes() == before
 
 
 def test_same_sweep_needs_resume(finished, corpus, cache_dir, cli):
-    rc, _, err = cli(tiny_args(corpus, cache_dir, finished["out"], "--lrs", GRID))
+    rc, _, err = cli(tiny_args(corpus, cache_dir, finished["out"], *GRID_ARGS))
     assert rc == 2 and "--resume" in err and "finished" in err
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, corpus, cache_dir, cli):
     out = tmp_path / "never"
-    rc, stdout, err = cli(tiny_args(corpus, cache_dir, out, "--lrs", GRID, "--seeds", "0,1", "--dry-run"))
+    rc, stdout, err = cli(tiny_args(corpus, cache_dir, out, *GRID_ARGS, "--seeds", "0,1", "--dry-run"))
     assert rc == 0, err
     assert not out.exists()
     for run_id in ("adamw-lr0.001-s0", "adamw-lr0.003-s1", "adam-mini-lr0.002-s1"):
@@ -138,13 +139,15 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, corpus, cache_dir,
     assert "estimate 6 runs" in stdout and "parameters" in stdout
     rc, stdout, _ = cli(tiny_args(corpus, cache_dir, out, "--dry-run", "--json"))
     plan = json.loads(stdout)
-    assert [r["status"] for r in plan["runs"]] == ["to run", "to run"]
+    # the default comparison: AdamW, Adam-mini (official rules) and Adam-mini with blocks from data
+    assert [(r["optimizer"], r["status"]) for r in plan["runs"]] == [
+        ("adamw", "to run"), ("adam-mini", "to run"), ("adam-mini-snr", "to run")]
     assert plan["estimate"]["tokens_per_run"] == 6 * 2 * 16 and plan["estimate"]["step_s"] > 0
     assert not out.exists()
 
 
 def test_resume_continues_from_the_checkpoint(tmp_path, corpus, cache_dir, cli, monkeypatch):
-    args = ("--checkpoint-every", "3")
+    args = ("--checkpoint-every", "3", "--optimizers", "adamw,adam-mini")
     # reference: the same sweep, uninterrupted
     rc, _, err = cli(tiny_args(corpus, cache_dir, tmp_path / "ref", *args))
     assert rc == 0, err
@@ -231,6 +234,27 @@ def test_every_builtin_optimizer_resumes_exactly(tmp_path, corpus, cache_dir, cl
         assert runs[name]["final_val_loss"] == pytest.approx(ref[name]["final_val_loss"], rel=1e-6), name
 
 
+def test_adam_mini_snr_switches_inside_the_run_and_the_report_shows_its_blocks(tmp_path, corpus, cache_dir, cli):
+    out = tmp_path / "out"
+    rc, stdout, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw,adam-mini-snr:calibrate=3",
+                                    "--steps", "8"))
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    snr = next(r for r in summary["runs"] if r["optimizer"] == "adam-mini-snr:calibrate=3")
+    assert snr["snr_phase"] == "done" and snr["snr_calibrate_steps"] == 3 and snr["steps"] == 8
+    by_role = snr["snr_blocks_by_role"]
+    assert {"query", "key", "value", "attn_out", "mlp_up", "mlp_down", "embedding", "norm"} <= set(by_role)
+    assert sum(sum(v.values()) for v in by_role.values()) == len(json.loads((out / "runs" / snr["run_id"] /
+                                                                              "result.json").read_text())
+                                                                ["snr_blocks_by_role"]["query"]) * 0 + 38
+    report = (out / "report.md").read_text()
+    assert "## Blocks chosen from data" in report and "| query |" in report
+    assert "first 3 steps" in report
+    # the kernel is loaded before the clock starts and reported apart
+    assert all(r["kernel_load_s"] is not None for r in summary["runs"] if r["optimizer"] != "adamw")
+    assert "*kernel*" in report
+
+
 def test_divergence_is_recorded_not_raised(tmp_path, corpus, cache_dir, cli):
     out = tmp_path / "out"
     rc, _, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw", "--lrs", "1e-3,1e30",
@@ -256,7 +280,7 @@ def test_failing_run_is_recorded_and_exit_code_is_1(tmp_path, corpus, cache_dir,
     monkeypatch.setitem(optimizers.REGISTRY, "adam-mini", optimizers.OptimizerSpec(
         spec.name, spec.label, broken, spec.default_lr, spec.description, options=spec.options))
     out = tmp_path / "out"
-    rc, _, err = cli(tiny_args(corpus, cache_dir, out))
+    rc, _, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw,adam-mini"))
     assert rc == 1 and "failed" in err and "--resume" in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] is False
@@ -319,6 +343,14 @@ def _bad_inputs(tmp: Path, corpus: Path) -> list[tuple[str, list[str], str]]:
         ("hf config missing", ["--hf-config", str(tmp / "none.json")], "no such file"),
         ("model and hf config", ["--model", "llama-tiny", "--hf-config", '{"model_type": "llama"}'], "not both"),
         ("resume nothing", ["--resume"], "holds no sweep to resume"),
+        ("calibration window zero", ["--optimizers", "adamw,adam-mini-snr:calibrate=0"],
+         "adam-mini-snr:calibrate='0'; expected a positive number"),
+        ("calibration window too long", ["--optimizers", "adam-mini-snr:calibrate=6"],
+         "calibrate=6 gives a calibration window of 6 steps; expected 1 <= window < --steps (6)"),
+        ("calibration window not whole", ["--optimizers", "adam-mini-snr:calibrate=2.5"],
+         "expected a fraction in (0, 1) or a whole number of steps"),
+        ("snr cutoff not positive", ["--optimizers", "adam-mini-snr:snr_cutoff=-1"],
+         "adam-mini-snr:snr_cutoff='-1'; expected a positive number"),
     ]
 
 
@@ -327,7 +359,8 @@ def _bad_inputs(tmp: Path, corpus: Path) -> list[tuple[str, list[str], str]]:
     "bad optimizer option", "unknown model", "lr not a number", "lr empty item", "lr zero", "lr negative",
     "lr for unknown optimizer", "lr key without values", "two bare lr lists", "bad seeds", "bad betas", "bad steps",
     "steps not int", "context too long", "bpe vocab too small", "hf config missing", "model and hf config",
-    "resume nothing",
+    "resume nothing", "calibration window zero", "calibration window too long", "calibration window not whole",
+    "snr cutoff not positive",
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, corpus, cache_dir, cli):
     cases = {name: (args, msg) for name, args, msg in _bad_inputs(tmp_path, corpus)}

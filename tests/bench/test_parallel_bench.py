@@ -24,7 +24,7 @@ from bench_helpers import (  # noqa: F401 - fixtures
 from blockopt.bench.errors import BenchInputError
 from blockopt.bench.runner import SweepConfig, prepare_sweep
 
-OPTIMIZERS = "adamw,adam-mini,adamw+blr,adam-mini+blr"
+OPTIMIZERS = "adamw,adam-mini,adamw+blr,adam-mini+blr,adam-mini-snr:calibrate=3"
 RUN_FIELDS = ("optimizer", "lr", "seed", "final_val_loss", "state_bytes", "param_bytes", "tokens_per_s", "step_ms",
               "peak_mem_bytes", "diverged", "steps", "tokens")
 
@@ -74,7 +74,8 @@ def test_parallel_bench_under_torchrun_equals_one_process(parallel, tmp_path, co
     assert env["parallel"] == parallel and env["world_size"] == 2
     assert summary["protocol"]["batch_size"] == 2 and summary["tokens_per_run"] == 6 * 2 * 16
     ref = {r["optimizer"]: r for r in reference["runs"]}
-    assert [r["optimizer"] for r in summary["runs"]] == ["adamw", "adam-mini", "adamw+blr", "adam-mini+blr"]
+    assert [r["optimizer"] for r in summary["runs"]] == ["adamw", "adam-mini", "adamw+blr", "adam-mini+blr",
+                                                         "adam-mini-snr:calibrate=3"]
     for r in summary["runs"]:
         for f in RUN_FIELDS:
             assert f in r, f
@@ -102,7 +103,7 @@ def test_parallel_unsupported_optimizer_is_one_line_exit_2(tmp_path, corpus, cac
     assert proc.returncode != 0
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("blockopt bench: error:")]
     expected = ("blockopt bench: error: --optimizers: muon cannot run with --parallel fsdp; "
-                "data-parallel runs support adamw, adam-mini, adamw+blr, adam-mini+blr")
+                "data-parallel runs support adamw, adam-mini, adamw+blr, adam-mini+blr, adam-mini-snr, adam-mini-snr+blr")
     assert errors == [expected], proc.stderr[-3000:]  # one line: rank 0 alone reports it
     assert not out.exists()
 

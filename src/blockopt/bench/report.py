@@ -282,6 +282,7 @@ def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mappin
     if notes:
         lines.append("")
 
+    lines.extend(_snr_section(summary))
     lines.append("## Learning-rate sweeps")
     lines.append("")
     for w in summary["winners"]:
@@ -349,6 +350,11 @@ def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mappin
     lines.append("- *tokens/s*: tokens trained / time in forward, backward, clipping and step (evaluation and "
                  "checkpoints excluded).")
     lines.append(f"- *peak mem*: {_memory_note(summary)}")
+    loads = [r["kernel_load_s"] for r in summary["runs"] if r.get("kernel_load_s") is not None]
+    if loads:
+        lines.append(f"- *kernel*: blockopt's fused CPU kernel is built (first use on a machine) or loaded before each "
+                     f"run's clock starts, so it is not training time: {max(loads):.2f} s at most, "
+                     f"{min(loads):.2f} s at least in this sweep.")
     lines.append("- A run whose training or held-out loss becomes non-finite is recorded as diverged and stops; a "
                  "learning rate with a diverged seed cannot win.")
     lines.append("")
@@ -374,6 +380,29 @@ def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mappin
                  "`runs/<run>/` (per-run results).")
     lines.append("")
     atomic_write_text(out / "report.md", "\n".join(lines))
+
+
+def _snr_section(summary: Mapping[str, Any]) -> list[str]:
+    """For optimizers that chose their blocks from data: what they chose, per role (best lr, first seed)."""
+    out: list[str] = []
+    for w in summary["winners"]:
+        runs = [r for r in summary["runs"] if r["optimizer"] == w["optimizer"] and r.get("snr_blocks_by_role")
+                and w["best_lr"] is not None and math.isclose(r["lr"], w["best_lr"])]
+        if not runs:
+            continue
+        r = min(runs, key=lambda r: r["seed"])
+        if not out:
+            out += ["## Blocks chosen from data", ""]
+        out.append(f"**{w['label']}** (lr {r['lr']:.3g}, seed {r['seed']}): AdamW's per-element second moment for "
+                   f"the first {r['snr_calibrate_steps']} steps, then per tensor the partition whose SNR was highest "
+                   f"above the cutoff (else per element); {r['snr_plan_blocks']:,} second-moment values after the "
+                   "switch. Tensors per role and block kind:")
+        out.append("")
+        kinds = sorted({k for by in r["snr_blocks_by_role"].values() for k in by})
+        body = [[role, *[str(by.get(k, "")) for k in kinds]] for role, by in r["snr_blocks_by_role"].items()]
+        out.append(_md_table(["role", *kinds], body))
+        out.append("")
+    return out
 
 
 def _short_data(data: Mapping[str, Any]) -> str:

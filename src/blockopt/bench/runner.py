@@ -505,7 +505,7 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
 
 
 PARALLEL_CHOICES = ("none", "fsdp", "ddp")
-PARALLEL_OPTIMIZERS = ("adamw", "adam-mini", "adamw+blr", "adam-mini+blr")
+PARALLEL_OPTIMIZERS = ("adamw", "adam-mini", "adamw+blr", "adam-mini+blr", "adam-mini-snr", "adam-mini-snr+blr")
 
 
 def _check_parallel(cfg: SweepConfig) -> int:

@@ -220,7 +220,7 @@ class AdamMini(torch.optim.Optimizer):
         state_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | str | None = None,
         calibrate: int | None = None,
-        calibrate_points: int = 4,
+        calibrate_points: int | None = None,
         snr_cutoff: float = 1.0,
     ) -> None:
         if calibrate is not None:

@@ -36,6 +36,8 @@ def check_calibrate_args(calibrate: Any, points: Any, cutoff: Any) -> tuple[int,
     if isinstance(calibrate, bool) or not isinstance(calibrate, int) or calibrate < 1:
         raise ValueError(f"Invalid calibrate: {calibrate!r}; expected a positive int (the number of steps that keep "
                          "AdamW's per-element second moment before the switch to the SNR plan), or None")
+    if points is None:
+        points = min(4, calibrate)
     if isinstance(points, bool) or not isinstance(points, int) or not 1 <= points <= calibrate:
         raise ValueError(f"Invalid calibrate_points: {points!r}; expected an int in [1, calibrate={calibrate}]")
     return calibrate, points, check_cutoff(cutoff)
