@@ -47,6 +47,11 @@ def make_optimizers(model, which, lr=1e-4):
             out[name] = blockopt.AdamMini(model, lr=lr, momentum_dtype=torch.bfloat16 if name.endswith("bf16") else "int8")
         elif name == "adam-mini-per-segment":  # CUDA: the Triton step with a launch per tensor segment
             out[name] = PerSegment(blockopt.AdamMini(model, lr=lr))
+        elif name in ("adam-mini-snr", "adam-mini-snr-builtin"):
+            # the SNR plan: rules by role from a calibration of the small model of the family
+            # (benchmarks/results/snr/<family>-tiny.rules.json, from `blockopt calibrate`), or the built-in table
+            out[name] = blockopt.AdamMini(model, lr=lr, plan=blockopt.partition(model, warn=False,
+                                                                                 snr=snr_rules(model, name)))
         elif name == "adam-mini-foreach":
             out[name] = blockopt.AdamMini(model, lr=lr, fused=False)
         elif name in ("adam-mini-graph", "adamw-fused-graph"):  # CUDA only: the step replayed as a CUDA graph
@@ -67,6 +72,18 @@ def make_optimizers(model, which, lr=1e-4):
         else:
             raise SystemExit(f"unknown implementation {name!r}")
     return out
+
+
+def snr_rules(model, name):
+    """The rules of ``benchmarks/results/snr/<style>-tiny.rules.json`` for built-in models; ``"builtin"``
+    for adam-mini-snr-builtin or other models."""
+    import pathlib
+
+    style = getattr(getattr(model, "config", None), "style", None)
+    path = pathlib.Path(__file__).parent / "results" / "snr" / f"{style}-tiny.rules.json"
+    if name == "adam-mini-snr-builtin" or style is None or not path.is_file():
+        return "builtin"
+    return blockopt.SNRRules.load(path)
 
 
 class PerSegment:

@@ -381,6 +381,10 @@ def _bench_body(args: argparse.Namespace, argv: Sequence[str], prepare_sweep: An
         if env.get("parallel"):
             title += f", {env['parallel']} x {env['world_size']} ranks"
         _print_table(header, rows, title)
+        loads = [r["kernel_load_s"] for r in summary["runs"] if r.get("kernel_load_s") is not None]
+        if loads:
+            print(f"fused CPU kernel: built or loaded before each run's clock, {max(loads):.1f} s at most "
+                  f"(not counted in tokens/s)")
         print(f"report: {sweep.out / 'report.md'}")
     if not summary["complete"]:
         failed = [r["run_id"] for r in summary["runs"] if r.get("status") == "error"]

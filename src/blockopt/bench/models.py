@@ -194,6 +194,8 @@ class TransformerLM(nn.Module):
 #: named sizes; ``vocab_size`` is set from the tokenizer when it is not given here
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama-tiny": ModelConfig("llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    # the token-budget study (benchmarks/token_budget.py): 164k parameters, so 12 tokens per parameter fit
+    "llama-micro": ModelConfig("llama", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=256),
     "llama-small": ModelConfig("llama", d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=256),
     "llama-medium": ModelConfig("llama", d_model=384, n_layers=8, n_heads=6, n_kv_heads=2, max_seq_len=512),
     "gpt2-tiny": ModelConfig("gpt2", d_model=128, n_layers=4, n_heads=4, max_seq_len=256),

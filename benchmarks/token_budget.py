@@ -1,0 +1,137 @@
+"""Where does Adam-mini's parity with AdamW hold? The held-out gap to AdamW of Adam-mini (official
+rules) and of Adam-mini with blocks from data (adam-mini-snr), at three token budgets.
+
+Adam-mini's paper reports parity at about 20 tokens per parameter; the default ``blockopt bench`` run is
+0.75. This study trains ``llama-micro`` (164k parameters, bytes, the default corpus) at about 0.75, 3
+and 12 tokens per parameter (60, 241 and 963 steps of 16 x 128 tokens; warmup 10 %, cosine to 0.1 x lr,
+clip 1, wd 0.1, betas 0.9,0.95), each optimizer with its own lr grid (3e-3, 6e-3, 1.2e-2) and seeds 0
+and 1, compared at the end of training: the best lr by mean final held-out loss, then the mean over
+seeds of the per-seed gap to AdamW at its best lr. Losses are deterministic for a given --threads.
+
+    python benchmarks/token_budget.py                 # ~40 min on 2 cores; writes the files below
+    python benchmarks/token_budget.py --report-only   # table and plot from finished runs
+
+Writes ``benchmarks/results/token_budget.json``, ``.md`` and ``docs/token_budget.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL, PARAMS = "llama-micro", 164_288
+TOKENS_PER_STEP = 16 * 128
+BUDGETS = (0.75, 3.0, 12.0)  # tokens per parameter
+OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-snr")
+LRS = "3e-3,6e-3,1.2e-2"
+SEEDS = "0,1"
+
+
+def steps_for(tpp: float) -> int:
+    return round(tpp * PARAMS / TOKENS_PER_STEP)
+
+
+def run(out: Path, threads: int) -> None:
+    for tpp in BUDGETS:
+        cmd = ["blockopt", "bench", "--model", MODEL, "--steps", str(steps_for(tpp)), "--optimizers",
+               ",".join(OPTIMIZERS), "--lrs", LRS, "--seeds", SEEDS, "--threads", str(threads), "--no-plots",
+               "--progress", "plain", "--checkpoint-every", "0", "--out", str(out / f"tpp-{tpp:g}")]
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def best_by_optimizer(summary: dict) -> dict[str, dict]:
+    """Per optimizer: the lr with the lowest mean final held-out loss over seeds, and its per-seed losses."""
+    out = {}
+    for opt in OPTIMIZERS:
+        runs = [r for r in summary["runs"] if r["optimizer"] == opt and r.get("final_val_loss") is not None]
+        by_lr: dict[float, dict[int, float]] = {}
+        for r in runs:
+            by_lr.setdefault(r["lr"], {})[r["seed"]] = r["final_val_loss"]
+        full = {lr: s for lr, s in by_lr.items() if len(s) == len(SEEDS.split(","))}
+        lr = min(full, key=lambda x: sum(full[x].values()))
+        out[opt] = {"lr": lr, "per_seed": full[lr], "mean": sum(full[lr].values()) / len(full[lr])}
+    return out
+
+
+def report(out: Path) -> dict:
+    rows = []
+    for tpp in BUDGETS:
+        summary = json.loads((out / f"tpp-{tpp:g}" / "summary.json").read_text())
+        best = best_by_optimizer(summary)
+        ref = best["adamw"]["per_seed"]
+        row = {"tokens_per_param": tpp, "steps": steps_for(tpp), "tokens": steps_for(tpp) * TOKENS_PER_STEP,
+               "best": best}
+        for opt in OPTIMIZERS[1:]:
+            gaps = [100 * (best[opt]["per_seed"][s] / ref[s] - 1) for s in ref]
+            row[f"gap_{opt}"] = sum(gaps) / len(gaps)
+            row[f"gaps_{opt}"] = gaps
+        rows.append(row)
+    env = summary["environment"]
+    result = {"model": MODEL, "params": PARAMS, "seeds": SEEDS, "lrs": LRS, "rows": rows,
+              "machine": f"{env.get('cpus', '?')} cores ({env.get('threads', '?')} thread per run), torch {env.get('torch')}",
+              "command": "python benchmarks/token_budget.py"}
+    res = ROOT / "benchmarks" / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    (res / "token_budget.json").write_text(json.dumps(result, indent=1))
+    lines = [f"Held-out gap to AdamW, {MODEL} ({PARAMS:,} parameters), mean over seeds {SEEDS} of per-seed "
+             f"gaps, each optimizer at its best lr of {LRS}; `python benchmarks/token_budget.py`, "
+             f"{result['machine']}.", "",
+             "| tokens / parameter | steps | AdamW (lr) | Adam-mini (lr) | gap | Adam-mini SNR (lr) | gap |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["best"]
+        lines.append(f"| {r['tokens_per_param']:g} | {r['steps']} | {b['adamw']['mean']:.4f} ({b['adamw']['lr']:g}) | "
+                     f"{b['adam-mini']['mean']:.4f} ({b['adam-mini']['lr']:g}) | {r['gap_adam-mini']:+.2f} % | "
+                     f"{b['adam-mini-snr']['mean']:.4f} ({b['adam-mini-snr']['lr']:g}) | "
+                     f"{r['gap_adam-mini-snr']:+.2f} % |")
+    (res / "token_budget.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no plot: pip install 'blockopt[bench]'", file=sys.stderr)
+        return result
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [r["tokens_per_param"] for r in rows]
+    for opt, label, color in (("adam-mini", "Adam-mini (official rules)", "tab:orange"),
+                              ("adam-mini-snr", "Adam-mini, blocks from SNR", "tab:green")):
+        ax.plot(x, [r[f"gap_{opt}"] for r in rows], "o-", color=color, label=label)
+        for r in rows:
+            ax.scatter([r["tokens_per_param"]] * len(r[f"gaps_{opt}"]), r[f"gaps_{opt}"], color=color, alpha=0.35,
+                       s=12)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhspan(-1, 1, color="grey", alpha=0.12, lw=0, label="within 1 % of AdamW")
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.set_xlabel("training tokens per parameter")
+    ax.set_ylabel("held-out loss vs AdamW (%)")
+    ax.set_title(f"{MODEL}: gap to AdamW by token budget (seeds {SEEDS})", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    (ROOT / "docs").mkdir(exist_ok=True)
+    fig.savefig(ROOT / "docs" / "token_budget.png", dpi=120)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(ROOT / "runs" / "token-budget"))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not args.report_only:
+        run(out, args.threads)
+    report(out)
+
+
+if __name__ == "__main__":
+    main()
