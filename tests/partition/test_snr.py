@@ -126,7 +126,7 @@ def test_snr_plan_takes_the_best_candidate_above_the_cutoff_else_elements():
 
 
 def test_calibration_round_trips_and_refuses_another_model(tmp_path):
-    model, plan, calib = _plan_and_calibration({"blocks.0.attn.q_proj.weight": {"row": 4.0, "column": math.nan}})
+    _, _, calib = _plan_and_calibration({"blocks.0.attn.q_proj.weight": {"row": 4.0, "column": math.nan}})
     calib.save(tmp_path / "c.json")
     back = SNRCalibration.load(tmp_path / "c.json")
     assert back.steps == calib.steps and back.mean("blocks.0.attn.q_proj.weight")["row"] == 4.0
@@ -197,8 +197,8 @@ def test_measure_steps_cover_the_second_half_and_end_at_the_window():
 
 
 def _text_batches(n, batch=8, seq=64, seed=0):
-    text = b"".join(pathlib.Path(m.__file__).read_bytes() for m in (rules_module, blockopt.partition.__class__ and
-                                                                    importlib.import_module("blockopt.partition.plan")))
+    modules = (rules_module, importlib.import_module("blockopt.partition.plan"))
+    text = b"".join(pathlib.Path(m.__file__).read_bytes() for m in modules)
     data = torch.tensor(list(text))
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -251,7 +251,7 @@ def test_sampled_estimate_is_within_the_stated_tolerance_of_the_exact_snr_on_lla
 def test_calibrate_function_exact_and_sampled():
     model = build_model("llama-tiny", seed=0, n_layers=1)
     batches = _text_batches(6)
-    loss = lambda m, b: m(*b)  # noqa: E731
+    loss = lambda m, b: m(*b)
     calib = blockopt.calibrate(model, batches, loss, steps=6, points=2)
     assert calib.steps == measure_steps(6, 2) == [4, 6] and calib.source["method"] == "exact"
     assert set(calib.values) == {n for n, _ in model.named_parameters()} - {"lm_head.weight"}

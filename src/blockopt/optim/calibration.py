@@ -99,7 +99,7 @@ class InRunCalibration:
 
     # --- reading full per-element v (gathered under FSDP2) ------------------------------------
     @staticmethod
-    def _full_vs(opt: "AdamMini") -> Iterable[tuple[PlanEntry, torch.Tensor, torch.Tensor]]:
+    def _full_vs(opt: AdamMini) -> Iterable[tuple[PlanEntry, torch.Tensor, torch.Tensor]]:
         """(structural entry name's current entry, parameter, full per-element v) for every parameter with
         state, in the optimizer's order (the same on every rank)."""
         from ..distributed.state import gather_block_states
@@ -114,7 +114,7 @@ class InRunCalibration:
                 (v,) = gather_block_states([v], [info])
             yield opt._entries[p], p, v
 
-    def after_step(self, opt: "AdamMini") -> None:
+    def after_step(self, opt: AdamMini) -> None:
         if self.chosen is not None:
             return
         self.steps_done += 1
@@ -128,7 +128,7 @@ class InRunCalibration:
         if self.steps_done >= self.window:
             self.switch(opt)
 
-    def switch(self, opt: "AdamMini") -> None:
+    def switch(self, opt: AdamMini) -> None:
         """Choose the SNR plan and compress every per-element v to its blocks (block means)."""
         from ..distributed.dtensor import make_shard_info
         from ..distributed.state import local_block_state

@@ -61,9 +61,9 @@ __all__ = [
     "block_snr",
     "candidates",
     "check_cutoff",
+    "measure_steps",
     "rule_key",
     "snr_entry",
-    "measure_steps",
 ]
 
 #: candidate labels, in the order they are listed; ``element`` is the fallback, never scored
@@ -210,7 +210,7 @@ class SNRCalibration:
                 "values": self.values}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SNRCalibration":
+    def from_dict(cls, d: Mapping[str, Any]) -> SNRCalibration:
         if not isinstance(d, Mapping) or d.get("kind") != "blockopt.snr_calibration":
             raise ValueError("not a blockopt SNR calibration: expected a mapping with kind "
                              "'blockopt.snr_calibration' (written by SNRCalibration.save or blockopt calibrate)")
@@ -225,7 +225,7 @@ class SNRCalibration:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "SNRCalibration":
+    def from_json(cls, text: str) -> SNRCalibration:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -234,7 +234,7 @@ class SNRCalibration:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SNRCalibration":
+    def load(cls, path: str | os.PathLike) -> SNRCalibration:
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
 
@@ -249,7 +249,7 @@ class SNRCalibration:
                          choice))
         header = ("parameter", *labels, f"choice (cutoff {cutoff:g})")
         widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-        fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
         return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)])
 
 
@@ -550,7 +550,7 @@ class SNRRules:
 
     @classmethod
     def from_calibration(cls, plan: PartitionPlan, calibration: SNRCalibration, cutoff: float = 1.0, *,
-                         by_leaf: bool = True) -> "SNRRules":
+                         by_leaf: bool = True) -> SNRRules:
         """Rules from a calibration: per key (``role/leaf`` when ``by_leaf``, else role), the candidate
         whose SNR averaged over the key's tensors is highest above ``cutoff``, else ``element``."""
         cutoff = check_cutoff(cutoff)
@@ -576,7 +576,7 @@ class SNRRules:
         return {"format": _FORMAT, "kind": "blockopt.snr_rules", "source": self.source, "rules": dict(self.rules)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SNRRules":
+    def from_dict(cls, d: Mapping[str, Any]) -> SNRRules:
         if not isinstance(d, Mapping) or d.get("kind") != "blockopt.snr_rules" or "rules" not in d:
             raise ValueError("not blockopt SNR rules: expected a mapping with kind 'blockopt.snr_rules' and 'rules'")
         return cls(dict(d["rules"]), str(d.get("source", "")))
@@ -587,7 +587,7 @@ class SNRRules:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SNRRules":
+    def load(cls, path: str | os.PathLike) -> SNRRules:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
