@@ -13,6 +13,7 @@ import blockopt
 from blockopt.bench.metrics import optimizer_state_bytes
 from blockopt.bench.models import build_model
 from blockopt.kernels import load_cpu_kernel
+from blockopt.kernels.blocks import Geometry
 from blockopt.optim.calibration import compress_to_blocks
 
 N = 6  # calibration window of most tests
@@ -220,3 +221,36 @@ def test_a_state_saved_by_release_0_1_0_still_loads():
     named = dict(ref_model.named_parameters())
     for n, p in model.named_parameters():
         assert torch.allclose(p, named[n], rtol=0, atol=1e-6), n
+
+
+def test_after_the_switch_the_triton_route_takes_the_snr_plan(monkeypatch):
+    """On CPU tensors through the Triton interpreter (the route forced where the kernel supports the
+    block geometry): after the switch rows, tensors and elements go to the Triton step, column blocks
+    elsewhere (foreach on CUDA); the result equals the default route's."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install 'blockopt[gpu]')")
+    if torch.cuda.is_available():
+        pytest.skip("forces the Triton route on CPU tensors (interpreter)")
+    import copy
+
+    from blockopt.kernels.adam_mini_triton import triton_supports
+
+    model = _model(1)
+    other = copy.deepcopy(model)
+    via_triton, via_default = _make(model, calibrate=3), _make(other, calibrate=3)
+    original = via_triton._route
+    monkeypatch.setattr(via_triton, "_route", lambda p, g, m, geometry, fused: (
+        "triton" if triton_supports(p, m, geometry) else original(p, g, m, geometry, fused)))
+    for x, y in _text_batches(6):
+        for m, o in ((model, via_triton), (other, via_default)):
+            m(x, y).backward()
+            o.step()
+            o.zero_grad()
+    assert via_triton.calibration.phase == "done"
+    kinds = {e.kind for e in via_triton.plan.entries}
+    routes = _routes(via_triton)
+    assert "triton" in routes and "column" in kinds
+    # column blocks are not Triton's: on CUDA they take foreach, here the CPU route
+    col = next(p for n, p in model.named_parameters() if n in via_triton.plan and via_triton.plan[n].kind == "column")
+    assert not triton_supports(col, via_triton.state[col]["exp_avg"], Geometry(1, ((col.shape[1], 1),)))
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
