@@ -35,3 +35,15 @@ def train(model, opt, batches) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def text_batches(text: bytes, n: int, *, batch: int = 4, seq: int = 32, seed: int = 0):
+    """``n`` (input, target) byte batches of real text: random windows of ``text``, target shifted by one."""
+    data = torch.tensor(list(text))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        i = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[j:j + seq + 1] for j in i.tolist()])
+        out.append((x[:, :-1], x[:, 1:]))
+    return out

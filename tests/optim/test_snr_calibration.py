@@ -8,6 +8,7 @@ import pathlib
 
 import pytest
 import torch
+from conftest import text_batches
 
 import blockopt
 from blockopt.bench.metrics import optimizer_state_bytes
@@ -22,14 +23,7 @@ FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures"
 
 def _text_batches(n, batch=4, seq=32, seed=0):
     text = b"".join(pathlib.Path(p).read_bytes() for p in sorted(pathlib.Path(blockopt.__file__).parent.glob("*.py")))
-    data = torch.tensor(list(text))
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        i = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
-        x = torch.stack([data[j:j + seq + 1] for j in i.tolist()])
-        out.append((x[:, :-1], x[:, 1:]))
-    return out
+    return text_batches(text, n, batch=batch, seq=seq, seed=seed)
 
 
 def _model(n_layers=2, **kw):

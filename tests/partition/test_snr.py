@@ -10,6 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from conftest import text_batches
 
 import blockopt
 from blockopt.bench.models import build_model
@@ -199,14 +200,7 @@ def test_measure_steps_cover_the_second_half_and_end_at_the_window():
 def _text_batches(n, batch=8, seq=64, seed=0):
     modules = (rules_module, importlib.import_module("blockopt.partition.plan"))
     text = b"".join(pathlib.Path(m.__file__).read_bytes() for m in modules)
-    data = torch.tensor(list(text))
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        i = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
-        x = torch.stack([data[j:j + seq + 1] for j in i.tolist()])
-        out.append((x[:, :-1], x[:, 1:]))
-    return out
+    return text_batches(text, n, batch=batch, seq=seq, seed=seed)
 
 
 def test_sampled_estimate_is_within_the_stated_tolerance_of_the_exact_snr_on_llama_tiny():
