@@ -96,7 +96,7 @@ def test_fused_kernel_equals_the_codec_around_the_reference_loop(fmt):
     _steps([(model, fast), (ref, slow)], 20)
     routes = {r for r, _, _ in fast._prepared_cache[id(fast.param_groups[0])].routes}
     assert "cpu" in routes
-    same = total = 0
+    same = total = moved = 0
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         a, b = fast.state[p], slow.state[q]
         assert a["exp_avg"].dtype == b["exp_avg"].dtype != torch.float32
@@ -104,9 +104,17 @@ def test_fused_kernel_equals_the_codec_around_the_reference_loop(fmt):
             assert torch.equal(a["exp_avg"], b["exp_avg"]), name
         same += (a["exp_avg"] == b["exp_avg"]).sum().item()
         total += a["exp_avg"].numel()
-        assert max_rel_diff(p, q) <= (TOL[torch.float32] if fmt == "bf16" else 1e-4), name
+        if fmt == "bf16":
+            assert max_rel_diff(p, q) <= TOL[torch.float32], name
+        else:
+            # the kernel and the reference loop round differently in float32, so a rare code flips (AMD EPYC:
+            # 1 of 105k after 20 steps, its weight moved 1.25e-3); a flip moves its own weight by up to one step
+            d = (p - q).detach().abs()
+            assert d.max().item() <= kw["lr"], name
+            moved += (d > 1e-6).sum().item()
         assert max_rel_diff(a["block_exp_avg_sq"], b["block_exp_avg_sq"]) <= TOL[torch.float32], name
     assert same / total >= 0.9999
+    assert moved <= total - same + 2  # only weights whose codes flipped (a flip moves one weight)
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
