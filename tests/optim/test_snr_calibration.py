@@ -155,6 +155,18 @@ def test_saved_phase_checks_refuse_mismatches_and_change_nothing():
     assert fresh.calibration.phase == "calibrating" and all(e.kind in ("element", "tensor")
                                                             for e in fresh.plan.entries)
     assert other.state_dict()["param_groups"][0]["snr_calibration"] == before["param_groups"][0]["snr_calibration"]
+    # a saved SNR plan whose weight decay differs from this optimizer's is refused
+    tampered = _roundtrip(sd)
+    cal = json.loads(tampered["param_groups"][0]["snr_calibration"])
+    cal["plan"]["entries"][1]["weight_decay"] = not cal["plan"]["entries"][1]["weight_decay"]
+    tampered["param_groups"][0]["snr_calibration"] = json.dumps(cal)
+    with pytest.raises(ValueError, match="shape or weight decay differs for"):
+        fresh.load_state_dict(tampered)
+    # a deep copy keeps the phase and the plan
+    import copy
+
+    twin = copy.deepcopy(opt)
+    assert twin.calibration.phase == "done" and twin.plan == opt.plan
 
 
 @pytest.mark.parametrize("kw, match", [

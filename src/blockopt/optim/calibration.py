@@ -168,9 +168,13 @@ class InRunCalibration:
         calibration = SNRCalibration.from_dict(saved["calibration"])
         calibration.check_plan(self.structural)
         plan = PartitionPlan.from_dict(saved["plan"]) if saved.get("plan") is not None else None
-        if plan is not None and {e.name: e.shape for e in plan.entries} != {e.name: e.shape for e in
-                                                                          self.structural.entries}:
-            raise ValueError("Invalid state_dict: its SNR plan is for another model")
+        if plan is not None:
+            mine = {e.name: (e.shape, e.weight_decay) for e in self.structural.entries}
+            theirs = {e.name: (e.shape, e.weight_decay) for e in plan.entries}
+            if theirs != mine:
+                bad = sorted(n for n in set(mine) | set(theirs) if mine.get(n) != theirs.get(n))
+                raise ValueError(f"Invalid state_dict: its SNR plan does not fit this optimizer's parameters "
+                                 f"(shape or weight decay differs for {bad[:3]})")
         steps = int(saved["steps_done"])
         if not 0 <= steps <= self.window or math.isnan(steps):
             raise ValueError(f"Invalid state_dict: calibration step {steps} outside [0, {self.window}]")
