@@ -54,7 +54,8 @@ def best_by_optimizer(summary: dict) -> dict[str, dict]:
             by_lr.setdefault(r["lr"], {})[r["seed"]] = r["final_val_loss"]
         full = {lr: s for lr, s in by_lr.items() if len(s) == len(SEEDS.split(","))}
         lr = min(full, key=lambda x: sum(full[x].values()))
-        out[opt] = {"lr": lr, "per_seed": full[lr], "mean": sum(full[lr].values()) / len(full[lr])}
+        out[opt] = {"lr": lr, "per_seed": full[lr], "mean": sum(full[lr].values()) / len(full[lr]),
+                    "edge": lr in (min(by_lr), max(by_lr))}
     return out
 
 
@@ -83,12 +84,17 @@ def report(out: Path) -> dict:
              f"{result['machine']}.", "",
              "| tokens / parameter | steps | AdamW (lr) | Adam-mini (lr) | gap | Adam-mini SNR (lr) | gap |",
              "|---|---|---|---|---|---|---|"]
+    def lr(b):
+        return f"{b['lr']:g}{', edge' if b['edge'] else ''}"
+
     for r in rows:
         b = r["best"]
-        lines.append(f"| {r['tokens_per_param']:g} | {r['steps']} | {b['adamw']['mean']:.4f} ({b['adamw']['lr']:g}) | "
-                     f"{b['adam-mini']['mean']:.4f} ({b['adam-mini']['lr']:g}) | {r['gap_adam-mini']:+.2f} % | "
-                     f"{b['adam-mini-snr']['mean']:.4f} ({b['adam-mini-snr']['lr']:g}) | "
+        lines.append(f"| {r['tokens_per_param']:g} | {r['steps']} | {b['adamw']['mean']:.4f} ({lr(b['adamw'])}) | "
+                     f"{b['adam-mini']['mean']:.4f} ({lr(b['adam-mini'])}) | {r['gap_adam-mini']:+.2f} % | "
+                     f"{b['adam-mini-snr']['mean']:.4f} ({lr(b['adam-mini-snr'])}) | "
                      f"{r['gap_adam-mini-snr']:+.2f} % |")
+    if any(b["edge"] for r in rows for b in r["best"].values()):
+        lines += ["", "*edge*: the best lr is at the edge of the grid; the optimum may lie outside it."]
     (res / "token_budget.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
