@@ -29,3 +29,5 @@ nice -n 10 blockopt bench "${COMMON[@]}" --model gpt2-tiny --lrs "$STD_LRS" --ou
   > "$OUT-gpt2-stdlib.log" 2>&1
 python benchmarks/snr_quality_table.py "$OUT" > benchmarks/results/snr_quality.md
 cat benchmarks/results/snr_quality.md
+mkdir -p benchmarks/results/snr_quality
+for d in llama-stdlib llama-shakespeare gpt2-stdlib; do cp "$OUT/$d/summary.json" "benchmarks/results/snr_quality/$d.summary.json"; done

@@ -61,8 +61,11 @@ def best_by_optimizer(summary: dict) -> dict[str, dict]:
 
 def report(out: Path) -> dict:
     rows = []
+    keep = ROOT / "benchmarks" / "results" / "token_budget"
+    keep.mkdir(parents=True, exist_ok=True)
     for tpp in BUDGETS:
         summary = json.loads((out / f"tpp-{tpp:g}" / "summary.json").read_text())
+        (keep / f"tpp-{tpp:g}.summary.json").write_text(json.dumps(summary, indent=1))
         best = best_by_optimizer(summary)
         ref = best["adamw"]["per_seed"]
         row = {"tokens_per_param": tpp, "steps": steps_for(tpp), "tokens": steps_for(tpp) * TOKENS_PER_STEP,
