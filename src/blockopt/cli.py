@@ -130,19 +130,24 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _plan_parser(sub: Any) -> argparse.ArgumentParser:
+def _model_source_args(p: argparse.ArgumentParser, *, required: bool, default_note: str = "") -> None:
+    """``--model NAME`` or ``--hf-config PATH_OR_JSON`` (mutually exclusive)."""
     from .bench.models import MODEL_PRESETS
 
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--model", metavar="NAME", help=f"built-in{default_note}: {', '.join(MODEL_PRESETS)}")
+    src.add_argument("--hf-config", metavar="PATH_OR_JSON",
+                     help="a transformers config.json, a folder holding one, or inline JSON with a model_type")
+
+
+def _plan_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "plan",
         help="print the Adam-mini partition plan of a model",
         description="Build a model on the meta device (no memory, no download) and print how Adam-mini will "
                     "cut each parameter into second-moment blocks.",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="NAME", help=f"built-in: {', '.join(MODEL_PRESETS)}")
-    src.add_argument("--hf-config", metavar="PATH_OR_JSON",
-                     help="a transformers config.json, a folder holding one, or inline JSON with a model_type")
+    _model_source_args(p, required=True)
     p.add_argument("--vocab-size", type=int, metavar="N", help="override the vocabulary size")
     p.add_argument("--value-single-block", action="store_true", help="one block for each value projection")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (PartitionPlan.from_json reads it)")
@@ -153,8 +158,6 @@ def _plan_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def _calibrate_parser(sub: Any) -> argparse.ArgumentParser:
-    from .bench.models import MODEL_PRESETS
-
     p = sub.add_parser(
         "calibrate",
         help="measure the SNR of Adam's second moment and print the plan it gives",
@@ -163,9 +166,7 @@ def _calibrate_parser(sub: Any) -> argparse.ArgumentParser:
                     "print the SNR table and the plan it gives (SlimAdam's rule: the best candidate above the "
                     "cutoff, else per element).",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="NAME", help=f"built-in (default llama-tiny): {', '.join(MODEL_PRESETS)}")
-    src.add_argument("--hf-config", metavar="PATH_OR_JSON", help="a transformers causal-LM config instead")
+    _model_source_args(p, required=False, default_note=" (default llama-tiny)")
     p.add_argument("--data", metavar="PATH", help="text file or folder (default: the Python standard library)")
     p.add_argument("--steps", type=int, default=300, help="calibration steps (default 300)")
     p.add_argument("--points", type=int, default=4, help="measurements, spread over the second half (default 4)")

@@ -15,7 +15,6 @@ tensor's ``v``), so every rank computes exactly what one process computes.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -176,7 +175,7 @@ class InRunCalibration:
                 raise ValueError(f"Invalid state_dict: its SNR plan does not fit this optimizer's parameters "
                                  f"(shape or weight decay differs for {bad[:3]})")
         steps = int(saved["steps_done"])
-        if not 0 <= steps <= self.window or math.isnan(steps):
+        if not 0 <= steps <= self.window:
             raise ValueError(f"Invalid state_dict: calibration step {steps} outside [0, {self.window}]")
         return calibration, plan, steps
 
