@@ -34,6 +34,9 @@ CASES = [
     ("flat blocks across rows", (10, 3), Geometry(-1, ((30, 5),))),
     ("flat blocks within rows", (8, 6), Geometry(-1, ((48, 3),))),
     ("flat blocks of two rows", (8, 3), Geometry(-1, ((24, 6),))),
+    ("stacked experts [E, out, in]: per expert and row", (5, 4, 3), Geometry(-1, ((60, 3),))),
+    ("stacked experts [E, in, out]: per expert and column", (5, 3, 4), Geometry(2, ((20, 1),))),
+    ("stacked columns in pairs, two segments", (5, 3, 4), Geometry(2, ((8, 2), (12, 1)))),
 ]
 WORLDS = [1, 2, 3, 4, 7]
 

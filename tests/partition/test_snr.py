@@ -206,7 +206,8 @@ def _text_batches(n, batch=8, seq=64, seed=0):
 def test_sampled_estimate_is_within_the_stated_tolerance_of_the_exact_snr_on_llama_tiny():
     """docs/snr.md states it: with the defaults (64 blocks x 256 elements per candidate), for every
     candidate whose exact SNR is at least 0.5 the estimate is within 15 % of it, and a decision (cutoff
-    1.0) differs only between near-tied candidates (exact SNRs within 15 % of each other). The meter runs
+    1.0) differs only between near-tied candidates (exact SNRs within 15 % of each other, the cutoff
+    counting as the SNR of "element"). The text is this package's source, so it changes with the code. The meter runs
     beside AdamW on the same gradients, so the difference is the sampling alone."""
     model = build_model("llama-tiny", seed=0)
     plan = blockopt.partition(model, warn=False)
@@ -238,7 +239,9 @@ def test_sampled_estimate_is_within_the_stated_tolerance_of_the_exact_snr_on_lla
         if ea.geometry != eb.geometry:
             differ += 1
             exact = a.mean(ea.name)
-            assert exact[eb.snr_choice] == pytest.approx(exact[ea.snr_choice], rel=0.15), ea.name
+            # "element" stands for the cutoff (1.0): a candidate within 15 % of it may land on either side
+            sa, sb = (exact.get(c, 1.0) if c == "element" else exact[c] for c in (ea.snr_choice, eb.snr_choice))
+            assert sb == pytest.approx(sa, rel=0.15), ea.name
     assert differ <= 2
 
 

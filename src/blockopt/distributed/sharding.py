@@ -22,7 +22,9 @@ answer without communicating:
   geometry-dependent pieces of the sharded step, on plain local tensors.
 
 The block coordinate is the dimension the geometry cuts: rows for ``axis=0``,
-columns for ``axis=1`` (every column block then spans all ranks), the
+columns for ``axis=1`` (every column block then spans all ranks), (slice,
+column) pairs for ``axis=2`` (stacked ``[S, in, out]``: a rank holds whole
+slices, so no block is shared), the
 flattened tensor for ``axis=-1`` (rank ``k`` holds the flat range
 ``[r0 * rest, r1 * rest)``, ``rest`` = elements per row).
 
@@ -80,6 +82,9 @@ def _touched(shape: tuple[int, ...], geometry: Geometry, rows: Range) -> Range:
     axis = geometry.axis
     if axis == 1:
         return (0, geometry.num_blocks)
+    if axis == 2:  # stacked [S, in, out]: the coordinate is (slice, column); blocks stay in a slice
+        cols = shape[2]
+        return (_block_of(geometry, r0 * cols), _block_of(geometry, r1 * cols - 1) + 1)
     if axis == 0:
         return (_block_of(geometry, r0), _block_of(geometry, r1 - 1) + 1)
     ((_, unit),) = geometry.segments
@@ -176,7 +181,10 @@ def _local_counts(layout: ShardLayout) -> list[int]:
     lo, hi = layout.blocks
     if axis == -1:
         return [segments[0][1]] * (hi - lo)
-    other = math.prod(shape) // shape[axis] if shape[axis] else 0
+    if axis == 2:
+        other = shape[1]
+    else:
+        other = math.prod(shape) // shape[axis] if shape[axis] else 0
     counts = []
     first = 0
     for size, unit in segments:
@@ -191,7 +199,10 @@ def _coordinate_block_ids(layout: ShardLayout) -> torch.Tensor:
     """Local block index of each local row (axis 0) or of each column (axis 1), int64."""
     axis, segments = layout.geometry
     lo = layout.blocks[0]
-    a, b = layout.rows if axis == 0 else (0, layout.shape[1])
+    if axis == 2:
+        a, b = layout.rows[0] * layout.shape[2], layout.rows[1] * layout.shape[2]
+    else:
+        a, b = layout.rows if axis == 0 else (0, layout.shape[1])
     parts = []
     first = start = 0
     for size, unit in segments:
@@ -261,6 +272,9 @@ def local_block_sq_sums(g: torch.Tensor, info: ShardInfo) -> torch.Tensor:
         dims = (0,) + tuple(range(2, g.dim()))
         col_sq = torch.linalg.vector_norm(g, 2, dim=dims).square_()  # [columns]
         return out.index_add_(0, info.ids, col_sq)
+    if axis == 2:  # [local slices, in, out]: per (slice, column)
+        col_sq = torch.linalg.vector_norm(g, 2, dim=1).square_().reshape(-1)
+        return out.index_add_(0, info.ids, col_sq)
     flat = g.reshape(-1)
     ((_, unit),) = segments
     if unit == 1:
@@ -290,6 +304,8 @@ def expand_denominator(denom: torch.Tensor, info: ShardInfo) -> torch.Tensor:
         return denom[info.ids].view((local_shape[0],) + (1,) * (ndim - 1))
     if axis == 1:
         return denom[info.ids].view((1, local_shape[1]) + (1,) * (ndim - 2))
+    if axis == 2:
+        return denom[info.ids].view(local_shape[0], 1, local_shape[2])
     ((_, unit),) = segments
     if unit == 1:
         return denom.view(local_shape)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .blocks import Geometry, block_index, block_views
+from .blocks import Geometry, block_index, block_sizes, block_views
 
 __all__ = ["adam_mini_reference", "adam_mini_foreach"]
 
@@ -62,15 +62,15 @@ def adam_mini_reference(
             g = -g
         w = p.detach().to(compute_dtype, copy=True)
         step_t += 1
-        step = step_t.item()
+        # under torch.compile the counter stays a tensor (no .item(): no graph break)
+        step = step_t if _compiling() else step_t.item()
 
         ids = block_index(tuple(p.shape), geometry).reshape(-1).to(p.device)
         num_blocks = v.numel()
-        # block sums in float64: the ground truth should be the most accurate path
-        g64 = g.to(torch.float64).reshape(-1)
-        g_sq_sum = torch.zeros(num_blocks, dtype=torch.float64, device=p.device)
-        g_sq_sum.index_add_(0, ids, g64 * g64)
-        counts = torch.bincount(ids, minlength=num_blocks).to(torch.float64)
+        # block sums in float64 (the ground truth should be the most accurate path): squares summed
+        # along the geometry's coordinate, then added into blocks by index
+        g_sq_sum = _block_sq_sums(g.to(torch.float64), geometry, num_blocks)
+        counts = torch.tensor(block_sizes(tuple(p.shape), geometry), dtype=torch.float64, device=p.device)
         block_mean = (g_sq_sum / counts).to(compute_dtype)
 
         if wd_on and weight_decay != 0:
@@ -81,8 +81,40 @@ def adam_mini_reference(
         bias_correction2 = 1 - beta2**step
         denom = v.sqrt() / bias_correction2**0.5 + eps  # one per block
         per_element_denom = denom[ids].reshape(p.shape)
-        w.addcdiv_(m, per_element_denom, value=-lr / bias_correction1)
+        if isinstance(step, torch.Tensor):
+            w.sub_(m / per_element_denom * (lr / bias_correction1).to(compute_dtype))
+        else:
+            w.addcdiv_(m, per_element_denom, value=-lr / bias_correction1)
         p.copy_(w)
+
+
+def _block_sq_sums(g64: torch.Tensor, geometry: Geometry, num_blocks: int) -> torch.Tensor:
+    """Sum of ``g**2`` per block: per coordinate (row, column, (slice, column) or flat run), then into
+    blocks by each coordinate's block id (plain index arithmetic, not :func:`block_views`)."""
+    axis, segments = geometry
+    sq = g64 * g64
+    if axis == -1:
+        ((size, unit),) = segments
+        return sq.reshape(-1) if unit == 1 else sq.reshape(size // unit, unit).sum(dim=1)
+    if axis == 2:
+        along = sq.sum(dim=1).reshape(-1)  # [slices * columns], slice-major
+    else:
+        along = sq.movedim(axis, 0).reshape(sq.shape[axis], -1).sum(dim=1)
+    ids = torch.cat([first + torch.arange(size, device=g64.device) // unit
+                     for first, (size, unit) in zip(_firsts(segments), segments)])
+    return torch.zeros(num_blocks, dtype=torch.float64, device=g64.device).index_add_(0, ids, along)
+
+
+def _firsts(segments: tuple[tuple[int, int], ...]) -> list[int]:
+    out, first = [], 0
+    for size, unit in segments:
+        out.append(first)
+        first += size // unit
+    return out
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
 def _is_elementwise(geometry: Geometry) -> bool:
@@ -152,7 +184,9 @@ def adam_mini_foreach(
         grads = torch._foreach_neg(grads)
 
     torch._foreach_add_(list(state_steps), 1.0)
-    steps = [s.item() for s in state_steps]
+    compiling = _compiling()
+    # under torch.compile the counters stay tensors (no .item(): no graph break)
+    steps = list(state_steps) if compiling else [s.item() for s in state_steps]
 
     if weight_decay != 0:
         decayed = [w for w, on in zip(work, decay) if on]
@@ -175,9 +209,11 @@ def adam_mini_foreach(
     denoms = torch._foreach_sqrt(vs)
     torch._foreach_div_(denoms, [(1 - beta2**s) ** 0.5 for s in steps])
     torch._foreach_add_(denoms, eps)
+    if compiling:  # the step size as a tensor, folded into the denominators
+        torch._foreach_div_(denoms, [(lr / (1 - beta1**s)).to(d.dtype) for s, d in zip(steps, denoms)])
 
     for w, m, d, s, geometry in zip(work, exp_avgs, denoms, steps, geometries):
-        _apply_update(w, m, d, lr / (1 - beta1**s), geometry)
+        _apply_update(w, m, d, 1.0 if compiling else lr / (1 - beta1**s), geometry)
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)

@@ -242,7 +242,8 @@ inline void blockwise_int8(float* __restrict p, const float* __restrict g, const
 template <int Kind>  // momentum kind: 0 fp32, 1 bf16, 2 int8
 inline void columnwise(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
                        int64_t rows, int64_t cols, const int32_t* __restrict colblock, int64_t nb, const Scalars& s,
-                       const Hyper& h) {
+                       const Hyper& h, int64_t off) {
+  // off: the item's first element in the parameter (a slice of a stacked tensor; 0 for int8)
   void* mv = mo.data;
   const uint32_t seed = mo.seed;
   // float sums over tiles of 32 rows, added in double (as the row sums are tiled)
@@ -282,8 +283,8 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
       int8_row<true>(pr, gr, (int8_t*)mv + r * cols, mo.scale + r * mo.groups, cols, mo.groups, r * cols, 0.0f, sc,
                      h, decay, seed);
     } else if (Kind == 1) {
-      uint16_t* __restrict mr = (uint16_t*)mv + r * cols;
-      const int64_t base = r * cols;
+      uint16_t* __restrict mr = (uint16_t*)mv + off + r * cols;
+      const int64_t base = off + r * cols;
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
         const float m0 = bf16_load(mr[c]);
@@ -292,7 +293,7 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
         pr[c] = pr[c] * decay - sc[c] * mm;
       }
     } else {
-      float* __restrict mr = (float*)mv + r * cols;
+      float* __restrict mr = (float*)mv + off + r * cols;
 #pragma omp simd
       for (int64_t c = 0; c < cols; ++c) {
         const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
@@ -311,7 +312,8 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
 // Momentum storage per parameter: kinds uint8 [P] (0 fp32, 1 bf16, 2 int8: exp_avgs[i] is then
 // int8 of the parameter's shape and scales[i] its fp32 [rows, groups] scales; other entries of
 // scales are ignored), seeds int64 [P] (the parameter's base seed; mixed with the step here).
-// Column blocks: an item with block size 0 covers a whole 2-D parameter; colmaps[i] (int32, one
+// Column blocks: an item with block size 0 covers a whole 2-D parameter (or one slice of a stacked
+// [S, in, out] one); colmaps[i] (int32, one
 // entry per column) gives each column's block (other entries of colmaps are ignored).
 void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
                     const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& vs,
@@ -357,9 +359,12 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
     TORCH_CHECK(x.param >= 0 && (size_t)x.param < P, "adam_mini_step: bad item");
     if (x.block_size == 0) {
       const at::Tensor& cm = colmaps[x.param];
-      TORCH_CHECK(params[x.param].dim() == 2 && cm.scalar_type() == at::kInt && cm.is_contiguous() &&
-                      cm.numel() == params[x.param].size(1) && x.offset == 0,
-                  "adam_mini_step: column blocks need a 2-D parameter and a column map");
+      const at::Tensor& pp = params[x.param];
+      // a 2-D parameter, or one slice of a stacked 3-D one ([S, in, out]: the item starts at its slice)
+      TORCH_CHECK((pp.dim() == 2 || pp.dim() == 3) && cm.scalar_type() == at::kInt && cm.is_contiguous() &&
+                      cm.numel() == pp.size(-1) && x.offset % (pp.size(-2) * pp.size(-1)) == 0 &&
+                      (pp.dim() == 2 || kp[x.param] != 2),
+                  "adam_mini_step: column blocks need a 2-D (or stacked 3-D) parameter and a column map");
     } else if (kp[x.param] == 2) {
       const int64_t row = params[x.param].numel() / params[x.param].size(0);
       TORCH_CHECK(x.block_size % row == 0 && x.offset % row == 0,
@@ -399,7 +404,8 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
   const Hyper h{(float)(1.0 - beta1), (float)beta2, (float)(1.0 - beta2), (float)eps, maximize ? -1.0f : 1.0f};
 
   const Item& last = it[C - 1];
-  const int64_t total = last.start + (last.block_size ? last.blocks * last.block_size : params[last.param].numel());
+  const at::Tensor& lp = params[last.param];
+  const int64_t total = last.start + (last.block_size ? last.blocks * last.block_size : lp.size(-2) * lp.size(-1));
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
   std::vector<int64_t> starts(C);
   for (int64_t c = 0; c < C; ++c) starts[c] = it[c].start;
@@ -417,14 +423,14 @@ void adam_mini_step(const std::vector<at::Tensor>& params, const std::vector<at:
         const float* g = Gp[i] + x.offset;
         float* v = Vp[i] + x.v_offset;
         if (x.block_size == 0) {
-          const int64_t rows = params[i].size(0), cols = params[i].size(1);
+          const int64_t rows = params[i].size(-2), cols = params[i].size(-1);
           const int32_t* cm = colmaps[i].data_ptr<int32_t>();
           if (mo.kind == 2) {
-            columnwise<2>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h);
+            columnwise<2>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h, x.offset);
           } else if (mo.kind == 1) {
-            columnwise<1>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h);
+            columnwise<1>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h, x.offset);
           } else {
-            columnwise<0>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h);
+            columnwise<0>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h, x.offset);
           }
         } else if (mo.kind == 2) {
           blockwise_int8(p, g, mo, v, x.blocks, x.block_size, sc[i], h, x.offset);

@@ -112,13 +112,15 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
             return False
     if axis == 1 and p.dim() != 2:  # column blocks: 2-D tensors stored [in, out]
         return False
+    if axis == 2 and (len(segments) != 1 or exp_avg.dtype == torch.int8):  # stacked columns: one segment
+        return False
     return (
         p.device.type == "cpu"
         and p.dtype == torch.float32
         and exp_avg.dtype in (torch.float32, torch.bfloat16, torch.int8)
         and p.is_contiguous()
         and exp_avg.is_contiguous()
-        and axis in (-1, 0, 1)
+        and axis in (-1, 0, 1, 2)
         and type(p) in (torch.nn.Parameter, torch.Tensor)  # not DTensor or other subclasses
     )
 
@@ -131,6 +133,9 @@ def _chunks_of(shape: tuple[int, ...], geometry: Geometry) -> tuple[tuple[int, i
     axis, segments = geometry
     if axis == 1:
         return ((0, geometry.num_blocks, 0, 0),)
+    if axis == 2:  # stacked [S, in, out]: one column item per slice
+        per = geometry.num_blocks // shape[0]
+        return tuple((s * shape[1] * shape[2], per, 0, s * per) for s in range(shape[0]))
     inner = 1 if axis == -1 else (numel // shape[0] if shape else 1)
     out = []
     off = voff = 0
@@ -154,7 +159,7 @@ def _table(key: tuple[tuple[tuple[int, ...], Geometry], ...]) -> torch.Tensor:
     for i, (shape, geometry) in enumerate(key):
         for off, nb, bs, voff in _chunks_of(shape, geometry):
             rows.append((i, off, nb, bs, voff, start))
-            start += nb * bs if bs else math.prod(shape)
+            start += nb * bs if bs else shape[-2] * shape[-1]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
 
 
@@ -166,6 +171,9 @@ def step_table(shapes: Sequence[tuple[int, ...]], geometries: Sequence[Geometry]
 @functools.lru_cache(maxsize=1024)
 def column_map(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
     """Block of every column (int32) for column geometries; an empty tensor otherwise."""
+    if geometry.axis == 2:  # one slice's columns (the same in every slice: one segment)
+        ((_, unit),) = geometry.segments
+        return torch.arange(shape[2], dtype=torch.int32) // unit
     if geometry.axis != 1:
         return _EMPTY_INT
     ids, first = [], 0

@@ -5,14 +5,20 @@ A geometry is plain data, ``(axis, segments)``:
 * ``axis`` is the dimension that indexes output neurons: ``0`` for the PyTorch
   ``Linear``/``Embedding``/``Conv`` convention, ``1`` for layers stored
   transposed (Hugging Face ``Conv1D``, ``ConvTranspose``), or ``-1`` for "the
-  tensor flattened to one dimension".
+  tensor flattened to one dimension". ``2`` is for stacked matrices stored
+  transposed, ``[S, in, out]`` (mixture-of-experts weights of some families):
+  the coordinate is the pair (slice, column), numbered slice-major over
+  ``S * out`` indices, and a block holds its columns' entries of every row of
+  that slice only. Blocks of axis ``2`` never span two slices.
 * ``segments`` is a tuple of ``(size, unit)`` pairs that split that axis into
   consecutive runs; within a run every ``unit`` consecutive indices (with
   everything along the other dimensions) form one block. A fused QKV weight
   is three segments, e.g. ``((H*dh, dh), (Hkv*dh, dh), (Hkv*dh, 1))``.
 
 Per-element blocks are ``(-1, ((numel, 1),))`` and one block for the whole
-tensor is ``(-1, ((numel, numel),))``. This module knows nothing of models or
+tensor is ``(-1, ((numel, numel),))``. Stacked experts stored ``[E, out, in]``
+get one block per expert and output neuron as ``(-1, ((numel, in),))`` (runs of
+``in`` consecutive elements); stored ``[E, in, out]``, as ``(2, ((E * out, 1),))``. This module knows nothing of models or
 optimizers; the partition engine produces geometries and the kernels consume
 them.
 """
@@ -39,10 +45,14 @@ class Geometry(NamedTuple):
 def check_geometry(shape: tuple[int, ...], geometry: Geometry) -> None:
     """Raise ``ValueError`` if ``geometry`` does not tile a tensor of ``shape``."""
     axis, segments = geometry
-    if axis not in (-1, 0, 1):
-        raise ValueError(f"Invalid geometry axis: {axis}; allowed: -1, 0, 1")
+    if axis not in (-1, 0, 1, 2):
+        raise ValueError(f"Invalid geometry axis: {axis}; allowed: -1, 0, 1, 2")
     if axis == -1:
         length = math.prod(shape)
+    elif axis == 2:
+        if len(shape) != 3:
+            raise ValueError(f"Invalid geometry axis: 2 (stacked [S, in, out]) needs a 3-D tensor, got shape {list(shape)}")
+        length = shape[0] * shape[2]
     elif axis < len(shape):
         length = shape[axis]
     else:
@@ -56,13 +66,36 @@ def check_geometry(shape: tuple[int, ...], geometry: Geometry) -> None:
             f"geometry segments {list(segments)} cover {sum(s for s, _ in segments)} indices "
             f"along axis {axis}, but the tensor of shape {list(shape)} has {length}"
         )
+    start = 0
     for size, unit in segments:
         if unit <= 0 or size % unit != 0:
             raise ValueError(f"geometry segment of size {size} is not divisible into blocks of {unit}")
+        if axis == 2 and (shape[2] % unit or start % unit):
+            raise ValueError(
+                f"geometry axis 2: blocks of {unit} columns starting at {start} would span two slices of "
+                f"a tensor of shape {list(shape)}"
+            )
+        start += size
+
+
+def _slice_pieces(geometry: Geometry, cols: int) -> list[tuple[int, int, int, int]]:
+    """Axis 2: ``(slice, first column, columns, unit)`` runs in block order."""
+    out = []
+    start = 0
+    for size, unit in geometry.segments:
+        pos, end = start, start + size
+        while pos < end:
+            s, c0 = divmod(pos, cols)
+            n = min(end - pos, cols - c0)
+            out.append((s, c0, n, unit))
+            pos += n
+        start = end
+    return out
 
 
 def block_views(t: torch.Tensor, geometry: Geometry) -> list[torch.Tensor]:
-    """Views (never copies) of ``t``, one per segment, whose dim 0 indexes blocks.
+    """Views (never copies) of ``t``, one per segment (axis 2: per slice and segment), whose dim 0
+    indexes blocks, in block order.
 
     Writing into a returned view writes into ``t``. Each view has shape
     ``[num_blocks_of_segment, ...]``; a block is everything behind index ``i``
@@ -74,6 +107,10 @@ def block_views(t: torch.Tensor, geometry: Geometry) -> list[torch.Tensor]:
     pair views of two tensors with ``reshape`` to a common shape.
     """
     axis, segments = geometry
+    if axis == 2:  # one view per slice (and segment): [blocks, unit, rows]
+        moved = t.movedim(2, 1)
+        return [moved[s].narrow(0, c0, n).unflatten(0, (n // unit, unit))
+                for s, c0, n, unit in _slice_pieces(geometry, t.shape[2])]
     if axis == -1:
         (size, unit), = segments  # axis -1 always has one segment
         if t.is_contiguous():
@@ -104,6 +141,16 @@ def block_index(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
     if axis == -1:
         (size, unit), = segments
         return (torch.arange(numel) // unit).reshape(shape)
+    if axis == 2:  # coordinate (slice, column), slice-major; every row of the slice shares it
+        coord = torch.arange(shape[0] * shape[2]).reshape(shape[0], 1, shape[2])
+        ids = torch.empty_like(coord)
+        first = start = 0
+        for size, unit in segments:
+            sel = (coord >= start) & (coord < start + size)
+            ids[sel] = first + (coord[sel] - start) // unit
+            first += size // unit
+            start += size
+        return ids.expand(shape).clone()
     # id of every index along the axis
     ids_along_axis = []
     first_block = 0
@@ -114,3 +161,19 @@ def block_index(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
     view_shape = [1] * len(shape)
     view_shape[axis] = shape[axis]
     return along.reshape(view_shape).expand(shape).clone()
+
+
+def block_sizes(shape: tuple[int, ...], geometry: Geometry) -> list[int]:
+    """Number of elements of every block, in block order (plain arithmetic on the shape)."""
+    axis, segments = geometry
+    if axis == -1:
+        ((size, unit),) = segments
+        return [unit] * (size // unit)
+    if axis == 2:
+        other = shape[1]
+    else:
+        other = math.prod(shape) // shape[axis] if shape[axis] else 0
+    out: list[int] = []
+    for size, unit in segments:
+        out += [unit * other] * (size // unit)
+    return out

@@ -30,6 +30,7 @@ from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, trito
 from ..kernels import momentum as mom
 from ..kernels.blocks import Geometry
 from ..partition import PartitionPlan, PlanEntry, partition
+from ..partition.plan import canonical_name
 from .calibration import InRunCalibration, check_calibrate_args, decode_state, encode_state
 
 __all__ = ["AdamMini"]
@@ -267,6 +268,7 @@ class AdamMini(torch.optim.Optimizer):
         # the plain step's cached per-group lists (see _prepared); _state_epoch invalidates them
         self._prepared_cache: dict[int, _Prepared] = {}
         self._state_epoch = 0
+        self._seeds: dict[torch.Tensor, int] = {}
         super().__init__(params, defaults)
 
     # --- construction ---------------------------------------------------------
@@ -310,6 +312,8 @@ class AdamMini(torch.optim.Optimizer):
             raise
         self._entries.update(entries)
         self._dtensors.update(dtensors)
+        # stochastic-rounding seeds, computed here (zlib) rather than inside a compiled step
+        self._seeds.update({p: mom.name_seed(e.name) for p, e in entries.items()})
 
     def _state_dtype_for(self, p: torch.Tensor) -> torch.dtype:
         if self.state_dtype is not None:
@@ -359,7 +363,7 @@ class AdamMini(torch.optim.Optimizer):
         for p in ps:
             info = self._dtensors.get(p)
             offsets.append(info.layout.rows[0] * (p.numel() // max(1, p.shape[0])) if info is not None else 0)
-        return _Codec(states, [mom.name_seed(self._entries[p].name) for p in ps], offsets,
+        return _Codec(states, [self._seeds[p] for p in ps], offsets,
                       [self._state_dtype_for(p) for p in ps])
 
     # --- step -------------------------------------------------------------------
@@ -513,8 +517,8 @@ class AdamMini(torch.optim.Optimizer):
             return
         # per-element blocks ("adamw" in the plain step) go to the fused kernel here
         route = ["cpu" if r == "adamw" else r
-                 for r in (self._route(p, g, m, geo, group["fused"])
-                           for p, g, m, geo in zip(params, grads, exp_avgs, geoms))]
+                 for r in (_low_precision_state(v) or self._route(p, g, m, geo, group["fused"])
+                           for p, g, m, geo, v in zip(params, grads, exp_avgs, geoms, vs))]
         for name, kernel in (("cpu", adam_mini_fused_cpu), ("triton", adam_mini_triton),
                              ("foreach", adam_mini_foreach)):
             if name in route:
@@ -599,7 +603,8 @@ class AdamMini(torch.optim.Optimizer):
                 )
             routes = ["capturable"] * len(with_grad)
         else:
-            routes = [self._route(p, p.grad, s["exp_avg"], e.geometry, group["fused"])
+            routes = [_low_precision_state(s["block_exp_avg_sq"])
+                      or self._route(p, p.grad, s["exp_avg"], e.geometry, group["fused"])
                       for p, s, e in zip(with_grad, states, entries)]
             if self.momentum_format != "fp32":  # torch's fused AdamW keeps fp32 momentum only
                 routes = ["foreach" if r == "adamw" else r for r in routes]
@@ -623,7 +628,7 @@ class AdamMini(torch.optim.Optimizer):
                 decay = torch.tensor([e.weight_decay for e in es], dtype=torch.uint8)
                 kinds = torch.tensor([_KINDS[s["exp_avg"].dtype] for s in ss], dtype=torch.uint8)
                 scales = [s.get("exp_avg_scale", _EMPTY) for s in ss]
-                seeds = torch.tensor([mom.name_seed(e.name) for e in es], dtype=torch.int64)
+                seeds = torch.tensor([self._seeds[p] for p in ps], dtype=torch.int64)
                 colmaps = [column_map(tuple(p.shape), e.geometry) for p, e in zip(ps, es)]
                 lists = (ps, *lists, table, decay, kinds, scales, seeds, colmaps)
             else:
@@ -631,7 +636,7 @@ class AdamMini(torch.optim.Optimizer):
                 native = route == "triton"
                 lists = (ps, *lists, [e.geometry for e in es], [e.weight_decay for e in es],
                          None if native else self._momentum_codec(ps),
-                         [mom.name_seed(e.name) for e in es] if native else None,
+                         [self._seeds[p] for p in ps] if native else None,
                          [s.get("exp_avg_scale") for s in ss] if native else None)
             out.append((route, None if len(index) == len(with_grad) else index, lists))
         prepared = _Prepared(key, out)
@@ -713,7 +718,7 @@ class AdamMini(torch.optim.Optimizer):
             if len(group["params"]) != len(saved["params"]):
                 raise ValueError(
                     f"Invalid state_dict: parameter group {gi} has {len(saved['params'])} parameters, this "
-                    f"optimizer's has {len(group['params'])}"
+                    f"optimizer's has {len(group['params'])}{_name_difference(saved.get('param_names'), group['param_names'])}"
                 )
             saved_names = saved.get("param_names", group["param_names"])
             group_plan = saved.get("block_plan")
@@ -726,15 +731,15 @@ class AdamMini(torch.optim.Optimizer):
                 zip(group["param_names"], saved_names, group["params"], saved["params"])
             ):
                 entry = self._entries[p]
-                if saved_name != name and saved_name not in entry.aliases:
+                if canonical_name(saved_name) != canonical_name(name) and canonical_name(saved_name) not in entry.aliases:
                     raise ValueError(
                         f"Invalid state_dict: parameter {len(id_map)} is {saved_name!r} in the saved state but "
                         f"{name!r} here"
                     )
                 if group_plan is not None:
                     old = PlanEntry.from_dict(json.loads(group_plan[k]))
-                elif saved_name in top_plan:
-                    old = PlanEntry.from_dict(top_plan[saved_name])
+                elif saved_name in top_plan or canonical_name(saved_name) in top_plan:
+                    old = PlanEntry.from_dict(top_plan.get(saved_name) or top_plan[canonical_name(saved_name)])
                 else:
                     raise ValueError(f"Invalid state_dict: its plan has no entry for parameter {name!r}")
                 if not old.same_blocks(entry):
@@ -896,6 +901,8 @@ class AdamMini(torch.optim.Optimizer):
             }
             self._dtensors = {p: make_shard_info(p, e.geometry, e.name) for p, e in self._entries.items()
                               if is_dtensor(p)}
+        if hasattr(self, "_entries"):
+            self._seeds = {p: mom.name_seed(e.name) for p, e in self._entries.items()}
         for group in self.param_groups:
             if "block_plan" not in group:
                 group["block_plan"] = _block_plan(self._entries[p] for p in group["params"])
@@ -935,6 +942,23 @@ class _Prepared(NamedTuple):
 
     key: tuple[Any, ...]
     routes: list[tuple[str, list[int] | None, tuple[Any, ...]]]
+
+
+def _low_precision_state(v: torch.Tensor) -> str:
+    """``"foreach"`` for a bf16/fp16 second moment (``state_dtype``): its arithmetic runs in that dtype,
+    which only the reference and foreach steps do (the fused kernels compute in fp32, and their bf16
+    ``exp_avg`` is compact momentum); ``""`` otherwise."""
+    return "" if v.dtype in (torch.float32, torch.float64) else "foreach"
+
+
+def _name_difference(saved: Any, ours: list[str]) -> str:
+    """``: only here: ['x']; only in the saved state: ['y']`` (canonical names), or '' without saved names."""
+    if not isinstance(saved, (list, tuple)):
+        return ""
+    a, b = [canonical_name(n) for n in saved], [canonical_name(n) for n in ours]
+    here, there = [n for n in b if n not in set(a)], [n for n in a if n not in set(b)]
+    parts = ([f"only here: {here[:5]}"] if here else []) + ([f"only in the saved state: {there[:5]}"] if there else [])
+    return ("; " + ", ".join(parts) + " (a frozen or new parameter? build the optimizer over the same parameters)") if parts else ""
 
 
 def _is_elementwise(geometry: Geometry) -> bool:

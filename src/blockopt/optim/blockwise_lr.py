@@ -32,7 +32,9 @@ qkv (fused)            vo          one tensor can carry one learning rate: a fus
                                    (query/key -> qk, value -> vo), vo with the paper's
                                    numbers, because the sharpest part (value) bounds
                                    the step the whole tensor can take
-mlp                    ffn
+mlp                    ffn         stacked experts too (they are MLPs)
+router                 ffn         a mixture-of-experts router ``[E, hidden]``: part
+                                   of the feed-forward block it routes
 norm                   norm
 bias, 1-D ``other``    norm        vectors (biases, gates, scalars) stay at the base
                                    learning rate, like norm weights: the conservative
@@ -82,6 +84,7 @@ _ROLE_TO_TYPE = {
     "value": "vo",
     "attn_out": "vo",
     "mlp": "ffn",
+    "router": "ffn",
     "norm": "norm",
     "bias": "norm",
 }

@@ -5,16 +5,29 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..kernels.blocks import Geometry, check_geometry
 
-__all__ = ["PlanEntry", "PartitionPlan", "KINDS"]
+__all__ = ["PlanEntry", "PartitionPlan", "KINDS", "canonical_name"]
 
-#: the kinds an entry can have; "fused" is a weight holding several parts
-KINDS = ("element", "tensor", "row", "column", "head", "fused")
+#: module wrappers that insert a name segment without changing the model: ``torch.compile``
+#: (``_orig_mod``), activation checkpointing and FSDP1
+_WRAPPER_SEGMENT = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without the segments wrappers insert (``_orig_mod.`` of ``torch.compile``...),
+    so that plans and states of a compiled or wrapped model match the plain one."""
+    return _WRAPPER_SEGMENT.sub("", name) if "_" in name else name
+
+#: the kinds an entry can have; "fused" is a weight holding several parts; "group" is runs of
+#: consecutive elements; "stacked_row" / "stacked_column" are one block per slice of dim 0 and
+#: output neuron of stacked matrices (mixture-of-experts weights ``[E, out, in]`` / ``[E, in, out]``)
+KINDS = ("element", "tensor", "row", "column", "head", "fused", "group", "stacked_row", "stacked_column")
 
 _PLAN_FORMAT = 1
 
@@ -29,7 +42,8 @@ class PlanEntry:
         geometry: ``(axis, segments)``, see :mod:`blockopt.kernels.blocks`.
         role: what the tensor does: ``embedding``, ``position_embedding``,
             ``output``, ``query``, ``key``, ``value``, ``qkv``,
-            ``attn_out``, ``mlp``, ``norm``, ``bias``, ``conv``, ``other``.
+            ``attn_out``, ``mlp`` (stacked experts too), ``router``, ``norm``,
+            ``bias``, ``conv``, ``other``.
         rule: the rule that decided the entry, in words.
         weight_decay: whether the group's weight decay applies to it.
         parts: for fused weights, the role of each segment (e.g.
@@ -39,6 +53,9 @@ class PlanEntry:
             partition (``(("row", 4.7), ("column", 0.4), ...)``); empty otherwise.
         snr_choice: the candidate an SNR plan chose (``"row"``, ``"column"``,
             ``"element"``...); empty for structural entries.
+        trainable: ``False`` for a frozen parameter (``requires_grad=False`` when
+            the plan was built, such as the base weights under LoRA): it keeps no
+            optimizer state and the plan's totals leave it out.
     """
 
     name: str
@@ -51,6 +68,7 @@ class PlanEntry:
     aliases: tuple[str, ...] = ()
     snr: tuple[tuple[str, float], ...] = ()
     snr_choice: str = ""
+    trainable: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -82,9 +100,15 @@ class PlanEntry:
         axis, segments = self.geometry
         if axis == -1:
             ((size, unit),) = segments
-            return "element" if unit == 1 and size > 1 else "tensor"
+            if unit == size:
+                return "tensor"
+            if unit == 1:
+                return "element"
+            return "stacked_row" if len(self.shape) == 3 and unit == self.shape[2] else "group"
         if len(segments) > 1:
             return "fused"
+        if axis == 2:
+            return "stacked_column" if segments[0][1] == 1 else "group"
         ((size, unit),) = segments
         if unit == size:
             return "tensor"
@@ -94,13 +118,21 @@ class PlanEntry:
 
     def describe(self) -> str:
         """Short text for tables: ``head x4`` or ``fused q:head x4 | k:head x2 | v:row x16``."""
-        if self.kind != "fused":
-            return f"{self.kind} x{self.num_blocks}"
-        axis = self.geometry.axis
+        kind = self.kind
+        if kind in ("stacked_row", "stacked_column"):
+            return f"{kind} {self.shape[0]}x{self.num_blocks // self.shape[0]}"
+        if kind == "group":
+            return f"group of {self.numel // self.num_blocks} x{self.num_blocks}"
+        if kind != "fused":
+            return f"{kind} x{self.num_blocks}"
+        axis, segments = self.geometry
         out = []
-        for part, (size, unit) in zip(self.parts or ("?",) * 9, self.geometry.segments):
+        for part, (size, unit) in zip(self.parts or ("?",) * len(segments), segments):
             kind = "tensor" if unit == size else ("head" if unit > 1 else ("row" if axis == 0 else "column"))
             out.append(f"{part[0]}:{kind} x{size // unit}")
+        for k in range(1, len(out) // 2 + 1):  # a repeated pattern (per-head parts): say it once
+            if len(out) % k == 0 and out == out[:k] * (len(out) // k) and len(out) > k:
+                return f"fused ({' | '.join(out[:k])}) x{len(out) // k}"
         return "fused " + " | ".join(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -116,6 +148,7 @@ class PlanEntry:
             "aliases": list(self.aliases),
             **({"snr": dict(self.snr)} if self.snr else {}),
             **({"snr_choice": self.snr_choice} if self.snr_choice else {}),
+            **({"trainable": False} if not self.trainable else {}),
             # derived, for readers of the JSON; ignored on load
             "kind": self.kind,
             "num_blocks": self.num_blocks,
@@ -135,6 +168,7 @@ class PlanEntry:
                 aliases=tuple(d.get("aliases", ())),
                 snr=tuple(dict(d.get("snr", {})).items()),
                 snr_choice=str(d.get("snr_choice", "")),
+                trainable=bool(d.get("trainable", True)),
             )
         except KeyError as e:
             raise ValueError(f"plan entry {dict(d)!r} lacks the field {e.args[0]!r}") from None
@@ -176,13 +210,16 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         try:
             return self._index[name]  # type: ignore[attr-defined]
         except KeyError:
+            if isinstance(name, str) and canonical_name(name) in self._index:  # type: ignore[attr-defined]
+                return self._index[canonical_name(name)]  # type: ignore[attr-defined]
             raise KeyError(
                 f"no parameter named {name!r} in the plan; it has {len(self.entries)} entries, "
                 f"e.g. {[e.name for e in self.entries[:3]]}"
             ) from None
 
     def __contains__(self, name: object) -> bool:
-        return name in self._index  # type: ignore[attr-defined]
+        index = self._index  # type: ignore[attr-defined]
+        return name in index or (isinstance(name, str) and canonical_name(name) in index)
 
     def __iter__(self) -> Iterator[str]:
         return (e.name for e in self.entries)
@@ -199,13 +236,19 @@ class PartitionPlan(Mapping[str, PlanEntry]):
 
     # Totals
     @property
+    def trained(self) -> tuple[PlanEntry, ...]:
+        """The entries that train (all but frozen parameters): the totals count these."""
+        return tuple(e for e in self.entries if e.trainable)
+
+    @property
     def num_params(self) -> int:
-        return sum(e.numel for e in self.entries)
+        """Parameters that train (frozen ones keep no optimizer state)."""
+        return sum(e.numel for e in self.trained)
 
     @property
     def num_blocks(self) -> int:
         """Second-moment scalars kept by Adam-mini (AdamW keeps ``num_params``)."""
-        return sum(e.num_blocks for e in self.entries)
+        return sum(e.num_blocks for e in self.trained)
 
     def state_bytes(self, state_bytes_per_value: int = 4, momentum_dtype: Any = None) -> int:
         """Adam-mini state: first moment per element plus one value per block.
@@ -219,7 +262,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         fmt = momentum_format(momentum_dtype)
         if fmt == "fp32":
             return state_bytes_per_value * (self.num_params + self.num_blocks)
-        return sum(momentum_bytes(fmt, e.shape) for e in self.entries) + 4 * self.num_blocks
+        return sum(momentum_bytes(fmt, e.shape) for e in self.trained) + 4 * self.num_blocks
 
     def adamw_state_bytes(self, state_bytes_per_value: int = 4) -> int:
         return 2 * state_bytes_per_value * self.num_params
@@ -227,7 +270,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
     def counts(self) -> dict[str, int]:
         """Number of blocks by kind, e.g. ``{"head": 24, "row": 960, ...}``."""
         out: dict[str, int] = {}
-        for e in self.entries:
+        for e in self.trained:
             out[e.kind] = out.get(e.kind, 0) + e.num_blocks
         return out
 
@@ -284,7 +327,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
             (
                 e.name + (f" (= {', '.join(e.aliases)})" if e.aliases else ""),
                 "x".join(map(str, e.shape)) or "scalar",
-                e.describe(),
+                e.describe() + ("" if e.trainable else " (frozen)"),
                 e.role,
                 "yes" if e.weight_decay else "no",
                 *((_snr_cell(e),) if with_snr else ()),
@@ -299,9 +342,10 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         n, v = self.num_params, self.num_blocks
         ours, adamw = self.state_bytes(), self.adamw_state_bytes()
         out.append("")
+        frozen = len(self.entries) - len(self.trained)
         out.append(
-            f"{len(self.entries)} tensors, {n:,} parameters, {v:,} second-moment values "
-            f"(AdamW: {n:,})"
+            f"{len(self.entries)} tensors{f' ({frozen} frozen, not counted)' if frozen else ''}, {n:,} "
+            f"{'trainable ' if frozen else ''}parameters, {v:,} second-moment values (AdamW: {n:,})"
         )
         out.append(
             f"fp32 state: {_fmt_bytes(ours)} vs AdamW {_fmt_bytes(adamw)} "

@@ -44,6 +44,7 @@ parameter-sized memory and works on the ``meta`` device.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -54,12 +55,12 @@ import torch
 from torch import nn
 
 from ..kernels.blocks import Geometry
-from .plan import PartitionPlan, PlanEntry
+from .plan import PartitionPlan, PlanEntry, canonical_name
 
 __all__ = ["partition", "OVERRIDE_KINDS", "compile_override_pattern"]
 
 #: kinds accepted by ``overrides``
-OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head")
+OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head", "stacked_row", "stacked_column")
 
 _HEAD_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "nhead", "num_q_heads")
 _KV_ATTRS = ("num_kv_heads", "num_key_value_heads", "n_kv_heads", "n_kv_head", "num_query_groups")
@@ -73,6 +74,19 @@ _O_NAMES = {"o_proj", "out_proj", "wo", "o", "to_out", "out_lin", "c_proj", "pro
             "out", "output", "o_linear", "out_linear"}
 _FUSED_NAMES = {"c_attn", "qkv", "qkv_proj", "wqkv", "in_proj", "query_key_value", "to_qkv",
                 "qkv_linear"}
+_MLA_Q_A = {"q_a_proj", "wq_a"}
+_MLA_Q_B = {"q_b_proj", "wq_b"}
+_MLA_KV_A = {"kv_a_proj_with_mqa", "wkv_a", "kv_a_proj"}
+_MLA_KV_B = {"kv_b_proj", "wkv_b"}
+_MLA_DIMS = {
+    "heads": _HEAD_ATTRS,
+    "nope": ("qk_nope_head_dim",),
+    "rope": ("qk_rope_head_dim",),
+    "v": ("v_head_dim",),
+}
+_EXPERT_ATTRS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "n_experts",
+                 "num_routed_experts")
+_HIDDEN_ATTRS = ("hidden_size", "d_model", "n_embd", "dim", "hidden_dim")
 _POSITION_RE = re.compile(r"(pos|wpe|position)", re.IGNORECASE)
 
 _NORM_TYPES: tuple[type, ...] = (
@@ -94,6 +108,18 @@ def _is_hf_conv1d(m: nn.Module) -> bool:
 
 def _is_projection(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or _is_hf_conv1d(m)
+
+
+def _base(m: nn.Module) -> nn.Module | None:
+    """The projection a module is or wraps (a peft LoRA layer keeps it as ``base_layer``), else None."""
+    for _ in range(4):
+        if _is_projection(m):
+            return m
+        inner = getattr(m, "base_layer", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        m = inner
+    return None
 
 
 def _out_axis(m: nn.Module) -> int:
@@ -181,6 +207,7 @@ class _Engine:
         self.attention_modules: set[int] = set()
         self.unknown: dict[int, str] = {}  # id(param) -> description, for the one warning
         self.heads_used = False
+        self.expert_modules: set[int] = set()
 
     # --- structure ------------------------------------------------------
     def _input_output_embeddings(self) -> tuple[nn.Module | None, nn.Module | None]:
@@ -195,6 +222,12 @@ class _Engine:
             return out if isinstance(out, nn.Module) else None
 
         in_emb, out_emb = call("get_input_embeddings"), call("get_output_embeddings")
+        # a LoRA-wrapped head or table: the layer inside
+        if out_emb is not None and _base(out_emb) is not None:
+            out_emb = _base(out_emb)
+        if in_emb is not None and not isinstance(in_emb, (nn.Embedding, nn.EmbeddingBag)):
+            inner = getattr(in_emb, "base_layer", None)
+            in_emb = inner if isinstance(inner, nn.Module) else in_emb
         if in_emb is None:
             # no get_input_embeddings (torchtitan, nanoGPT and other plain models): the model's one
             # embedding table that is not a position table, so that the output head is still found
@@ -207,9 +240,11 @@ class _Engine:
     def _is_attention(self, m: nn.Module) -> bool:
         if isinstance(m, nn.MultiheadAttention):
             return True
+        if _base(m) is not None:  # a projection (or a LoRA wrapper of one) is not an attention module
+            return False
         named = any(s in type(m).__name__.lower() for s in ("attention", "attn"))
         has_heads = any(_int_attr(m, a)[0] for a in (_HEAD_ATTRS, _HEAD_DIM_ATTRS))
-        projections = [c for c in m.children() if _is_projection(c)]
+        projections = [c for c in m.children() if _base(c) is not None]
         return (named or has_heads) and len(projections) >= 1 and (
             named or len(projections) >= 2
         )
@@ -280,8 +315,10 @@ class _Engine:
         if isinstance(m, nn.MultiheadAttention):
             self._decide_mha(m, mname, names)
             return
-        children = [(n, c) for n, c in m.named_children() if _is_projection(c)]
+        children = [(n, c) for n, c in m.named_children() if _base(c) is not None]
         if not children:
+            return
+        if self._decide_mla(m, mname, names, children):
             return
         roles: dict[str, str] = {}
         for n, c in children:
@@ -291,17 +328,22 @@ class _Engine:
                 if low in table:
                     roles[n] = role
                     break
+        unnamed = [c for n, c in children if n not in roles]
         q_child = next((c for n, c in children if roles.get(n) == "query"), None)
-        q_out = _in_out(q_child)[1] if q_child is not None else None
         k_child = next((c for n, c in children if roles.get(n) == "key"), None)
-        k_out = _in_out(k_child)[1] if k_child is not None else None
+        if q_child is None and "qkv" not in roles.values() and len(unnamed) >= 2:
+            # projections placed by order (q, k, v, out): the first unnamed one is the query
+            q_child = unnamed[0]
+            k_child = k_child if k_child is not None else unnamed[1]
+        q_out = _in_out(_base(q_child))[1] if q_child is not None else None
+        k_out = _in_out(_base(k_child))[1] if k_child is not None else None
         heads = self._heads(m, mname, q_out, k_out)
         # by shape and order for children the names did not place
         missing = [r for r in ("query", "key", "value") if r not in roles.values()]
         for n, c in children:
             if n in roles:
                 continue
-            i, o = _in_out(c)
+            i, o = _in_out(_base(c))
             if heads is not None and o == heads.q_size + 2 * heads.kv_size and "qkv" not in roles.values():
                 roles[n] = "qkv"
             elif heads is not None and i == heads.q_size and (not missing or o != heads.kv_size):
@@ -313,7 +355,99 @@ class _Engine:
         for n, c in children:
             self._decide_projection(c, f"{mname}.{n}" if mname else n, roles[n], heads, names, n)
 
+    def _decide_mla(self, m: nn.Module, mname: str, names: dict[int, str],
+                    children: list[tuple[str, nn.Module]]) -> bool:
+        """Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections.
+
+        ``q_b_proj`` (or ``q_proj`` without a query rank): one block per head of ``nope + rope``
+        rows; ``kv_b_proj``: per head, its ``nope`` key rows one block and its value rows one
+        block each; ``kv_a_proj_with_mqa``: the latent rows one block each, the shared rope key
+        one block; ``q_a_proj``: per row. False when the module is not MLA.
+        """
+        local = {n.lower(): c for n, c in children}
+        kv_b = next((local[n] for n in _MLA_KV_B if n in local), None)
+        if kv_b is None:
+            return False
+        dims = {}
+        for key, attrs in _MLA_DIMS.items():
+            for obj in (m, getattr(m, "config", None), self.config):
+                v, _ = _int_attr(obj, attrs)
+                if v is not None:
+                    dims[key] = v
+                    break
+        h = self.hints["num_heads"] or dims.get("heads")
+        nope, rope, vd = dims.get("nope"), dims.get("rope"), dims.get("v")
+        if not (h and nope and rope and vd):
+            return False
+        self.heads_used = True
+        src = "MLA dims (qk_nope_head_dim, qk_rope_head_dim, v_head_dim, heads)"
+        for n, c in children:
+            base = _base(c)
+            w = base.weight
+            shape = tuple(w.shape)
+            axis = _out_axis(base)
+            out = shape[axis]
+            pname = names.get(id(w), f"{mname}.{n}.weight" if mname else f"{n}.weight")
+            low = n.lower()
+            geom, role, parts = _rows(shape, axis), "attn_out", ()
+            if low in _MLA_Q_B or low in _Q_NAMES:
+                role = "query"
+                if out == h * (nope + rope):
+                    geom, rule = _rows(shape, axis, nope + rope), f"MLA query ({n!r}): {h} heads x {nope}+{rope} [{src}]"
+                else:
+                    rule = f"MLA query ({n!r}): {out} rows do not fit {h} heads x {nope + rope}, per row"
+                    self.unknown[id(w)] = f"{pname} (MLA query; heads do not fit, one block per row)"
+            elif low in _MLA_KV_B:
+                role = "qkv"
+                if out == h * (nope + vd):
+                    segs = ((nope, nope), (vd, 1)) * h
+                    geom, parts = Geometry(axis, segs), ("key", "value") * h
+                    rule = f"MLA key/value up-projection ({n!r}): per head, key {nope} rows one block, value per row [{src}]"
+                else:
+                    rule = f"MLA key/value ({n!r}): {out} rows do not fit {h} heads x ({nope}+{vd}), per row"
+                    self.unknown[id(w)] = f"{pname} (MLA key/value; heads do not fit, one block per row)"
+            elif low in _MLA_KV_A:
+                role = "qkv"
+                if out > rope:
+                    geom, parts = Geometry(axis, ((out - rope, 1), (rope, rope))), ("value", "key")
+                    rule = f"MLA latent ({n!r}): latent rows per row, shared rope key ({rope} rows) one block"
+                else:
+                    rule = f"MLA latent ({n!r}): per row"
+            elif low in _MLA_Q_A:
+                role, rule = "query", f"MLA query down-projection ({n!r}): per output neuron"
+            else:
+                rule = f"attention output ({n!r}): per output neuron"
+            self._set(c, base, _Decision(geom, role, rule, True, parts))
+        return True
+
+    def _set(self, c: nn.Module, base: nn.Module, d: _Decision) -> None:
+        """Record the decision for ``base.weight`` and, when ``c`` wraps ``base`` (LoRA), its adapters."""
+        self.decisions[id(base.weight)] = d
+        if c is base:
+            return
+        axis, segments = d.geometry
+        out_axis = _out_axis(base)
+        out = tuple(base.weight.shape)[out_axis]
+        for an, a in c.named_modules():
+            if a is base or not isinstance(a, nn.Linear) or any(x is a for x in base.modules()):
+                continue
+            w = a.weight
+            shape = tuple(w.shape)
+            if shape[0] == out and axis in (0, 1):  # adapter B: its rows are the layer's output neurons
+                geom = Geometry(0, segments)
+                rule = f"LoRA adapter {an!r} of {d.role}: the wrapped layer's blocks on its rows ({d.rule})"
+                self.decisions[id(w)] = _Decision(geom, d.role, rule, True, d.parts)
+            else:  # adapter A (or B of a layer without output blocks): per row
+                self.decisions[id(w)] = _Decision(_rows(shape), d.role, f"LoRA adapter {an!r} of {d.role}: per row", True)
+
     def _decide_projection(
+        self, c: nn.Module, cname: str, role: str, heads: _Heads | None, names: dict[int, str], local: str
+    ) -> None:
+        wrapper, c = c, _base(c)
+        self._decide_projection_weight(c, cname, role, heads, names, local)
+        self._set(wrapper, c, self.decisions[id(c.weight)])
+
+    def _decide_projection_weight(
         self, c: nn.Module, cname: str, role: str, heads: _Heads | None, names: dict[int, str], local: str
     ) -> None:
         w = c.weight
@@ -416,6 +550,89 @@ class _Engine:
             found = [(n, m) for n, m in found if not re.search(r"(^|\.)\d+(\.|$)", n)]
         return {id(m) for _, m in found}
 
+    # --- mixture of experts -------------------------------------------------
+    def _num_experts(self, m: nn.Module) -> int | None:
+        for obj in (m, getattr(m, "config", None), self.config):
+            v, _ = _int_attr(obj, _EXPERT_ATTRS)
+            if v is not None:
+                return v
+        return None
+
+    def _hidden_size(self, m: nn.Module) -> int | None:
+        for obj in (getattr(m, "config", None), self.config):
+            v, _ = _int_attr(obj, _HIDDEN_ATTRS)
+            if v is not None:
+                return v
+        return None
+
+    def _decide_experts(self, m: nn.Module, mname: str, names: dict[int, str]) -> None:
+        """Stacked experts: a module's own 3-D parameters whose dim 0 is its number of experts.
+
+        ``[E, out, in]``: one block per expert and output neuron (runs of ``in`` elements);
+        ``[E, in, out]`` (``is_transposed``, or what the hidden size implies): the same blocks,
+        as stacked columns. Expert biases ``[E, out]``: per element.
+        """
+        own = list(m.named_parameters(recurse=False))
+        stacked = [(n, p) for n, p in own if p.dim() == 3]
+        if not stacked:
+            return
+        e = self._num_experts(m)
+        if e is None:  # no count anywhere: two or more 3-D tensors with one leading size
+            lead = {p.shape[0] for _, p in stacked}
+            if len(stacked) < 2 or len(lead) != 1:
+                return
+            e, how_e = lead.pop(), "shared leading size"
+        else:
+            how_e = "num_experts"
+        flag = getattr(m, "is_transposed", None)
+        hidden = self._hidden_size(m)
+        for n, p in own:
+            shape = tuple(p.shape)
+            if not shape or shape[0] != e:
+                continue
+            if p.dim() == 2 and (n == "bias" or n.endswith("_bias") or n.startswith("bias")):
+                self.decisions[id(p)] = _Decision(_elements(shape), "bias", "expert bias [E, out]: per element (Adam)", False)
+                continue
+            if p.dim() != 3:
+                continue
+            if isinstance(flag, bool):
+                transposed, why = flag, f"is_transposed={flag}"
+            else:
+                transposed, why = self._expert_layout(n, shape, hidden)
+            if transposed:
+                geom = Geometry(2, ((shape[0] * shape[2], 1),))
+                rule = f"stacked experts [E, in, out] ({why}): per expert and output neuron (column) [{how_e}]"
+            else:
+                geom = Geometry(-1, ((math.prod(shape), shape[2]),))
+                rule = f"stacked experts [E, out, in] ({why}): per expert and output neuron (row) [{how_e}]"
+            self.decisions[id(p)] = _Decision(geom, "mlp", rule, True)
+        self.expert_modules.add(id(m))
+
+    @staticmethod
+    def _expert_layout(name: str, shape: tuple[int, ...], hidden: int | None) -> tuple[bool, str]:
+        """Whether ``[E, a, b]`` is stored ``[E, in, out]``: a down projection's output is the hidden
+        size, any other projection's input is; square or unknown: PyTorch's ``[out, in]``."""
+        if hidden is None:
+            return False, "layout [E, out, in] by convention"
+        down = "down" in name.lower() or name.lower() in ("w2", "wo")
+        a, b = shape[1], shape[2]
+        if down:
+            normal, transposed = a == hidden, b == hidden
+        else:
+            normal, transposed = b == hidden, a == hidden
+        if transposed and not normal:
+            return True, f"hidden size {hidden} on the input side"
+        return False, (f"hidden size {hidden}" if normal and not transposed else "layout [E, out, in] by convention")
+
+    def _is_router(self, m: nn.Module, mname: str, local: str, shape: tuple[int, ...]) -> bool:
+        """A router (gate): a ``[E, hidden]`` weight in a module named or typed as a gate or router."""
+        if local != "weight" or len(shape) != 2:
+            return False
+        e = self._num_experts(m)
+        leaf = mname.rsplit(".", 1)[-1].lower()
+        named = any(s in type(m).__name__.lower() for s in ("router", "gate")) or leaf in ("gate", "router", "wg")
+        return named and e is not None and shape[0] == e
+
     # --- main -------------------------------------------------------------
     def run(self) -> dict[int, _Decision]:
         model = self.model
@@ -426,9 +643,10 @@ class _Engine:
         self._vocab_shaped = self._vocab_shaped_heads(in_emb, out_emb)
         embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
 
-        # attention modules first: their decisions take precedence over "Linear"
+        # attention modules and stacked experts first: their decisions take precedence over "Linear"
         attn_subtree: set[int] = set()
         for mname, m in model.named_modules():
+            self._decide_experts(m, mname, names)
             if self._is_attention(m):
                 self.attention_modules.add(id(m))
                 self._decide_attention(m, mname, names)
@@ -447,6 +665,8 @@ class _Engine:
         shape = tuple(p.shape)
         if p.dim() == 1 and (local == "bias" or local.endswith("_bias")):
             return _Decision(_elements(shape), "bias", "bias: per element (Adam)", False)
+        if self._is_router(m, mname, local, shape):
+            return _Decision(_rows(shape), "router", f"router ({type(m).__name__}): per expert (row)", True)
         if _is_norm(m):
             return _Decision(_whole(shape), "norm", f"norm ({type(m).__name__}): one block", False)
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and local == "weight":
@@ -520,6 +740,12 @@ def _apply_override(pattern: str, spec: dict[str, Any], d: _Decision, shape: tup
             geom = _elements(shape)
         elif kind == "tensor":
             geom = _whole(shape)
+        elif kind in ("stacked_row", "stacked_column"):
+            if len(shape) != 3:
+                raise ValueError(f"Invalid overrides[{pattern!r}]: kind {kind!r} needs a 3-D stacked tensor "
+                                 f"([E, out, in] or [E, in, out]), but {pname!r} has shape {list(shape)}")
+            geom = (Geometry(-1, ((math.prod(shape), shape[2]),)) if kind == "stacked_row"
+                    else Geometry(2, ((shape[0] * shape[2], 1),)))
         elif kind in ("row", "column", "head"):
             axis = 1 if kind == "column" else spec.get("axis", 0)
             if len(shape) <= axis:
@@ -617,6 +843,7 @@ def partition(
     aliases: dict[int, list[str]] = {}
     canonical: dict[int, tuple[str, torch.Tensor]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
+        n = canonical_name(n)
         if id(p) in canonical:
             aliases.setdefault(id(p), []).append(n)
         else:
@@ -639,7 +866,8 @@ def partition(
                 if "kind" in spec:
                     engine.unknown.pop(pid, None)  # the user decided it
                     user_kind.add(n)
-        entries.append(PlanEntry(n, tuple(p.shape), d.geometry, d.role, d.rule, d.weight_decay, d.parts, tuple(aliases.get(pid, ()))))
+        entries.append(PlanEntry(n, tuple(p.shape), d.geometry, d.role, d.rule, d.weight_decay, d.parts,
+                                 tuple(aliases.get(pid, ())), trainable=p.requires_grad))
 
     unmatched = [pattern for pattern, count in matched.items() if count == 0]
     if unmatched:
@@ -649,17 +877,17 @@ def partition(
             f"(full match; names look like {sample})"
         )
     if any(v is not None for v in hints.values()) and not engine.heads_used:
+        found = ("no attention module was found" if not engine.attention_modules else
+                 f"{len(engine.attention_modules)} attention module(s) were found but none has a query projection "
+                 "they could be applied to")
         warnings.warn(
-            "blockopt.partition: head hints were given but no attention module was found; "
+            f"blockopt.partition: head hints were given but {found}; "
             "they were not used (name the query/key weights with overrides={pattern: 'head:<head_dim>'})",
             stacklevel=2,
         )
     plan_warnings = ()
     if engine.unknown:
-        msg = (
-            f"{len(engine.unknown)} tensor(s) matched no structural rule and use the documented default: "
-            + "; ".join(engine.unknown.values())
-        )
+        msg = _unknown_message(list(engine.unknown.values()))
         plan_warnings = (msg,)
         if warn:
             warnings.warn("blockopt.partition: " + msg, stacklevel=2)
@@ -670,6 +898,20 @@ def partition(
 
         plan = apply_snr(plan, snr, snr_cutoff, keep=user_kind)
     return plan
+
+
+def _unknown_message(items: list[str], shown: int = 6) -> str:
+    """The one warning for tensors no rule recognised: repeated layers said once (``layers.*``), at
+    most ``shown`` patterns, so that a large model gives a short line."""
+    groups: dict[str, int] = {}
+    for text in items:
+        key = re.sub(r"\.\d+\.", ".*.", text)
+        groups[key] = groups.get(key, 0) + 1
+    listed = [f"{k} (x{n})" if n > 1 else k for k, n in list(groups.items())[:shown]]
+    more = len(groups) - shown
+    tail = f"; and {more} more pattern(s); print(plan) shows every entry's rule" if more > 0 else ""
+    return (f"{len(items)} tensor(s) matched no structural rule and use the documented default: "
+            + "; ".join(listed) + tail + ". Set their blocks with overrides={pattern: kind}")
 
 
 def _json_spec(spec: Any) -> Any:
