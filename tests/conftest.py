@@ -47,3 +47,66 @@ def text_batches(text: bytes, n: int, *, batch: int = 4, seq: int = 32, seed: in
         x = torch.stack([data[j:j + seq + 1] for j in i.tolist()])
         out.append((x[:, :-1], x[:, 1:]))
     return out
+
+
+class TinyExperts(torch.nn.Module):
+    """Stacked experts like transformers 5 stores them: ``[E, out, in]``, or ``[E, in, out]`` with
+    ``is_transposed`` (and expert biases ``[E, out]``). Every expert runs on every token, weighted."""
+
+    def __init__(self, e: int, hidden: int, inter: int, transposed: bool, bias: bool, gen: torch.Generator) -> None:
+        super().__init__()
+        self.num_experts, self.is_transposed = e, transposed
+        up, down = ((e, hidden, 2 * inter), (e, inter, hidden)) if transposed else ((e, 2 * inter, hidden), (e, hidden, inter))
+        self.gate_up_proj = torch.nn.Parameter(torch.randn(up, generator=gen) * 0.3)
+        self.down_proj = torch.nn.Parameter(torch.randn(down, generator=gen) * 0.3)
+        if bias:
+            self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(e, 2 * inter, generator=gen) * 0.1)
+            self.down_proj_bias = torch.nn.Parameter(torch.randn(e, hidden, generator=gen) * 0.1)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # x [N, hidden], weights [N, E]
+        t = self.is_transposed
+        h = torch.einsum("nh,ehi->nei" if t else "nh,eih->nei", x, self.gate_up_proj)
+        if hasattr(self, "gate_up_proj_bias"):
+            h = h + self.gate_up_proj_bias
+        a, b = h.chunk(2, dim=-1)
+        h = torch.nn.functional.silu(a) * b
+        out = torch.einsum("nei,eih->neh" if t else "nei,ehi->neh", h, self.down_proj)
+        if hasattr(self, "down_proj_bias"):
+            out = out + self.down_proj_bias
+        return torch.einsum("ne,neh->nh", weights, out)
+
+
+class TopKRouter(torch.nn.Module):
+    def __init__(self, e: int, hidden: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.num_experts = e
+        self.weight = torch.nn.Parameter(torch.randn(e, hidden, generator=gen) * 0.3)
+
+
+class TinyMoE(torch.nn.Module):
+    """A token model with a router and two stacked-expert layers (both layouts); 5 experts, so that
+    three ranks hold 2, 2 and 1 of them. ``model(x)`` gives logits; ``model(x, y)`` the loss."""
+
+    def __init__(self, vocab: int = 11, hidden: int = 8, inter: int = 4, e: int = 5, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, hidden, generator=gen))
+        self.router = TopKRouter(e, hidden, gen)
+        self.experts = TinyExperts(e, hidden, inter, False, False, gen)
+        self.experts_t = TinyExperts(e, hidden, inter, True, True, gen)
+        self.head = torch.nn.Linear(hidden, vocab)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(vocab, hidden, generator=gen) * 0.3)
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(x).reshape(-1, self.embed.embedding_dim)
+        w = torch.softmax(h @ self.router.weight.t(), dim=-1)
+        h = h + self.experts(h, w)
+        h = h + self.experts_t(h, w)
+        logits = self.head(h).reshape(*x.shape, -1)
+        if y is None:
+            return logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

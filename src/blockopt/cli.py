@@ -417,7 +417,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         name = args.model
     snr = _load_snr(args.snr) if args.snr is not None else None
     try:
-        plan = partition(model, value_single_block=args.value_single_block, snr=snr, snr_cutoff=args.snr_cutoff)
+        plan = partition(model, warn=False, value_single_block=args.value_single_block, snr=snr, snr_cutoff=args.snr_cutoff)
     except ValueError as e:
         if snr is None:
             raise

@@ -57,12 +57,25 @@ def load_hf_config(spec: str, *, vocab_size: int | None = None) -> Any:
     d.pop("architectures", None)
     try:
         cfg = transformers.AutoConfig.for_model(model_type, **d)
-    except (ValueError, KeyError) as e:
-        raise BenchInputError(f"--hf-config: model_type {model_type!r}: {e}") from None
-    if vocab_size is not None:
-        cfg.vocab_size = vocab_size
-    cfg.use_cache = False
+        if vocab_size is not None:
+            cfg.vocab_size = vocab_size
+        cfg.use_cache = False
+    except (ValueError, KeyError, TypeError, *_config_validation_errors()) as e:
+        # the config's own validation (huggingface_hub's strict dataclasses raise errors that are not
+        # ValueError): one line, the first line of its message
+        first = str(e).strip().splitlines()
+        detail = " ".join(x.strip() for x in first[:2]) if first else type(e).__name__
+        raise BenchInputError(f"--hf-config: model_type {model_type!r}: {detail}") from None
     return cfg
+
+
+def _config_validation_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from huggingface_hub import errors
+    except ImportError:
+        return ()
+    return tuple(getattr(errors, n) for n in ("StrictDataclassClassValidationError",
+                                              "StrictDataclassFieldValidationError") if hasattr(errors, n))
 
 
 def hf_max_positions(cfg: Any) -> int | None:

@@ -122,6 +122,16 @@ def _is_elementwise(geometry: Geometry) -> bool:
     return axis == -1 and segments[0][1] == 1
 
 
+def _needs_contiguous(t: torch.Tensor, geometry: Geometry) -> bool:
+    axis, ((size, unit), *_) = geometry
+    return axis == -1 and 1 < unit < size and not t.is_contiguous()
+
+
+def _readable(t: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """``t``, or a contiguous copy where :func:`block_views` needs one (read-only uses)."""
+    return t.contiguous() if _needs_contiguous(t, geometry) else t
+
+
 def _block_mean_sq(g_views: list[torch.Tensor]) -> torch.Tensor:
     """Mean of squares within each block, concatenated over the views."""
     means = []
@@ -144,6 +154,12 @@ def _apply_update(
     if _is_elementwise(geometry):
         w.addcdiv_(m, denom.view(w.shape), value=-step_size)
         return
+    if _needs_contiguous(w, geometry):  # runs of flat elements have no view in a strided tensor
+        tmp = w.contiguous()
+        _apply_update(tmp, m.contiguous(), denom, step_size, geometry)
+        w.copy_(tmp)
+        return
+    m = m.contiguous() if _needs_contiguous(m, geometry) else m
     start = 0
     for wv, mv in zip(block_views(w, geometry), block_views(m, geometry), strict=True):
         n = wv.shape[0]
@@ -202,7 +218,7 @@ def adam_mini_foreach(
         torch._foreach_addcmul_([vs[i] for i in elem], flat, flat, value=1 - beta2)
     blocked = [i for i, geometry in enumerate(geometries) if not _is_elementwise(geometry)]
     if blocked:
-        means = [_block_mean_sq(block_views(grads[i], geometries[i])) for i in blocked]
+        means = [_block_mean_sq(block_views(_readable(grads[i], geometries[i]), geometries[i])) for i in blocked]
         torch._foreach_add_([vs[i] for i in blocked], means, alpha=1 - beta2)
 
     # denom_b = sqrt(v_b) / sqrt(1 - b2**t) + eps, one per block

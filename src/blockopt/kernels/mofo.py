@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .adam_mini import _apply_update, _block_mean_sq, _is_elementwise
+from .adam_mini import _apply_update, _block_mean_sq, _is_elementwise, _readable
 from .blocks import Geometry, block_views
 
 __all__ = ["mofo_mask", "mofo_step", "num_moved"]
@@ -94,7 +94,7 @@ def mofo_step(
         elif _is_elementwise(geometry):  # 1-D per-element v (biases in the block layout)
             v.addcmul_(g.reshape(-1), g.reshape(-1), value=1 - beta2)
         else:
-            v.add_(_block_mean_sq(block_views(g, geometry)), alpha=1 - beta2)
+            v.add_(_block_mean_sq(block_views(_readable(g, geometry), geometry)), alpha=1 - beta2)
         denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)  # per element, or one per block
 
         mask = mofo_mask(m, fraction)

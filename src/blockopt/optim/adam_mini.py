@@ -64,9 +64,13 @@ def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Map
     the message).
     """
     if isinstance(model_or_params, nn.Module):
+        named = list(model_or_params.named_parameters())
+        if not named:
+            raise ValueError(f"Invalid model: {type(model_or_params).__name__} has no parameters "
+                             "(the optimizer got an empty parameter list)")
         if plan is None:
             plan = partition(model_or_params, **hints)
-        params: Any = [{"params": list(model_or_params.named_parameters())}]
+        params: Any = [{"params": named}]
     else:
         used = [k for k, v in hints.items() if v]
         if used:
