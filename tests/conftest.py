@@ -73,7 +73,7 @@ class TinyExperts(torch.nn.Module):
         out = torch.einsum("nei,eih->neh" if t else "nei,ehi->neh", h, self.down_proj)
         if hasattr(self, "down_proj_bias"):
             out = out + self.down_proj_bias
-        return torch.einsum("ne,neh->nh", weights, out)
+        return torch.einsum("ne,neh->nh", weights, out).clone()  # not a view (FSDP2 hooks its outputs)
 
 
 class TopKRouter(torch.nn.Module):

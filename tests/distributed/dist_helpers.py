@@ -376,3 +376,41 @@ def worker_snr(rank: int, world: int, out: str) -> None:
         results[f"resumed-{at}"] = {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json()}
     if rank == 0:
         torch.save(results, out / f"snr{world}.pt")
+
+
+# --- stacked experts (both layouts) under FSDP2 ------------------------------------------------------
+def _moe(seed: int = 0) -> torch.nn.Module:
+    from conftest import TinyMoE
+
+    return TinyMoE(seed=seed).double()
+
+
+def single_process_moe_run(n_steps: int = STEPS) -> dict[str, dict[str, torch.Tensor]]:
+    model = _moe()
+    opt = blockopt.AdamMini(model, **OPT_KW)
+    _train_moe(model, opt, batches()[:n_steps])
+    return snapshot(model, opt)
+
+
+def _train_moe(model, opt, xs, rank: int = 0, world: int = 1) -> None:
+    for x in xs:
+        xb = local_batch(x % 11, rank, world)
+        opt.zero_grad()
+        model(xb, xb.roll(1, dims=1)).backward()
+        opt.step()
+
+
+def worker_moe(rank: int, world: int, out: str) -> None:
+    """FSDP2 over a model with stacked experts ([E, out, in] and [E, in, out], 5 experts: ranks hold
+    2, 2 and 1 of them at world 3), 10 steps."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _moe()
+    fully_shard(model.experts)
+    fully_shard(model.experts_t)
+    fully_shard(model)
+    opt = blockopt.AdamMini(model, **OPT_KW)
+    _train_moe(model, opt, batches(), rank, world)
+    result = snapshot(model, opt)
+    if rank == 0:
+        torch.save(result, Path(out) / f"moe{world}.pt")

@@ -1,6 +1,8 @@
 """The partition engine: one decision per parameter, from the model's structure.
 
-Rules, in the order they are tried for each parameter (``ALGORITHMS.md`` s. 1):
+Rules, in the order they are tried for each parameter (``docs/partition.md`` states them all,
+including stacked mixture-of-experts weights, routers, multi-head latent attention and LoRA
+adapters, which the passes ``_decide_experts``, ``_decide_mla`` and ``_set`` handle):
 
 1. **User overrides** (``overrides={pattern: spec}``; ``re.fullmatch`` on the
    parameter name or any alias) win over every rule below.
