@@ -37,7 +37,7 @@ import torch
 import blockopt
 from blockopt.bench.data import (default_cache_dir, eval_windows, get_batch, load_corpus, resolve_source,
                                  train_batches)
-from blockopt.bench.models import build_model
+from blockopt.models import build_model
 from blockopt.bench.runner import lr_at
 
 REPO = Path(__file__).resolve().parent.parent

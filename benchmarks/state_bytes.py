@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import blockopt
-from blockopt.bench.models import build_model
+from blockopt.models import build_model
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import time
 import torch
 
 import blockopt
-from blockopt.bench.models import build_model
+from blockopt.models import build_model
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from bandwidth import BYTES_PER_PARAM, measure_bandwidth  # noqa: E402

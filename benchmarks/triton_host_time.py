@@ -17,9 +17,9 @@ import time
 import torch
 
 import blockopt
-from blockopt.bench.models import build_model
 from blockopt.kernels import adam_mini_triton as T
 from blockopt.kernels.adam_mini_triton import _runs
+from blockopt.models import build_model
 
 
 class _NoLaunch:

@@ -1,4 +1,4 @@
-"""Shared test helpers. Tolerances live here, in one place (DESIGN.md)."""
+"""Shared test helpers. Tolerances live here, in one place."""
 
 from __future__ import annotations
 
@@ -11,6 +11,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-2}
+
+
+def step_through_triton(opt, monkeypatch) -> None:
+    """``opt.step()`` with every tensor the Triton kernel supports sent to the Triton route (the
+    interpreter on CPU), the others where the dispatcher sends them."""
+    import blockopt.optim.adam_mini as am
+    from blockopt.kernels.adam_mini_triton import triton_supports
+
+    original = am.choose_route
+    with monkeypatch.context() as mp:
+        mp.setattr(am, "choose_route", lambda p, g, m, v, geometry, **kw: (
+            "triton" if triton_supports(p, m, geometry) else original(p, g, m, v, geometry, **kw)))
+        opt.step()
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

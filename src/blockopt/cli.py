@@ -58,8 +58,8 @@ examples:
 
 
 def _bench_parser(sub: Any) -> argparse.ArgumentParser:
-    from .bench.models import MODEL_PRESETS
     from .bench.optimizers import REGISTRY
+    from .models import MODEL_PRESETS
 
     opt_lines = []
     for s in REGISTRY.values():
@@ -132,7 +132,7 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
 
 def _model_source_args(p: argparse.ArgumentParser, *, required: bool, default_note: str = "") -> None:
     """``--model NAME`` or ``--hf-config PATH_OR_JSON`` (mutually exclusive)."""
-    from .bench.models import MODEL_PRESETS
+    from .models import MODEL_PRESETS
 
     src = p.add_mutually_exclusive_group(required=required)
     src.add_argument("--model", metavar="NAME", help=f"built-in{default_note}: {', '.join(MODEL_PRESETS)}")
@@ -409,7 +409,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         model = build_hf_model(cfg, device="meta", seed=None)
         name = f"hf:{cfg.model_type}"
     else:
-        from .bench.models import MODEL_PRESETS, build_model
+        from .models import MODEL_PRESETS, build_model
 
         if args.model not in MODEL_PRESETS:
             raise BenchInputError(f"--model: unknown model {args.model!r}; available: {', '.join(MODEL_PRESETS)}")
@@ -486,7 +486,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             logits = m(input_ids=x).logits
             return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
     else:
-        from .bench.models import MODEL_PRESETS, build_model
+        from .models import MODEL_PRESETS, build_model
 
         name = args.model or "llama-tiny"
         if name not in MODEL_PRESETS:

@@ -11,7 +11,6 @@ from bench_helpers import keep_torch_threads  # noqa: F401 - fixture
 
 from blockopt.bench.errors import BenchInputError
 from blockopt.bench.metrics import optimizer_state_bytes
-from blockopt.bench.models import build_model
 from blockopt.bench.optimizers import (
     REGISTRY,
     CautiousAdamW,
@@ -21,6 +20,7 @@ from blockopt.bench.optimizers import (
     build_optimizer,
     parse_optimizer,
 )
+from blockopt.models import build_model
 from blockopt.partition import partition
 
 SMALL = {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32}

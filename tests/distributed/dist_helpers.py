@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import blockopt
-from blockopt.bench.models import build_model
+from blockopt.models import build_model
 
 #: 6 query heads of 4 rows (24 rows: heads split across 4 ranks), one KV head of 4 rows (an empty shard
 #: at 3 ranks), an odd vocabulary (67 rows), one column-blocked and one per-element weight

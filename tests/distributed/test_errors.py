@@ -9,7 +9,7 @@ from conftest import max_rel_diff
 from dist_helpers import OPT_KW, OVERRIDES, batches, free_port, make_optimizer, shard, snapshot, tiny_model, train_steps
 
 import blockopt
-from blockopt.bench.models import build_model
+from blockopt.models import build_model
 
 
 @pytest.fixture

@@ -96,7 +96,7 @@ def tiny_conv(seed: int = 0):
 def tiny_lm(seed: int = 0, *, d_model: int = 16, n_heads: int = 2, n_layers: int = 1, vocab: int = 32,
             batch: int = 3, seq: int = 6):
     """The library's Llama-style decoder (SDPA attention, RoPE, RMSNorm, SwiGLU), float64."""
-    from blockopt.bench.models import build_model
+    from blockopt.models import build_model
 
     model = build_model("llama-tiny", vocab_size=vocab, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                         n_kv_heads=n_heads, d_ff=32, max_seq_len=64, seed=seed).double()

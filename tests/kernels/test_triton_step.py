@@ -8,7 +8,7 @@ import torch
 import blockopt
 from blockopt.bench.models import build_model
 from blockopt.kernels import adam_mini_reference
-from conftest import TOL, max_rel_diff
+from conftest import TOL, max_rel_diff, step_through_triton
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'blockopt[gpu]')")
 from blockopt.kernels.adam_mini_triton import adam_mini_triton  # noqa: E402
@@ -187,16 +187,12 @@ def test_adam_mini_int8_momentum_through_the_triton_route_equals_the_cpu_route(m
     import copy
 
     from blockopt.kernels import load_cpu_kernel
-    from blockopt.kernels.adam_mini_triton import triton_supports
 
     model = build_model("llama-tiny", vocab_size=40, n_layers=1, d_model=32, n_heads=4, max_seq_len=8)
     other = copy.deepcopy(model)
     kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_dtype="int8")
     via_cpu = blockopt.AdamMini(other, **kw)
     via_triton = blockopt.AdamMini(model, **kw)
-    original = via_triton._route
-    monkeypatch.setattr(via_triton, "_route", lambda p, g, m, geometry, fused: (
-        "triton" if triton_supports(p, m, geometry) else original(p, g, m, geometry, fused)))
     gen = torch.Generator().manual_seed(4)
     for _ in range(6):
         for m in (model, other):
@@ -205,13 +201,12 @@ def test_adam_mini_int8_momentum_through_the_triton_route_equals_the_cpu_route(m
         for p, q in zip(model.parameters(), other.parameters()):
             p.grad = torch.randn(p.shape, generator=gen)
             q.grad = p.grad.clone()
-        via_triton.step()
+        step_through_triton(via_triton, monkeypatch)
         via_cpu.step()
-    routes = {r for r, _, _ in via_triton._prepared_cache[id(via_triton.param_groups[0])].routes}
-    assert routes == {"triton"}
+    assert set(via_triton.routes.values()) == {"triton"}
     # the fused C++ kernel; foreach + codec where it is not built (BLOCKOPT_DISABLE_CPU_KERNEL=1)
-    expected = {"cpu"} if load_cpu_kernel() is not None else {"foreach"}
-    assert {r for r, _, _ in via_cpu._prepared_cache[id(via_cpu.param_groups[0])].routes} == expected
+    expected = {"fused_cpu"} if load_cpu_kernel() is not None else {"foreach"}
+    assert set(via_cpu.routes.values()) == expected
     n_int8 = 0
     for (name, p), q in zip(model.named_parameters(), other.parameters()):
         a, b = via_triton.state[p], via_cpu.state[q]

@@ -14,8 +14,8 @@ from torch import nn
 
 import blockopt
 from blockopt import BLOCKWISE_LR_MULTIPLIERS, AdamMini, blockwise_block_types, blockwise_lr_groups
-from blockopt.bench.models import build_model
 from blockopt.bench.runner import lr_at
+from blockopt.models import build_model
 
 PAPER = {"embedding": 10.0, "qk": 8.0, "vo": 4.0, "ffn": 6.0, "norm": 1.0}
 SMALL = {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 4, "max_seq_len": 32}

@@ -8,13 +8,13 @@ import pathlib
 
 import pytest
 import torch
-from conftest import text_batches
+from conftest import step_through_triton, text_batches
 
 import blockopt
 from blockopt.bench.metrics import optimizer_state_bytes
-from blockopt.bench.models import build_model
 from blockopt.kernels import load_cpu_kernel
 from blockopt.kernels.blocks import Geometry
+from blockopt.models import build_model
 from blockopt.optim.calibration import compress_to_blocks
 
 N = 6  # calibration window of most tests
@@ -43,7 +43,7 @@ def _train(model, opt, batches):
 
 
 def _routes(opt):
-    return {r for r, _, _ in opt._prepared_cache[id(opt.param_groups[0])].routes}
+    return set(opt.routes.values())
 
 
 def test_calibration_phase_is_adamw_bit_for_bit_and_the_switch_keeps_block_means():
@@ -86,7 +86,7 @@ def test_after_the_switch_the_fused_kernel_runs_and_matches_the_reference_loop()
     fast_model, ref_model = _model(), _model()
     fast, slow = _make(fast_model), _make(ref_model, foreach=False)
     _train(fast_model, fast, batches[:N + 1])
-    assert "cpu" in _routes(fast)  # the C++ kernel, with the SNR plan's rows and columns
+    assert "fused_cpu" in _routes(fast)  # the C++ kernel, with the SNR plan's rows and columns
     assert any(e.kind == "column" for e in fast.plan.entries)
     _train(fast_model, fast, batches[N + 1:])
     _train(ref_model, slow, batches)
@@ -243,13 +243,10 @@ def test_after_the_switch_the_triton_route_takes_the_snr_plan(monkeypatch):
     model = _model(1)
     other = copy.deepcopy(model)
     via_triton, via_default = _make(model, calibrate=3), _make(other, calibrate=3)
-    original = via_triton._route
-    monkeypatch.setattr(via_triton, "_route", lambda p, g, m, geometry, fused: (
-        "triton" if triton_supports(p, m, geometry) else original(p, g, m, geometry, fused)))
     for x, y in _text_batches(6):
         for m, o in ((model, via_triton), (other, via_default)):
             m(x, y).backward()
-            o.step()
+            step_through_triton(o, monkeypatch) if o is via_triton else o.step()
             o.zero_grad()
     assert via_triton.calibration.phase == "done"
     kinds = {e.kind for e in via_triton.plan.entries}

@@ -12,8 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import blockopt
 from blockopt import PartitionPlan, PlanEntry
-from blockopt.bench.models import build_model
 from blockopt.kernels.blocks import Geometry
+from blockopt.models import build_model
 
 HF_REASON = "Hugging Face transformers is not installed (pip install blockopt[test])"
 

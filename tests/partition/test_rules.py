@@ -1,9 +1,10 @@
 """Partition rules (``blockopt.partition``): golden block counts and every rule family.
 
-The golden numbers are computed by hand in the comments from ALGORITHMS.md
-section 1: query/key one block per head, value/attention output/MLP/output
-head one block per output neuron, token embeddings one per row, position
-embeddings, norms and other 1-D tensors one block, biases per element.
+The golden numbers are computed by hand in the comments from docs/algorithms.md
+section 2 (all rules: docs/partition.md): query/key one block per head,
+value/attention output/MLP/output head one block per output neuron, token
+embeddings one per row, position embeddings, norms and other 1-D tensors one
+block, biases per element.
 Models are built on the ``meta`` device from configs (nothing is downloaded).
 """
 
@@ -17,8 +18,8 @@ import torch
 from torch import nn
 
 import blockopt
-from blockopt.bench.models import build_model
 from blockopt.kernels.blocks import Geometry
+from blockopt.models import build_model
 
 HF_REASON = "Hugging Face transformers is not installed (pip install blockopt[test])"
 

@@ -13,8 +13,8 @@ import torch
 from conftest import text_batches
 
 import blockopt
-from blockopt.bench.models import build_model
 from blockopt.kernels.blocks import Geometry
+from blockopt.models import build_model
 from blockopt.partition import PlanEntry
 from blockopt.partition.snr import (
     BUILTIN_SNR_RULES,

@@ -8,13 +8,13 @@ Nothing is fetched from the Hub: a name that is neither a file nor JSON is an er
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..utils import load_hf_config as _load
+from ..utils import one_line
 from .errors import BenchInputError
 
 __all__ = ["build_hf_model", "hf_attention_shape", "load_hf_config"]
@@ -30,52 +30,14 @@ def _transformers():
 
 def load_hf_config(spec: str, *, vocab_size: int | None = None) -> Any:
     """A ``transformers.PretrainedConfig`` from a file, a folder or inline JSON (no download)."""
-    transformers = _transformers()
-    text = spec.strip()
-    if text.startswith("{"):
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BenchInputError(f"--hf-config: inline JSON does not parse: {e}") from None
-    else:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise BenchInputError(
-                f"--hf-config: no such file {str(path)!r}; expected a config.json, a folder holding one, "
-                "or an inline JSON object (nothing is downloaded)"
-            )
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BenchInputError(f"--hf-config: {str(path)!r} is not readable JSON: {e}") from None
-    if not isinstance(d, dict) or "model_type" not in d:
-        raise BenchInputError("--hf-config: the config needs a 'model_type' (e.g. \"llama\", \"gpt2\")")
-    d = dict(d)
-    model_type = d.pop("model_type")
-    d.pop("architectures", None)
+    cfg, _ = _load(spec, BenchInputError)
     try:
-        cfg = transformers.AutoConfig.for_model(model_type, **d)
         if vocab_size is not None:
             cfg.vocab_size = vocab_size
         cfg.use_cache = False
-    except (ValueError, KeyError, TypeError, *_config_validation_errors()) as e:
-        # the config's own validation (huggingface_hub's strict dataclasses raise errors that are not
-        # ValueError): one line, the first line of its message
-        first = str(e).strip().splitlines()
-        detail = " ".join(x.strip() for x in first[:2]) if first else type(e).__name__
-        raise BenchInputError(f"--hf-config: model_type {model_type!r}: {detail}") from None
+    except Exception as e:  # noqa: BLE001 - the config's own validation, whatever its class
+        raise BenchInputError(f"--hf-config: {one_line(e)}") from None
     return cfg
-
-
-def _config_validation_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from huggingface_hub import errors
-    except ImportError:
-        return ()
-    return tuple(getattr(errors, n) for n in ("StrictDataclassClassValidationError",
-                                              "StrictDataclassFieldValidationError") if hasattr(errors, n))
 
 
 def hf_max_positions(cfg: Any) -> int | None:

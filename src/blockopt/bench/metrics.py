@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_write_text  # noqa: E402,F401  (re-exported)
+from ..utils import atomic_write_text, fmt_bytes  # noqa: E402,F401  (re-exported)
 
 __all__ = [
     "StepTimer",
@@ -260,13 +260,5 @@ def steps_to_reference_loss(winners: Sequence[Mapping[str, Any]], runs: Sequence
     return {"reference": reference, "target": target, "steps": steps}
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..optim.extra import CautiousAdamW, ChainedOptimizer
 from .errors import BenchInputError
 
 __all__ = [
@@ -271,90 +272,6 @@ def _po(cls_name: str, **fixed):
 def _cautious_adamw(model, lr, hp, plan, info):
     return CautiousAdamW(_decay_groups(model, plan, hp), lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
                          weight_decay=hp.weight_decay)
-
-
-class ChainedOptimizer:
-    """Several optimizers over disjoint parameters, stepped together (Muon + AdamW).
-
-    ``param_groups`` is the concatenation of the children's groups (the same dicts,
-    so a schedule that sets ``group["lr"]`` reaches them); ``state`` merges theirs.
-    """
-
-    def __init__(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
-        self.optimizers = list(optimizers)
-
-    @property
-    def param_groups(self):  
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    @property
-    def state(self):  
-        out = {}
-        for o in self.optimizers:
-            out.update(o.state)
-        return out
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for o in self.optimizers:
-            o.step()
-        return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:  
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  
-        for o, sd in zip(self.optimizers, state_dict["optimizers"], strict=True):
-            o.load_state_dict(sd)
-
-    def __repr__(self) -> str:
-        return "ChainedOptimizer(" + ", ".join(type(o).__name__ for o in self.optimizers) + ")"
-
-
-class CautiousAdamW(torch.optim.Optimizer):
-    """C-AdamW (Liang et al., 2024, "Cautious Optimizers"), a plain baseline for the bench.
-
-    AdamW whose update is zeroed where its sign disagrees with the current gradient,
-    the rest rescaled by ``numel / (kept + 1)`` (as in ``pytorch_optimizer``).
-    """
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                st["step"] += 1
-                t = st["step"].item()
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v / (1 - beta2**t)).sqrt_().add_(group["eps"])
-                update = (m / (1 - beta1**t)).div_(denom)
-                mask = (update * g > 0).to(update.dtype)
-                update.mul_(mask * (mask.numel() / (mask.sum() + 1)))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
-        return loss
 
 
 _ADAM_OPTS = ("beta1", "beta2", "eps", "weight_decay")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import shlex
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .metrics import atomic_write_text, fmt_bytes
+from ..utils import atomic_write, atomic_write_text
+from .metrics import fmt_bytes
 
 __all__ = ["PLOT_FILES", "results_table", "side_by_side_table", "write_report"]
 
@@ -137,15 +136,7 @@ def _winner_runs(summary: Mapping[str, Any]) -> dict[str, tuple[str, set[str]]]:
 
 
 def _savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
 
 
 def write_plots(out: Path, summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -22,13 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+
+from ..utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "DistContext",
@@ -197,17 +199,8 @@ def write_on_rank0(path: str | os.PathLike, data: str | bytes) -> bool:
     """Write ``data`` to ``path`` atomically from rank 0 only; returns whether this process wrote."""
     if not is_main_process():
         return False
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    (atomic_write_bytes if isinstance(data, bytes) else atomic_write_text)(path, data)
     return True
 
 

@@ -246,10 +246,6 @@ class ShardInfo:
         return f"ShardInfo({self.layout})"
 
 
-def _is_elementwise(geometry: Geometry) -> bool:
-    return geometry.axis == -1 and geometry.segments[0][1] == 1
-
-
 def local_block_sq_sums(g: torch.Tensor, info: ShardInfo) -> torch.Tensor:
     """Sum of ``g**2`` over the local part of every local block (1-D, ``num_local_blocks``).
 

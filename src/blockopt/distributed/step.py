@@ -12,9 +12,9 @@ process group however many parameters it has:
    touches no part of a block), and summed with one ``all_reduce``. Blocks
    inside one rank's rows need nothing.
 3. :func:`sharded_adam_mini_update` -- block means (sum / global element
-   count), second moments, the per-row / per-column / per-element denominators
-   and the update of ``m`` and ``p``: the arithmetic of
-   :func:`blockopt.kernels.adam_mini_foreach`, on the local tensors.
+   count), then :func:`blockopt.kernels.adam_mini.adam_mini_update` (the same
+   update as one process) with each shard's layout broadcasting the
+   denominators (:func:`shard_applier`).
 
 The same code runs on gloo (CPU) and NCCL (GPU); a CPU buffer on a group
 without a CPU backend (CPU-offloaded parameters under NCCL) travels through
@@ -27,14 +27,12 @@ from collections.abc import Sequence
 
 import torch
 
+from ..kernels.adam_mini import Applier, adam_mini_update
+from ..kernels.blocks import is_elementwise
 from .sharding import ShardInfo, expand_denominator, local_block_sq_sums
 
-__all__ = ["partial_block_sums", "reduce_shared_blocks", "sharded_adam_mini_update"]
-
-
-def _is_elementwise(info: ShardInfo) -> bool:
-    axis, segments = info.layout.geometry
-    return axis == -1 and segments[0][1] == 1
+__all__ = ["block_statistics_from_sums", "partial_block_sums", "reduce_shared_blocks", "shard_applier",
+           "sharded_adam_mini_update"]
 
 
 def partial_block_sums(grads: Sequence[torch.Tensor | None], infos: Sequence[ShardInfo],
@@ -43,7 +41,7 @@ def partial_block_sums(grads: Sequence[torch.Tensor | None], infos: Sequence[Sha
     gradient or the blocks are single elements (their update needs no sums)."""
     out: list[torch.Tensor | None] = []
     for g, info, dtype in zip(grads, infos, dtypes, strict=True):
-        if g is None or _is_elementwise(info):
+        if g is None or is_elementwise(info.layout.geometry):
             out.append(None)
         else:
             out.append(local_block_sq_sums(g.to(dtype), info))
@@ -102,6 +100,21 @@ def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[Sh
     return issued
 
 
+def shard_applier(info: ShardInfo) -> Applier:
+    """For :func:`~blockopt.kernels.adam_mini.adam_mini_update`: the per-block denominator broadcast
+    over a local shard's layout (rows, columns, slices or flat elements)."""
+    def apply(w: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float) -> None:
+        w.addcdiv_(m, expand_denominator(denom, info), value=-step_size)
+    return apply
+
+
+def block_statistics_from_sums(sums: Sequence[torch.Tensor | None], infos: Sequence[ShardInfo],
+                               dtypes: Sequence[torch.dtype]) -> list[torch.Tensor | None]:
+    """Block means from the reduced sums: sum / global element count (``None`` stays ``None``)."""
+    return [None if s is None else (s / info.counts.to(s.dtype)).to(dtype)
+            for s, info, dtype in zip(sums, infos, dtypes, strict=True)]
+
+
 def sharded_adam_mini_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -123,32 +136,11 @@ def sharded_adam_mini_update(
 
     ``params[i]``, ``grads[i]`` and ``exp_avgs[i]`` are the local shards,
     ``block_exp_avg_sqs[i]`` the local block range of the second moments. The
-    arithmetic follows :func:`blockopt.kernels.adam_mini_foreach` operation by
-    operation, so one process and N shards agree to rounding of the sums.
+    statistic is the reduced sum over the global element count; the update is
+    :func:`blockopt.kernels.adam_mini.adam_mini_update` itself, with each
+    shard's layout broadcasting the denominators.
     """
-    for p, g, m, v, step_t, info, wd_on, s in zip(params, grads, exp_avgs, block_exp_avg_sqs, state_steps,
-                                                  infos, decay, sums, strict=True):
-        step_t += 1
-        step = step_t.item()
-        if p.numel() == 0:  # an empty shard (last ranks of a short dim 0): nothing local to update
-            continue
-        dtype = m.dtype
-        w = p if p.dtype == dtype else p.to(dtype)
-        g = g if g.dtype == dtype else g.to(dtype)
-        if maximize:
-            g = -g
-        if wd_on and weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2)
-        if _is_elementwise(info):
-            flat = g.reshape(-1)
-            v.addcmul_(flat, flat, value=1 - beta2)
-        else:
-            mean = (s / info.counts.to(s.dtype)).to(dtype)
-            v.add_(mean, alpha=1 - beta2)
-        denom = v.sqrt()
-        denom.div_((1 - beta2**step) ** 0.5).add_(eps)
-        w.addcdiv_(m, expand_denominator(denom, info), value=-lr / (1 - beta1**step))
-        if w is not p:
-            p.copy_(w)
+    stats = block_statistics_from_sums(sums, infos, [m.dtype for m in exp_avgs])
+    adam_mini_update(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, stats, decay,
+                     [shard_applier(info) for info in infos], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                     weight_decay=weight_decay, maximize=maximize)

@@ -1,7 +1,7 @@
 """The Hessian toolkit: Hessian-vector products, Lanczos, spectral densities, block heterogeneity,
 dense Hessians with heatmaps, and partition scores.
 
-The flow (``ALGORITHMS.md`` s. 2-3)::
+The flow (``docs/algorithms.md`` section 7)::
 
     HessianOperator(model, batch, loss_fn, params)      # hvp.py: H v by double backward, one graph
       -> lanczos / top_eigenvalues                      # lanczos.py: full re-orthogonalisation

@@ -62,6 +62,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..utils import fmt_bytes as _fmt_bytes
 from torch import nn
 
 __all__ = [
@@ -312,12 +314,6 @@ class MemoryEstimate:
         return max(0, int((MEMORY_HEADROOM * self.available - self.fixed) // self.per_example))
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -4,7 +4,7 @@ Three architectures, small enough that a full block-heterogeneity run and a
 dense Hessian of a query weight take well under a minute on two CPU cores:
 
 * ``tiny-transformer``: the library's Llama-style decoder
-  (:func:`blockopt.bench.models.build_model`, RMSNorm, RoPE, SwiGLU, tied
+  (:func:`blockopt.models.build_model`, RMSNorm, RoPE, SwiGLU, tied
   embeddings) with 2 layers, ``d_model=32``, 4 heads of 8; byte-level tokens
   (vocabulary 256), next-token loss.
 * ``tiny-cnn``: VGG-style, four 3x3 convolutions (16 channels) with ReLU,
@@ -34,7 +34,6 @@ the only place in :mod:`blockopt.hessian` that uses :mod:`blockopt.bench`
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 from collections.abc import Callable
@@ -84,7 +83,7 @@ class Problem:
 
 
 def lm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy of a blockopt :class:`~blockopt.bench.models.TransformerLM`,
+    """Mean next-token cross-entropy of a blockopt :class:`~blockopt.models.TransformerLM`,
     computed from the logits in the model's own precision (its ``forward(x, y)`` casts to float32)."""
     x, y = batch
     logits = model(x)  # [B, T, V]
@@ -319,7 +318,7 @@ def build_problem(
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise HessianInputError(f"Invalid batch_size: {batch_size!r}; expected an int >= 1")
     if name == "tiny-transformer":
-        from ..bench.models import build_model
+        from ..models import build_model
 
         if seq_len < 2 or seq_len > 256:
             raise HessianInputError(f"Invalid seq_len: {seq_len}; allowed 2..256 for tiny-transformer")
@@ -365,37 +364,12 @@ def build_hf_problem(
     """A Hugging Face causal LM built (randomly initialised, seeded) from a ``config.json``, a folder
     holding one, or inline JSON (``'{"model_type": "gpt2", ...}'``); tokens are bytes (modulo the vocabulary size). Attention runs in the eager
     implementation, which is differentiable twice."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise HessianInputError("--hf-config needs Hugging Face transformers (pip install 'blockopt[hf]')") from e
-    text = os.fspath(config_path)
-    if text.lstrip().startswith("{"):
-        path = Path("<inline JSON>")
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise HessianInputError(f"--hf-config: inline JSON does not parse ({e})") from None
-    else:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            path = path / "config.json"
-        if not path.is_file():
-            raise HessianInputError(
-                f"--hf-config: {text!r} is not a config.json file, a folder holding one, or inline JSON")
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise HessianInputError(f"--hf-config: {str(path)!r} is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise HessianInputError(f"--hf-config: {str(path)!r} holds {type(raw).__name__}, expected a JSON object")
-    model_type = raw.pop("model_type", None)
-    if not model_type:
-        raise HessianInputError(f"--hf-config: {str(path)!r} has no 'model_type' (e.g. 'gpt2', 'llama')")
-    try:
-        cfg = transformers.AutoConfig.for_model(model_type, **raw)
-    except (ValueError, KeyError) as e:
-        raise HessianInputError(f"--hf-config: model_type {model_type!r} is not known to transformers ({e})") from None
+    from ..utils import load_hf_config
+
+    cfg, path = load_hf_config(config_path, HessianInputError)  # also says when transformers is missing
+    import transformers
+
+    model_type = cfg.model_type
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:

@@ -12,7 +12,7 @@ Both implementations share one signature and one contract:
 * Arithmetic happens in the dtype of the state; a low-precision parameter is
   updated through an up-cast copy and written back once.
 
-One step for every parameter (``ALGORITHMS.md`` section 1)::
+One step for every parameter (``docs/algorithms.md``, section 1)::
 
     W   <- W * (1 - lr * wd)                                  # where decay applies
     m   <- b1 * m + (1 - b1) * G
@@ -21,19 +21,26 @@ One step for every parameter (``ALGORITHMS.md`` section 1)::
 
 :func:`adam_mini_reference` is the plain loop the tests trust; it finds blocks
 with an index map built independently of the views that
-:func:`adam_mini_foreach` uses.
+:func:`adam_mini_foreach` uses. The foreach step is two pieces: the block
+statistic (:func:`block_statistics`) and the update given a statistic
+(:func:`adam_mini_update`), which FSDP2 (statistic from reduced local sums) and
+MoFO (a filtered direction) call too.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .blocks import Geometry, block_index, block_sizes, block_views
+from .blocks import Geometry, block_index, block_sizes, block_views, is_elementwise
 
-__all__ = ["adam_mini_reference", "adam_mini_foreach"]
+__all__ = ["adam_mini_reference", "adam_mini_foreach", "adam_mini_update", "block_statistics", "geometry_appliers"]
+
+#: ``apply(w, m, denom, step_size)``: ``w -= step_size * m / denom[block]``, in place
+Applier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 
 
 def adam_mini_reference(
@@ -117,11 +124,6 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _is_elementwise(geometry: Geometry) -> bool:
-    axis, segments = geometry
-    return axis == -1 and segments[0][1] == 1
-
-
 def _needs_contiguous(t: torch.Tensor, geometry: Geometry) -> bool:
     axis, ((size, unit), *_) = geometry
     return axis == -1 and 1 < unit < size and not t.is_contiguous()
@@ -151,7 +153,7 @@ def _apply_update(
     ``addcdiv`` with the per-block denominator broadcast over each block: the
     same arithmetic as torch's AdamW, so size-1 blocks reproduce it exactly.
     """
-    if _is_elementwise(geometry):
+    if is_elementwise(geometry):
         w.addcdiv_(m, denom.view(w.shape), value=-step_size)
         return
     if _needs_contiguous(w, geometry):  # runs of flat elements have no view in a strided tensor
@@ -169,14 +171,27 @@ def _apply_update(
         start += n
 
 
-def adam_mini_foreach(
+def block_statistics(grads: Sequence[torch.Tensor], geometries: Sequence[Geometry]) -> list[torch.Tensor | None]:
+    """The second-moment statistic of each gradient: the mean of ``g**2`` over every block (1-D,
+    one value per block), or ``None`` for per-element blocks (their update uses ``g * g`` itself)."""
+    return [None if is_elementwise(geometry) else _block_mean_sq(block_views(_readable(g, geometry), geometry))
+            for g, geometry in zip(grads, geometries, strict=True)]
+
+
+def geometry_appliers(geometries: Sequence[Geometry]) -> list[Applier]:
+    """For :func:`adam_mini_update`: write ``w -= step_size * m / denom[block]`` through each geometry's views."""
+    return [functools.partial(_apply_update, geometry=geometry) for geometry in geometries]
+
+
+def adam_mini_update(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
-    block_exp_avg_sqs: Sequence[torch.Tensor],
+    second_moments: Sequence[torch.Tensor],
     state_steps: Sequence[torch.Tensor],
-    geometries: Sequence[Geometry],
+    statistics: Sequence[torch.Tensor | None],
     decay: Sequence[bool],
+    appliers: Sequence[Applier],
     *,
     lr: float,
     beta1: float,
@@ -184,14 +199,24 @@ def adam_mini_foreach(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    direction: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Vectorised step: multi-tensor ops for element-wise work, one reduction per tensor."""
+    """The update, given each tensor's second-moment statistic: the one place (with the reference
+    loop) that the Adam-mini arithmetic is written in Python.
+
+    ``statistics[i]`` is the new block statistic (mean of ``g**2`` per block, in the order of
+    ``second_moments[i]``; ``None``: per element, ``g * g``). The caller computes it: from block
+    views on one process (:func:`block_statistics`), from local sums reduced across ranks under
+    FSDP2. ``appliers[i](w, m, denom, step_size)`` writes ``w -= step_size * m / denom`` with the
+    per-block ``denom`` broadcast over the tensor's layout (block views, or a shard's layout).
+    ``direction`` (MoFO) maps the updated first moment to the direction the step takes.
+    Multi-tensor (``torch._foreach_*``) operations for the element-wise work.
+    """
     if not params:
         return
     params = list(params)
-    grads = list(grads)
     exp_avgs = list(exp_avgs)
-    vs = list(block_exp_avg_sqs)
+    vs = list(second_moments)
 
     # Low-precision parameters: compute on an up-cast copy, write back at the end.
     work = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, exp_avgs)]
@@ -212,14 +237,14 @@ def adam_mini_foreach(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(vs, beta2)
     # per-element blocks: v += (1 - b2) * g * g, as AdamW does it
-    elem = [i for i, geometry in enumerate(geometries) if _is_elementwise(geometry)]
+    elem = [i for i, st in enumerate(statistics) if st is None]
     if elem:
-        flat = [grads[i].reshape(-1) for i in elem]
+        flat = [grads[i].reshape(vs[i].shape) for i in elem]
         torch._foreach_addcmul_([vs[i] for i in elem], flat, flat, value=1 - beta2)
-    blocked = [i for i, geometry in enumerate(geometries) if not _is_elementwise(geometry)]
+    blocked = [i for i, st in enumerate(statistics) if st is not None]
     if blocked:
-        means = [_block_mean_sq(block_views(_readable(grads[i], geometries[i]), geometries[i])) for i in blocked]
-        torch._foreach_add_([vs[i] for i in blocked], means, alpha=1 - beta2)
+        torch._foreach_add_([vs[i] for i in blocked], [statistics[i].to(vs[i].dtype) for i in blocked],
+                            alpha=1 - beta2)
 
     # denom_b = sqrt(v_b) / sqrt(1 - b2**t) + eps, one per block
     denoms = torch._foreach_sqrt(vs)
@@ -228,8 +253,35 @@ def adam_mini_foreach(
     if compiling:  # the step size as a tensor, folded into the denominators
         torch._foreach_div_(denoms, [(lr / (1 - beta1**s)).to(d.dtype) for s, d in zip(steps, denoms)])
 
-    for w, m, d, s, geometry in zip(work, exp_avgs, denoms, steps, geometries):
-        _apply_update(w, m, d, 1.0 if compiling else lr / (1 - beta1**s), geometry)
+    for w, m, d, s, apply in zip(work, exp_avgs, denoms, steps, appliers):
+        if w.numel():  # an empty shard has nothing to update
+            apply(w, m if direction is None else direction(m), d, 1.0 if compiling else lr / (1 - beta1**s))
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
+
+
+def adam_mini_foreach(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    geometries: Sequence[Geometry],
+    decay: Sequence[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """Vectorised step: the block statistic by views (one reduction per tensor), then
+    :func:`adam_mini_update`."""
+    if not params:
+        return
+    stats = block_statistics(grads, geometries)
+    adam_mini_update(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, stats, decay,
+                     geometry_appliers(geometries), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                     weight_decay=weight_decay, maximize=maximize)

@@ -19,6 +19,7 @@ When no compiler is available, or ``BLOCKOPT_DISABLE_CPU_KERNEL=1`` is set,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -183,6 +184,48 @@ def column_map(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
     return torch.cat(ids)
 
 
+@dataclasses.dataclass(frozen=True)
+class FusedCpuTables:
+    """What the C++ kernel reads besides the tensors, built once per set of tensors: the work
+    table, the decay flags, momentum kinds, int8 scales, stochastic-rounding seeds, column maps."""
+
+    table: torch.Tensor
+    decay: torch.Tensor
+    kinds: torch.Tensor
+    scales: list[torch.Tensor]
+    seeds: torch.Tensor
+    colmaps: list[torch.Tensor]
+
+
+def fused_cpu_tables(shapes: Sequence[tuple[int, ...]], geometries: Sequence[Geometry], decay: Sequence[bool],
+                     exp_avgs: Sequence[torch.Tensor], scales: Sequence[torch.Tensor | None] | None = None,
+                     seeds: Sequence[int] | None = None) -> FusedCpuTables:
+    n = len(shapes)
+    return FusedCpuTables(
+        table=step_table(shapes, geometries),
+        decay=torch.tensor(list(decay), dtype=torch.uint8),
+        kinds=torch.tensor([_KINDS[m.dtype] for m in exp_avgs], dtype=torch.uint8),
+        scales=[s if s is not None else _EMPTY for s in (scales or [None] * n)],
+        seeds=torch.tensor(list(seeds or [0] * n), dtype=torch.int64),
+        colmaps=[column_map(tuple(shape), geo) for shape, geo in zip(shapes, geometries)],
+    )
+
+
+def fused_cpu_step(tables: FusedCpuTables, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                   exp_avgs: Sequence[torch.Tensor], block_exp_avg_sqs: Sequence[torch.Tensor],
+                   state_steps: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                   weight_decay: float, maximize: bool) -> None:
+    """One call of the C++ kernel for every tensor of ``tables``."""
+    module = load_cpu_kernel()
+    if module is None:
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu_kernel_error()}")
+    module.adam_mini_step(
+        list(params), list(grads), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), tables.table,
+        tables.decay, lr, beta1, beta2, eps, weight_decay, maximize, tables.kinds, tables.scales, tables.seeds,
+        tables.colmaps,
+    )
+
+
 def adam_mini_fused_cpu(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -208,19 +251,9 @@ def adam_mini_fused_cpu(
     """
     if not params:
         return
-    module = load_cpu_kernel()
-    if module is None:
-        raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu_kernel_error()}")
-    n = len(params)
-    table = step_table([tuple(p.shape) for p in params], geometries)
-    kinds = torch.tensor([_KINDS[m.dtype] for m in exp_avgs], dtype=torch.uint8)
-    scales = [s if s is not None else _EMPTY for s in (exp_avg_scales or [None] * n)]
-    module.adam_mini_step(
-        list(params), list(grads), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), table,
-        torch.tensor(list(decay), dtype=torch.uint8), lr, beta1, beta2, eps, weight_decay, maximize,
-        kinds, scales, torch.tensor(list(seeds or [0] * n), dtype=torch.int64),
-        [column_map(tuple(p.shape), geo) for p, geo in zip(params, geometries)],
-    )
+    tables = fused_cpu_tables([tuple(p.shape) for p in params], geometries, decay, exp_avgs, exp_avg_scales, seeds)
+    fused_cpu_step(tables, params, grads, exp_avgs, block_exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                   beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
 
 
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}

@@ -42,6 +42,11 @@ class Geometry(NamedTuple):
         return sum(size // unit for size, unit in self.segments)
 
 
+def is_elementwise(geometry: Geometry) -> bool:
+    """One block per element (``v`` is AdamW's)."""
+    return geometry.axis == -1 and geometry.segments[0][1] == 1
+
+
 def check_geometry(shape: tuple[int, ...], geometry: Geometry) -> None:
     """Raise ``ValueError`` if ``geometry`` does not tile a tensor of ``shape``."""
     axis, segments = geometry

@@ -13,7 +13,7 @@ Pure math on lists of tensors, one signature for both second-moment layouts:
 * Arithmetic happens in the dtype of the state; a low-precision parameter is
   updated through an up-cast copy and written back once.
 
-One step (``ALGORITHMS.md`` section 5)::
+One step (``docs/algorithms.md``, section 6)::
 
     W   <- W * (1 - lr * wd)                     # every entry, where decay applies
     m   <- b1 * m + (1 - b1) * G
@@ -25,13 +25,12 @@ One step (``ALGORITHMS.md`` section 5)::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-from .adam_mini import _apply_update, _block_mean_sq, _is_elementwise, _readable
-from .blocks import Geometry, block_views
+from .adam_mini import adam_mini_update, block_statistics, geometry_appliers
+from .blocks import Geometry
 
 __all__ = ["mofo_mask", "mofo_step", "num_moved"]
 
@@ -74,35 +73,25 @@ def mofo_step(
     weight_decay: float,
     maximize: bool,
 ) -> None:
-    """One MoFO step for every parameter in the lists (see the module docstring)."""
+    """One MoFO step for every parameter in the lists (see the module docstring): Adam's (or
+    Adam-mini's) update, in the direction of the filtered first moment. The statistic and the
+    update are :mod:`blockopt.kernels.adam_mini`'s; only the direction is MoFO's."""
     for p, g, m, v, step_t, geometry, fraction, wd_on in zip(
         params, grads, exp_avgs, exp_avg_sqs, state_steps, geometries, fractions, decay, strict=True
     ):
         g = g.to(m.dtype)
         if maximize:
             g = -g
-        w = p if p.dtype == m.dtype else p.to(m.dtype)
-        step_t += 1
-        step = step_t.item()
+        (stat,) = block_statistics([g], [geometry]) if geometry is not None else (None,)
+        apply = geometry_appliers([geometry])[0] if geometry is not None else _apply_elementwise
 
-        if wd_on and weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2)
-        if geometry is None:
-            v.addcmul_(g, g, value=1 - beta2)
-        elif _is_elementwise(geometry):  # 1-D per-element v (biases in the block layout)
-            v.addcmul_(g.reshape(-1), g.reshape(-1), value=1 - beta2)
-        else:
-            v.add_(_block_mean_sq(block_views(_readable(g, geometry), geometry)), alpha=1 - beta2)
-        denom = v.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)  # per element, or one per block
+        def direction(m: torch.Tensor, fraction: float = fraction) -> torch.Tensor:
+            mask = mofo_mask(m, fraction)
+            return m if mask is None else torch.where(mask, m, 0)
 
-        mask = mofo_mask(m, fraction)
-        update = m if mask is None else torch.where(mask, m, 0)
-        step_size = lr / (1 - beta1**step)
-        if geometry is None:
-            w.addcdiv_(update, denom, value=-step_size)
-        else:
-            _apply_update(w, update, denom, step_size, geometry)
-        if w is not p:
-            p.copy_(w)
+        adam_mini_update([p], [g], [m], [v], [step_t], [stat], [wd_on], [apply], lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=False, direction=direction)
+
+
+def _apply_elementwise(w: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float) -> None:
+    w.addcdiv_(m, denom, value=-step_size)

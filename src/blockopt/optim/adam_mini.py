@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
@@ -16,41 +15,18 @@ from ..distributed.dtensor import check_grad, is_dtensor, local_tensor, make_sha
 from ..distributed.sharding import ShardInfo
 from ..distributed.state import gather_block_states, local_block_state, local_exp_avg
 from ..distributed.step import partial_block_sums, reduce_shared_blocks, sharded_adam_mini_update
-from ..kernels import (
-    adam_mini_foreach,
-    adam_mini_fused_cpu,
-    adam_mini_reference,
-    cpu_kernel_error,
-    fused_cpu_supports,
-    load_cpu_kernel,
-    step_table,
-)
-from ..kernels.adam_mini_cpu import _EMPTY, _KINDS, column_map
-from ..kernels.adam_mini_triton import adam_mini_triton, triton_available, triton_supports
+from ..kernels.adam_mini_triton import triton_supports
+from ..kernels.dispatch import Handle, StepTensors, choose_route, prepare, run, triton_enabled
 from ..kernels import momentum as mom
 from ..kernels.blocks import Geometry
 from ..partition import PartitionPlan, PlanEntry, partition
 from ..partition.plan import canonical_name
+from .base import PlanOptimizer, check_hparams
 from .calibration import InRunCalibration, check_calibrate_args, decode_state, encode_state
 
 __all__ = ["AdamMini"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _check_float(name: str, value: Any, *, low: float = 0.0, high: float | None = None, high_open: bool = True) -> None:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a tensor {name} must have one element, got shape {list(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a float")
-    ok = value >= low and math.isfinite(value)
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"Invalid {name}: {value}; expected a finite float {allowed}")
 
 
 def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Mapping[str, Any], *,
@@ -87,21 +63,7 @@ def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Map
     return params, plan
 
 
-def _check_hparams(group: Mapping[str, Any]) -> None:
-    _check_float("lr", group["lr"])
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
-    for i, b in enumerate(betas):
-        try:
-            _check_float(f"beta parameter at index {i}", b, high=1.0)
-        except ValueError as e:
-            raise ValueError(f"{e} (betas={tuple(betas)!r})") from None
-    _check_float("eps", group["eps"])
-    _check_float("weight_decay", group["weight_decay"])
-
-
-class AdamMini(torch.optim.Optimizer):
+class AdamMini(PlanOptimizer):
     r"""Adam-mini (Zhang et al., 2024): Adam with one second-moment scalar per Hessian block.
 
     Adam keeps two state tensors per parameter. Adam-mini keeps Adam's first
@@ -198,7 +160,7 @@ class AdamMini(torch.optim.Optimizer):
 
     Example::
 
-        >>> model = blockopt.bench.models.build_model("llama-tiny")
+        >>> model = blockopt.models.build_model("llama-tiny")
         >>> opt = blockopt.AdamMini(model, lr=3e-4, weight_decay=0.1)
         >>> print(opt.plan)            # what Adam-mini will do, parameter by parameter
         >>> loss = model(x).loss; loss.backward(); opt.step(); opt.zero_grad()
@@ -236,7 +198,7 @@ class AdamMini(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
                         eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused, capturable=capturable,
                         maximize=maximize)
-        _check_hparams(defaults)
+        check_hparams(defaults)
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
         self.state_dtype = state_dtype
@@ -252,8 +214,9 @@ class AdamMini(torch.optim.Optimizer):
                 raise ValueError(f"Invalid {name}: {flag!r}; expected True, False or None")
         if fused and foreach is False:
             raise ValueError("Invalid fused=True with foreach=False: choose one implementation")
-        if capturable and not triton_available():
-            raise RuntimeError("capturable=True needs the Triton step on CUDA: pip install 'blockopt[gpu]'")
+        if capturable and not triton_enabled():
+            raise RuntimeError("capturable=True needs the Triton step on CUDA: pip install 'blockopt[gpu]' (and "
+                               "leave BLOCKOPT_DISABLE_TRITON unset)")
         hints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, overrides=overrides,
                      value_single_block=value_single_block)
         params, plan = params_and_plan(
@@ -273,47 +236,24 @@ class AdamMini(torch.optim.Optimizer):
         self._prepared_cache: dict[int, _Prepared] = {}
         self._state_epoch = 0
         self._seeds: dict[torch.Tensor, int] = {}
+        #: parameter name -> the implementation that stepped it last (see blockopt.kernels.dispatch)
+        self.routes: dict[str, str] = {}
         super().__init__(params, defaults)
 
     # --- construction ---------------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; its parameters must be named (``(name, tensor)`` pairs or ``param_names``)."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_hparams(group)
-            names = group.get("param_names")
-            if names is None:
-                raise ValueError(
-                    "Invalid params: AdamMini needs parameter names to find each parameter in the plan; "
-                    "pass model.named_parameters() (or (name, tensor) pairs in each group), not model.parameters()"
-                )
-            entries = {}
-            dtensors: dict[torch.Tensor, ShardInfo | None] = {}
-            for name, p in zip(names, group["params"]):
-                if name not in self.plan:
-                    raise ValueError(
-                        f"Invalid params: parameter {name!r} is not in the plan "
-                        f"(plan has {len(self.plan)} entries); build the plan from the same model"
-                    )
-                entry = self.plan[name]
-                if tuple(p.shape) != entry.shape:
-                    raise ValueError(
-                        f"Invalid plan: parameter {name!r} has shape {list(p.shape)} but the plan entry has "
-                        f"{list(entry.shape)}"
-                    )
-                if p.is_sparse:
-                    raise ValueError(f"Invalid params: {name!r} is a sparse tensor; AdamMini needs dense parameters")
-                entries[p] = entry
-                if is_dtensor(p):
-                    if group["capturable"]:
-                        raise ValueError(f"Invalid capturable=True: parameter {name!r} is a DTensor (FSDP2); "
-                                         "capturable steps support plain CUDA tensors only")
-                    dtensors[p] = make_shard_info(p, entry.geometry, name)
-            group["block_plan"] = _block_plan(entries[p] for p in group["params"])
-        except (ValueError, RuntimeError):
-            self.param_groups.pop()
-            raise
+    def _register(self, group: dict[str, Any], names: list[str | None]) -> None:
+        """Each parameter's plan entry (and shard layout for DTensors), and the group's ``block_plan``."""
+        entries = {}
+        dtensors: dict[torch.Tensor, ShardInfo | None] = {}
+        for name, p in zip(names, group["params"]):
+            entry = self.entry_for(name, p)
+            entries[p] = entry
+            if is_dtensor(p):
+                if group["capturable"]:
+                    raise ValueError(f"Invalid capturable=True: parameter {name!r} is a DTensor (FSDP2); "
+                                     "capturable steps support plain CUDA tensors only")
+                dtensors[p] = make_shard_info(p, entry.geometry, name)
+        group["block_plan"] = _block_plan(entries[p] for p in group["params"])
         self._entries.update(entries)
         self._dtensors.update(dtensors)
         # stochastic-rounding seeds, computed here (zlib) rather than inside a compiled step
@@ -476,12 +416,13 @@ class AdamMini(torch.optim.Optimizer):
                 decay.append(entry.weight_decay)
                 plain_owners.append(p)
             work.append((group, (params, grads, exp_avgs, vs, steps, geoms, decay), sharded,
-                         self._momentum_codec(plain_owners), self._momentum_codec(sharded_owners)))
+                         self._momentum_codec(plain_owners), self._momentum_codec(sharded_owners),
+                         [self._entries[p].name for p in plain_owners], [self._entries[p].name for p in sharded_owners]))
         # Pass 2: one all_reduce per process group for the boundary blocks of all sharded parameters.
         if all_infos:
             reduce_shared_blocks(all_sums, all_infos)
         # Pass 3: the updates.
-        for group, lists, sharded, codec, sharded_codec in work:
+        for group, lists, sharded, codec, sharded_codec, plain_names, sharded_names in work:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
             # a capturable step never reads lr on the host (no sync: it may be recorded in a CUDA graph)
@@ -492,44 +433,46 @@ class AdamMini(torch.optim.Optimizer):
                 if sharded_codec is not None:
                     sharded[2] = sharded_codec.decode()
                 sharded_adam_mini_update(*sharded, **hyper)
+                self.routes.update(dict.fromkeys(sharded_names, "sharded"))
                 if sharded_codec is not None:
                     sharded_codec.encode()
             if not lists[0]:
                 continue
             if codec is not None:
                 lists = (*lists[:2], codec.decode(), *lists[3:])
-            self._generic_update(group, lists, hyper, lr)
+            self._generic_update(group, lists, hyper, lr, plain_names)
             if codec is not None:
                 codec.encode()
         return loss
 
     def _generic_update(self, group: dict[str, Any], lists: tuple[list[Any], ...], hyper: dict[str, Any],
-                        lr: Any) -> None:
-        """The unsharded parameters of the DTensor path (fp32 ``exp_avg``): one call per step function."""
+                        lr: Any, names: list[str]) -> None:
+        """The unsharded parameters of the DTensor path (fp32 ``exp_avg``, local tensors): the same
+        dispatcher as the plain step, without caching (per-element blocks take the C++ kernel)."""
         params, grads, exp_avgs, vs, steps, geoms, decay = lists
-        if group["foreach"] is False:
-            adam_mini_reference(*lists, **hyper)
-            return
         if group["capturable"]:
-            if any(p.device.type != "cuda" or not triton_supports(p, m, geo)
-                   for p, m, geo in zip(params, exp_avgs, geoms)):
-                raise RuntimeError(
-                    "capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
-                    "blocks only (see the plan); use capturable=False"
-                )
-            adam_mini_triton(*lists, **{**hyper, "lr": lr}, capturable=True)
-            return
-        # per-element blocks ("adamw" in the plain step) go to the fused kernel here
-        route = ["cpu" if r == "adamw" else r
-                 for r in (_low_precision_state(v) or self._route(p, g, m, geo, group["fused"])
-                           for p, g, m, geo, v in zip(params, grads, exp_avgs, geoms, vs))]
-        for name, kernel in (("cpu", adam_mini_fused_cpu), ("triton", adam_mini_triton),
-                             ("foreach", adam_mini_foreach)):
-            if name in route:
-                kernel(*([x for x, r in zip(lst, route) if r == name] for lst in lists), **hyper)
+            self._check_capturable(params, exp_avgs, geoms)
+        routes = ["fused_cpu" if r == "adamw" else r
+                  for r in (choose_route(p, g, m, v, geo, foreach=group["foreach"], fused=group["fused"],
+                                         capturable=group["capturable"])
+                            for p, g, m, v, geo in zip(params, grads, exp_avgs, vs, geoms))]
+        tensors = StepTensors(list(params), list(exp_avgs), list(vs), list(steps), list(geoms), list(decay))
+        for route in dict.fromkeys(routes):
+            index = [i for i, r in enumerate(routes) if r == route]
+            ran = run(prepare(route, tensors.subset(index)), [grads[i] for i in index],
+                      **{**hyper, "lr": lr if route == "capturable" else hyper["lr"]})
+            self.routes.update({names[i]: ran for i in index})
+
+    @staticmethod
+    def _check_capturable(params: list[torch.Tensor], exp_avgs: list[torch.Tensor], geoms: list[Geometry]) -> None:
+        if any(p.device.type != "cuda" or not triton_supports(p, m, geo) for p, m, geo in zip(params, exp_avgs, geoms)):
+            raise RuntimeError(
+                "capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
+                "blocks only (see the plan); use capturable=False"
+            )
 
     def _plain_step(self) -> None:
-        """The step of an optimizer without DTensors: per group, cached lists and one call per kernel.
+        """The step of an optimizer without DTensors: per group, cached handles and one call per route.
 
         What depends only on which parameters have gradients (state tensors, routes, the fused
         kernel's work table) is built once and reused while that set stays the same, so a step
@@ -550,41 +493,12 @@ class AdamMini(torch.optim.Optimizer):
         for group, prepared, grads in todo:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            # a capturable step never reads lr on the host (no sync: it may be recorded in a CUDA graph)
-            host_lr = lr.item() if isinstance(lr, torch.Tensor) and not group["capturable"] else lr
-            hyper = dict(lr=host_lr, beta1=beta1, beta2=beta2,
-                         eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
-            for route, index, lists in prepared.routes:
-                route_grads = [grads[i] for i in index] if index is not None else grads
-                if route == "cpu":
-                    params, exp_avgs, vs, steps, table, decay, kinds, scales, seeds, colmaps = lists
-                    load_cpu_kernel().adam_mini_step(
-                        params, route_grads, exp_avgs, vs, steps, table, decay,
-                        hyper["lr"], beta1, beta2, hyper["eps"], hyper["weight_decay"], hyper["maximize"],
-                        kinds, scales, seeds, colmaps)
-                    continue
-                if route == "adamw":  # per-element blocks are AdamW: torch's own fused kernel, per decay class
-                    for decayed, sub, (params, exp_avgs, vs, steps) in lists:
-                        torch._foreach_add_(steps, 1.0)  # the op reads the incremented counters, as AdamW's does
-                        torch._fused_adamw_(
-                            params, [route_grads[i] for i in sub], exp_avgs, vs, [], steps, lr=hyper["lr"],
-                            beta1=beta1, beta2=beta2, weight_decay=hyper["weight_decay"] if decayed else 0.0,
-                            eps=hyper["eps"], amsgrad=False, maximize=hyper["maximize"])
-                    continue
-                params, exp_avgs, vs, steps, geoms, decay, codec, seeds, scales = lists
-                if codec is not None:
-                    exp_avgs = codec.decode()
-                args = (params, route_grads, exp_avgs, vs, steps, geoms, decay)
-                if route == "reference":
-                    adam_mini_reference(*args, **hyper)
-                elif route == "capturable":
-                    adam_mini_triton(*args, **{**hyper, "lr": lr}, capturable=True)
-                elif route == "triton":
-                    adam_mini_triton(*args, **hyper, seeds=seeds, scales=scales)
-                else:
-                    adam_mini_foreach(*args, **hyper)
-                if codec is not None:
-                    codec.encode()
+            hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                         maximize=group["maximize"])
+            for handle, index, names in prepared.handles:
+                ran = run(handle, [grads[i] for i in index] if index is not None else grads, **hyper)
+                if ran != handle.route or self.routes.get(names[0]) != ran:
+                    self.routes.update(dict.fromkeys(names, ran))
 
     def _prepared(self, group: dict[str, Any], with_grad: list[torch.Tensor]) -> _Prepared:
         key = (tuple(map(id, with_grad)), group["foreach"], group["fused"], group["capturable"], self._state_epoch,
@@ -596,73 +510,32 @@ class AdamMini(torch.optim.Optimizer):
             _check_dense(p.grad, p)
         states = [self._init_state(p) for p in with_grad]
         entries = [self._entries[p] for p in with_grad]
-        if group["foreach"] is False:
-            routes = ["reference"] * len(with_grad)
-        elif group["capturable"]:
-            if any(p.device.type != "cuda" or not triton_supports(p, s["exp_avg"], e.geometry)
-                   for p, s, e in zip(with_grad, states, entries)):
-                raise RuntimeError(
-                    "capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
-                    "blocks only (see the plan); use capturable=False"
-                )
-            routes = ["capturable"] * len(with_grad)
-        else:
-            routes = [_low_precision_state(s["block_exp_avg_sq"])
-                      or self._route(p, p.grad, s["exp_avg"], e.geometry, group["fused"])
-                      for p, s, e in zip(with_grad, states, entries)]
-            if self.momentum_format != "fp32":  # torch's fused AdamW keeps fp32 momentum only
-                routes = ["foreach" if r == "adamw" else r for r in routes]
-        out = []
+        if group["capturable"]:
+            self._check_capturable(with_grad, [s["exp_avg"] for s in states], [e.geometry for e in entries])
+        routes = [choose_route(p, p.grad, s["exp_avg"], s["block_exp_avg_sq"], e.geometry, foreach=group["foreach"],
+                               fused=group["fused"], capturable=group["capturable"])
+                  for p, s, e in zip(with_grad, states, entries)]
+        if self.momentum_format != "fp32":  # torch's fused AdamW keeps fp32 momentum only
+            routes = ["foreach" if r == "adamw" else r for r in routes]
+        handles = []
         for route in dict.fromkeys(routes):
             index = [i for i, r in enumerate(routes) if r == route]
             ps = [with_grad[i] for i in index]
             ss = [states[i] for i in index]
             es = [entries[i] for i in index]
-            lists: tuple[Any, ...] = ([s["exp_avg"] for s in ss], [s["block_exp_avg_sq"] for s in ss],
-                                      [s["step"] for s in ss])
-            if route == "adamw":
-                lists = tuple(
-                    (decayed, sub, ([ps[i] for i in sub], [lists[0][i] for i in sub],
-                                    [lists[1][i].view(ps[i].shape) for i in sub], [lists[2][i] for i in sub]))
-                    for decayed in (True, False)
-                    if (sub := [i for i, e in enumerate(es) if e.weight_decay == decayed])
-                )
-            elif route == "cpu":
-                table = step_table([tuple(p.shape) for p in ps], [e.geometry for e in es])
-                decay = torch.tensor([e.weight_decay for e in es], dtype=torch.uint8)
-                kinds = torch.tensor([_KINDS[s["exp_avg"].dtype] for s in ss], dtype=torch.uint8)
-                scales = [s.get("exp_avg_scale", _EMPTY) for s in ss]
-                seeds = torch.tensor([self._seeds[p] for p in ps], dtype=torch.int64)
-                colmaps = [column_map(tuple(p.shape), e.geometry) for p, e in zip(ps, es)]
-                lists = (ps, *lists, table, decay, kinds, scales, seeds, colmaps)
-            else:
-                # the Triton step stores bf16 and int8 momentum itself; the other routes go through the codec
-                native = route == "triton"
-                lists = (ps, *lists, [e.geometry for e in es], [e.weight_decay for e in es],
-                         None if native else self._momentum_codec(ps),
-                         [self._seeds[p] for p in ps] if native else None,
-                         [s.get("exp_avg_scale") for s in ss] if native else None)
-            out.append((route, None if len(index) == len(with_grad) else index, lists))
-        prepared = _Prepared(key, out)
+            tensors = StepTensors(ps, [s["exp_avg"] for s in ss], [s["block_exp_avg_sq"] for s in ss],
+                                  [s["step"] for s in ss], [e.geometry for e in es], [e.weight_decay for e in es],
+                                  [s.get("exp_avg_scale") for s in ss], [self._seeds[p] for p in ps])
+            # the fused kernels store bf16 and int8 momentum themselves; the other routes go through the codec
+            codec = self._momentum_codec(ps) if route in ("reference", "foreach", "triton") else None
+            handle = prepare(route, tensors, codec if route != "triton" else None)
+            if route == "triton":
+                handle.codec = codec  # used only if the route falls back to foreach
+            handles.append((handle, None if len(index) == len(with_grad) else index, [e.name for e in es]))
+            self.routes.update(dict.fromkeys((e.name for e in es), route))
+        prepared = _Prepared(key, handles)
         self._prepared_cache[id(group)] = prepared
         return prepared
-
-    @staticmethod
-    def _route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, geometry: Geometry, fused: bool | None) -> str:
-        """Which step function handles this parameter."""
-        if fused is False:
-            return "foreach"
-        if p.device.type == "cpu":
-            if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
-                if _is_elementwise(geometry) and m.dtype == torch.float32:
-                    return "adamw"
-                if load_cpu_kernel() is not None:
-                    return "cpu"
-                if fused:
-                    raise RuntimeError(f"fused=True but the fused CPU kernel cannot be built: {cpu_kernel_error()}")
-        elif p.device.type == "cuda" and triton_supports(p, m, geometry):
-            return "triton"
-        return "foreach"
 
     # --- state dict -------------------------------------------------------------
     def _param_entries(self) -> list[PlanEntry]:
@@ -707,11 +580,7 @@ class AdamMini(torch.optim.Optimizer):
         Returns saved parameter id -> parameter. Raises ``ValueError`` naming the
         first parameter whose saved blocks differ from this optimizer's plan.
         """
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Invalid state_dict: it has {len(saved_groups)} parameter groups, this optimizer has "
-                f"{len(self.param_groups)}"
-            )
+        self._match_saved_groups({"state": {}, "param_groups": saved_groups})
         if top_plan is None and not all("block_plan" in g for g in saved_groups):
             raise ValueError(
                 "Invalid state_dict: it has no plan (no 'block_plan' in its param_groups, no top-level 'plan'); "
@@ -719,11 +588,6 @@ class AdamMini(torch.optim.Optimizer):
             )
         id_map: dict[Any, torch.Tensor] = {}
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"Invalid state_dict: parameter group {gi} has {len(saved['params'])} parameters, this "
-                    f"optimizer's has {len(group['params'])}{_name_difference(saved.get('param_names'), group['param_names'])}"
-                )
             saved_names = saved.get("param_names", group["param_names"])
             group_plan = saved.get("block_plan")
             if group_plan is not None and len(group_plan) != len(saved["params"]):
@@ -868,15 +732,7 @@ class AdamMini(torch.optim.Optimizer):
                 full = s["block_exp_avg_sq"]
                 v = local_block_state(full, info) if info is not None else full.detach().clone()
                 new_state[p]["block_exp_avg_sq"] = v.to(local_tensor(p).device)
-        groups = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            new_group = {k: copy.deepcopy(v) for k, v in saved.items()
-                         if k not in ("params", "param_names", "block_plan", "snr_calibration")}
-            new_group["params"] = group["params"]
-            new_group["param_names"] = group["param_names"]
-            new_group["block_plan"] = group["block_plan"]
-            _check_hparams(new_group)
-            groups.append(new_group)
+        groups = self._restored_groups(saved_groups, keep=("block_plan",))
         state: Any = defaultdict(dict)
         state.update(new_state)
         self.__setstate__({"state": state, "param_groups": groups})
@@ -942,31 +798,8 @@ class _Codec:
 
 
 class _Prepared(NamedTuple):
-    """A group's step lists for one set of parameters with gradients: ``(route, index, lists)`` per route."""
-
-    key: tuple[Any, ...]
-    routes: list[tuple[str, list[int] | None, tuple[Any, ...]]]
-
-
-def _low_precision_state(v: torch.Tensor) -> str:
-    """``"foreach"`` for a bf16/fp16 second moment (``state_dtype``): its arithmetic runs in that dtype,
-    which only the reference and foreach steps do (the fused kernels compute in fp32, and their bf16
-    ``exp_avg`` is compact momentum); ``""`` otherwise."""
-    return "" if v.dtype in (torch.float32, torch.float64) else "foreach"
-
-
-def _name_difference(saved: Any, ours: list[str]) -> str:
-    """``: only here: ['x']; only in the saved state: ['y']`` (canonical names), or '' without saved names."""
-    if not isinstance(saved, (list, tuple)):
-        return ""
-    a, b = [canonical_name(n) for n in saved], [canonical_name(n) for n in ours]
-    here, there = [n for n in b if n not in set(a)], [n for n in a if n not in set(b)]
-    parts = ([f"only here: {here[:5]}"] if here else []) + ([f"only in the saved state: {there[:5]}"] if there else [])
-    return ("; " + ", ".join(parts) + " (a frozen or new parameter? build the optimizer over the same parameters)") if parts else ""
-
-
-def _is_elementwise(geometry: Geometry) -> bool:
-    return geometry.axis == -1 and geometry.segments[0][1] == 1
+    key: tuple
+    handles: list[tuple[Handle, list[int] | None, list[str]]]  # handle, its tensors' indices, their names
 
 
 def _check_dense(g: torch.Tensor, p: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """Blockwise LR: param groups whose peak learning rates follow the sharpness of each block type.
 
 Wang et al. ("The Sharpness Disparity Principle in Transformers for Accelerating
-Language Model Pre-Training", ICML 2025; ``ALGORITHMS.md`` s. 4) find that the
+Language Model Pre-Training", ICML 2025; ``docs/algorithms.md`` section 5) find that the
 average sharpness of a Transformer's blocks is ordered
 ``Emb << QK < FFN < VO << Norm`` from early in training on, and scale the peak
 learning rate of each block type by a fixed multiplier inside the usual warmup +
@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from ..partition import PartitionPlan, partition
-from ..partition.rules import compile_override_pattern
+from ..partition.rules import check_patterns_matched, compile_override_pattern
 
 __all__ = ["BLOCK_TYPES", "BLOCKWISE_LR_MULTIPLIERS", "blockwise_block_types", "blockwise_lr_groups"]
 
@@ -217,12 +217,7 @@ def _block_types(named, plan, mults, rules) -> dict[str, str]:
             f"Invalid plan: parameter(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} are not in the plan "
             f"(it has {len(plan)} entries); build the plan from the same model"
         )
-    unmatched = [pattern for pattern, n in matched.items() if n == 0]
-    if unmatched:
-        raise ValueError(
-            f"Invalid overrides: pattern(s) {unmatched} match no parameter name (full match; names look like "
-            f"{[n for n, _ in named[:3]]})"
-        )
+    check_patterns_matched(matched, [n for n, _ in named])
     if unknown:
         raise ValueError(
             f"Blockwise LR has no block type for {len(unknown)} parameter(s): {'; '.join(unknown)}. "

@@ -14,7 +14,8 @@ from torch import nn
 from ..kernels.blocks import Geometry
 from ..kernels.mofo import mofo_step
 from ..partition import PartitionPlan
-from .adam_mini import _check_hparams, params_and_plan
+from .adam_mini import params_and_plan
+from .base import PlanOptimizer, check_hparams
 
 __all__ = ["MoFO"]
 
@@ -39,7 +40,7 @@ class _Info(NamedTuple):
     decay: bool
 
 
-class MoFO(torch.optim.Optimizer):
+class MoFO(PlanOptimizer):
     r"""MoFO (Chen et al., 2024): fine-tune with Adam, but move only the entries with the largest momentum.
 
     Fine-tuning with Adam moves every weight and so drifts away from the
@@ -116,7 +117,7 @@ class MoFO(torch.optim.Optimizer):
 
     Example::
 
-        >>> model = blockopt.bench.models.build_model("llama-tiny")   # pre-trained weights loaded here
+        >>> model = blockopt.models.build_model("llama-tiny")   # pre-trained weights loaded here
         >>> opt = blockopt.MoFO(model, lr=1e-4, weight_decay=0.0, fraction=0.1)
         >>> loss = model(x, y); loss.backward(); opt.step(); opt.zero_grad()
 
@@ -144,7 +145,7 @@ class MoFO(torch.optim.Optimizer):
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
                         weight_decay=weight_decay, fraction=fraction, maximize=maximize)
-        _check_hparams(defaults)
+        check_hparams(defaults)
         _check_fraction(fraction)
         if not isinstance(maximize, bool):
             raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")
@@ -163,42 +164,17 @@ class MoFO(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # --- construction ---------------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; with a plan its parameters must be named (``(name, tensor)`` pairs)."""
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _check_hparams(group)
-            _check_fraction(group["fraction"])
-            names = group.get("param_names")
-            if self.plan is not None and names is None:
-                raise ValueError(
-                    "Invalid params: with a plan MoFO finds each parameter by name; pass model.named_parameters() "
-                    "(or (name, tensor) pairs in each group), not model.parameters()"
-                )
-            info = {}
-            for i, p in enumerate(group["params"]):
-                if p.is_sparse:
-                    raise ValueError("Invalid params: a sparse tensor; MoFO needs dense parameters")
-                info[p] = self._decide(p, names[i] if names is not None else None)
-        except ValueError:
-            self.param_groups.pop()
-            raise
-        self._info.update(info)
+    def _check_group(self, group: dict[str, Any]) -> None:
+        check_hparams(group)
+        _check_fraction(group.get("fraction"))
+
+    def _register(self, group: dict[str, Any], names: list[str | None]) -> None:
+        self._info.update({p: self._decide(p, name) for p, name in zip(group["params"], names)})
 
     def _decide(self, p: torch.Tensor, name: str | None) -> _Info:
         if self.plan is None:
             return _Info(name, None, p.dim() <= 1, True)
-        if name not in self.plan:
-            raise ValueError(
-                f"Invalid params: parameter {name!r} is not in the plan (plan has {len(self.plan)} entries); "
-                f"build the plan from the same model"
-            )
-        entry = self.plan[name]
-        if tuple(p.shape) != entry.shape:
-            raise ValueError(
-                f"Invalid plan: parameter {name!r} has shape {list(p.shape)} but the plan entry has {list(entry.shape)}"
-            )
+        entry = self.entry_for(name, p)
         geometry = entry.geometry if self.second_moment == "block" else None
         exempt = len(entry.shape) <= 1 or entry.role in _EXEMPT_ROLES
         return _Info(name, geometry, exempt, entry.weight_decay)
@@ -279,15 +255,7 @@ class MoFO(torch.optim.Optimizer):
                 f"second_moment={self.second_moment!r}"
             )
         saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"Invalid state_dict: it has {len(saved_groups)} parameter groups, this optimizer has "
-                             f"{len(self.param_groups)}")
-        id_map: dict[Any, torch.Tensor] = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"Invalid state_dict: parameter group {gi} has {len(saved['params'])} parameters, "
-                                 f"this optimizer's has {len(group['params'])}")
-            id_map.update(zip(saved["params"], group["params"]))
+        id_map = self._match_saved_groups(state_dict)
         v_key = "exp_avg_sq" if self.second_moment == "element" else "block_exp_avg_sq"
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         for pid, s in state_dict["state"].items():
@@ -309,15 +277,7 @@ class MoFO(torch.optim.Optimizer):
                 if isinstance(v, torch.Tensor) else copy.deepcopy(v)
                 for k, v in s.items()
             }
-        groups = []
-        for group, saved in zip(self.param_groups, saved_groups):
-            new_group = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", "param_names")}
-            new_group["params"] = group["params"]
-            if "param_names" in group:
-                new_group["param_names"] = group["param_names"]
-            _check_hparams(new_group)
-            _check_fraction(new_group.get("fraction"))
-            groups.append(new_group)
+        groups = self._restored_groups(saved_groups)
         state: Any = defaultdict(dict)
         state.update(new_state)
         self.__setstate__({"state": state, "param_groups": groups})

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..kernels.blocks import Geometry, check_geometry
+from ..utils import fmt_bytes as _fmt_bytes
 
 __all__ = ["PlanEntry", "PartitionPlan", "KINDS", "canonical_name"]
 
@@ -379,9 +380,3 @@ def _snr_cell(e: PlanEntry) -> str:
     return e.snr_choice
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError

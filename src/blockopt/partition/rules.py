@@ -59,7 +59,7 @@ from torch import nn
 from ..kernels.blocks import Geometry
 from .plan import PartitionPlan, PlanEntry, canonical_name
 
-__all__ = ["partition", "OVERRIDE_KINDS", "compile_override_pattern"]
+__all__ = ["partition", "OVERRIDE_KINDS", "check_patterns_matched", "compile_override_pattern"]
 
 #: kinds accepted by ``overrides``
 OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head", "stacked_row", "stacked_column")
@@ -760,6 +760,17 @@ def _apply_override(pattern: str, spec: dict[str, Any], d: _Decision, shape: tup
     return _Decision(geom, d.role, f"override {pattern!r}" + (f" -> {kind}" if kind else "") + (f", decay {wd}" if "weight_decay" in spec else ""), wd, parts)
 
 
+def check_patterns_matched(matched: Mapping[str, int], names: list[str]) -> None:
+    """``ValueError`` naming every ``overrides`` pattern that matched no parameter (``matched``:
+    pattern -> number of names it full-matched), with a few names to show what they look like."""
+    unmatched = [pattern for pattern, count in matched.items() if count == 0]
+    if unmatched:
+        raise ValueError(
+            f"Invalid overrides: pattern(s) {unmatched} match no parameter name (full match; names look like "
+            f"{names[:4]})"
+        )
+
+
 def compile_override_pattern(pattern: Any) -> re.Pattern[str]:
     """An ``overrides`` key (a regular expression, full-matched against parameter names), compiled;
     ``ValueError`` naming the key when it is not a string or not a valid expression."""
@@ -871,13 +882,7 @@ def partition(
         entries.append(PlanEntry(n, tuple(p.shape), d.geometry, d.role, d.rule, d.weight_decay, d.parts,
                                  tuple(aliases.get(pid, ())), trainable=p.requires_grad))
 
-    unmatched = [pattern for pattern, count in matched.items() if count == 0]
-    if unmatched:
-        sample = [e.name for e in entries[:4]]
-        raise ValueError(
-            f"Invalid overrides: pattern(s) {unmatched} match no parameter name "
-            f"(full match; names look like {sample})"
-        )
+    check_patterns_matched(matched, [e.name for e in entries])
     if any(v is not None for v in hints.values()) and not engine.heads_used:
         found = ("no attention module was found" if not engine.attention_modules else
                  f"{len(engine.attention_modules)} attention module(s) were found but none has a query projection "

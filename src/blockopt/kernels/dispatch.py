@@ -1,0 +1,292 @@
+"""One entry for the Adam-mini step: which implementation steps each tensor, and the call.
+
+Five implementations share one contract (the tensor lists of
+:func:`~blockopt.kernels.adam_mini.adam_mini_reference`) and the names below:
+
+=============  ==============================================================
+``reference``  the plain loop (``foreach=False``), the ground truth
+``foreach``    multi-tensor ops: :func:`~blockopt.kernels.adam_mini.adam_mini_foreach`
+``adamw``      per-element blocks with fp32 state on CPU: torch's fused AdamW
+``fused_cpu``  the C++ kernel (:mod:`blockopt.kernels.adam_mini_cpu`)
+``triton``     the Triton kernel on CUDA (``capturable`` for CUDA graphs)
+=============  ==============================================================
+
+:func:`choose_route` decides per tensor; :func:`prepare` builds a typed handle
+(its cached tables) per route; :func:`run` steps a handle. :func:`adam_mini` is
+the functional form of all three, in the shape of ``torch.optim.adam.adam``,
+and returns the route of every tensor. :class:`~blockopt.AdamMini` keeps the
+handles between steps and reports the routes as ``opt.routes``.
+
+The Triton route is safe to try: on the first step of each kind of tensor it
+compiles and launches its kernels on scratch tensors, and if that fails it
+warns once (naming the error and ``BLOCKOPT_DISABLE_TRITON=1``) and those
+tensors take the foreach route, with nothing changed before the fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch.optim.adamw import adamw as torch_adamw  # torch's functional AdamW (public)
+
+from . import momentum as mom
+from .adam_mini import adam_mini_foreach, adam_mini_reference
+from .adam_mini_cpu import fused_cpu_step, fused_cpu_supports, fused_cpu_tables, load_cpu_kernel
+from .adam_mini_triton import adam_mini_triton, triton_available, triton_supports
+from .blocks import Geometry, is_elementwise
+
+__all__ = ["ROUTES", "StepTensors", "Handle", "adam_mini", "choose_route", "prepare", "run", "triton_enabled"]
+
+#: the implementations, by the names :func:`choose_route` returns and ``opt.routes`` reports
+ROUTES = ("reference", "foreach", "adamw", "fused_cpu", "triton", "capturable")
+
+
+class Codec(Protocol):
+    """Compact first moments (bf16/int8) around a route that works on fp32 ``exp_avg``."""
+
+    def decode(self) -> list[torch.Tensor]: ...
+
+    def encode(self) -> None: ...
+
+
+@dataclass
+class StepTensors:
+    """The lists a step reads and writes (one entry per tensor); see the contract in
+    :mod:`blockopt.kernels.adam_mini`. ``scales`` (int8 momentum) and ``seeds`` (stochastic rounding
+    of bf16/int8 momentum) are needed only for compact momentum."""
+
+    params: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    second_moments: list[torch.Tensor]
+    steps: list[torch.Tensor]
+    geometries: list[Geometry]
+    decay: list[bool]
+    scales: list[torch.Tensor | None] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    def subset(self, index: Sequence[int]) -> "StepTensors":
+        pick = lambda lst: [lst[i] for i in index] if lst else []  # noqa: E731
+        return StepTensors(pick(self.params), pick(self.exp_avgs), pick(self.second_moments), pick(self.steps),
+                           pick(self.geometries), pick(self.decay), pick(self.scales), pick(self.seeds))
+
+
+@dataclass
+class Handle:
+    """A route's prepared step: its tensors and whatever it caches between steps.
+
+    ``tables``: the C++ kernel's work table and per-tensor maps (``fused_cpu``); the per-decay
+    classes of torch's fused AdamW (``adamw``). ``codec``: decode/encode of compact momentum for
+    the routes that compute on fp32 ``exp_avg`` (``reference``, ``foreach``)."""
+
+    route: str
+    tensors: StepTensors
+    tables: Any = None
+    codec: Codec | None = None
+
+
+_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")
+
+
+def triton_enabled() -> bool:
+    """Triton is installed, not switched off (``BLOCKOPT_DISABLE_TRITON=1``), and not found broken."""
+    return (triton_available() and os.environ.get("BLOCKOPT_DISABLE_TRITON", "") in ("", "0")
+            and _triton_state["error"] is None)
+
+
+def choose_route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, geometry: Geometry, *,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False) -> str:
+    """The implementation for one tensor (``foreach``/``fused``/``capturable`` as in ``torch.optim``)."""
+    if foreach is False:
+        return "reference"
+    if capturable:
+        return "capturable"
+    if fused is False or v.dtype not in (torch.float32, torch.float64):
+        # a bf16/fp16 second moment (state_dtype): the arithmetic runs in that dtype, which only the
+        # reference and foreach steps do (the fused kernels compute in fp32)
+        return "foreach"
+    if p.device.type == "cpu":
+        if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
+            if is_elementwise(geometry) and m.dtype == torch.float32:
+                return "adamw"
+            if load_cpu_kernel() is not None:
+                return "fused_cpu"
+    elif p.device.type == "cuda" and triton_enabled() and triton_supports(p, m, geometry):
+        return "triton"
+    return "foreach"
+
+
+def prepare(route: str, tensors: StepTensors, codec: Codec | None = None) -> Handle:
+    """The handle of ``route`` for these tensors (tables built once, reused while they stay the same)."""
+    if route == "fused_cpu":
+        tables = fused_cpu_tables([tuple(p.shape) for p in tensors.params], tensors.geometries, tensors.decay,
+                                  tensors.exp_avgs, tensors.scales or None, tensors.seeds or None)
+        return Handle(route, tensors, tables)
+    if route == "adamw":
+        classes = []
+        for decayed in (True, False):
+            sub = [i for i, on in enumerate(tensors.decay) if on == decayed]
+            if sub:
+                t = tensors.subset(sub)
+                classes.append((decayed, sub, t.params, t.exp_avgs,
+                                [v.view(p.shape) for v, p in zip(t.second_moments, t.params)], t.steps))
+        return Handle(route, tensors, tuple(classes))
+    if route in ("reference", "foreach"):
+        return Handle(route, tensors, codec=codec)
+    if route in ("triton", "capturable"):
+        return Handle(route, tensors)
+    raise ValueError(f"Invalid route: {route!r}; allowed: {', '.join(ROUTES)}")
+
+
+def run(handle: Handle, grads: Sequence[torch.Tensor], *, lr: Any, beta1: float, beta2: float, eps: float,
+        weight_decay: float, maximize: bool) -> str:
+    """One step of ``handle``'s tensors with these gradients; returns the route that ran (``foreach``
+    when the Triton route fell back)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    t = handle.tensors
+    route = handle.route
+    if route == "fused_cpu":
+        fused_cpu_step(handle.tables, t.params, grads, t.exp_avgs, t.second_moments, t.steps, **_host(hyper))
+        return route
+    if route == "adamw":  # per-element blocks are AdamW: torch's own fused kernel, per decay class
+        h = _host(hyper)
+        for decayed, sub, params, exp_avgs, vs, steps in handle.tables:
+            torch_adamw(params, [grads[i] for i in sub], exp_avgs, vs, [], steps, fused=True,
+                                    amsgrad=False, lr=h["lr"], beta1=beta1, beta2=beta2,
+                                    weight_decay=weight_decay if decayed else 0.0, eps=eps, maximize=maximize)
+        return route
+    if route == "capturable":
+        adam_mini_triton(t.params, grads, t.exp_avgs, t.second_moments, t.steps, t.geometries, t.decay,
+                         **hyper, capturable=True)
+        return route
+    if route == "triton":
+        h = _host(hyper)
+        if _triton_probe(t, h):
+            adam_mini_triton(t.params, grads, t.exp_avgs, t.second_moments, t.steps, t.geometries, t.decay, **h,
+                             seeds=t.seeds or None, scales=t.scales or None)
+            return route
+        route = "foreach"  # the kernels failed on scratch tensors: nothing of these tensors has changed
+        if handle.codec is None and any(m.dtype != torch.float32 for m in t.exp_avgs):
+            handle.codec = _TensorCodec(t)
+    exp_avgs = handle.codec.decode() if handle.codec is not None else t.exp_avgs
+    step = adam_mini_reference if route == "reference" else adam_mini_foreach
+    step(t.params, grads, exp_avgs, t.second_moments, t.steps, t.geometries, t.decay, **_host(hyper))
+    if handle.codec is not None:
+        handle.codec.encode()
+    return route
+
+
+def adam_mini(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    block_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    geometries: Sequence[Geometry],
+    decay: Sequence[bool],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+    capturable: bool = False,
+    lr: Any,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool = False,
+    exp_avg_scales: Sequence[torch.Tensor | None] | None = None,
+    seeds: Sequence[int] | None = None,
+    route: str | None = None,
+) -> list[str]:
+    """Functional Adam-mini: one step of every tensor, each through the implementation
+    :func:`choose_route` picks (or ``route`` for all); returns the route that stepped each tensor.
+
+    ``exp_avgs`` may be compact (bf16, or int8 with ``exp_avg_scales``); ``seeds`` are the
+    tensors' base seeds for stochastic rounding (:func:`blockopt.kernels.momentum.name_seed`).
+    """
+    n = len(params)
+    tensors = StepTensors(list(params), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), list(geometries),
+                          list(decay), list(exp_avg_scales or [None] * n), list(seeds or [0] * n))
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"Invalid route: {route!r}; allowed: {', '.join(ROUTES)}")
+    routes = [route or choose_route(p, g, m, v, geo, foreach=foreach, fused=fused, capturable=capturable)
+              for p, g, m, v, geo in zip(params, grads, exp_avgs, block_exp_avg_sqs, geometries)]
+    ran = list(routes)
+    for r in dict.fromkeys(routes):
+        index = [i for i, x in enumerate(routes) if x == r]
+        sub = tensors.subset(index)
+        compact = any(m.dtype != torch.float32 and m.dtype != torch.float64 for m in sub.exp_avgs)
+        codec = _TensorCodec(sub) if compact and r in ("reference", "foreach") else None
+        got = run(prepare(r, sub, codec), [grads[i] for i in index], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=weight_decay, maximize=maximize)
+        for i in index:
+            ran[i] = got
+    return ran
+
+
+def _host(hyper: dict[str, Any]) -> dict[str, Any]:
+    lr = hyper["lr"]
+    return {**hyper, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr}
+
+
+class _TensorCodec:
+    """Compact momentum of plain tensors around the fp32 routes (the optimizer has its own, which
+    also reads DTensor shards): decode to fp32, step, encode with the step's seed."""
+
+    def __init__(self, t: StepTensors) -> None:
+        self.t, self.values = t, []
+
+    def decode(self) -> list[torch.Tensor]:
+        self.values = [mom.decode(m, s) for m, s in zip(self.t.exp_avgs, self.t.scales or [None] * len(self.t.params))]
+        return self.values
+
+    def encode(self) -> None:
+        for i, (m, v) in enumerate(zip(self.t.exp_avgs, self.values)):
+            scale = self.t.scales[i] if self.t.scales else None
+            seed = self.t.seeds[i] if self.t.seeds else 0
+            mom.encode_(m, v.float(), mom.step_seed(seed, int(self.t.steps[i].item())), scale)
+        self.values = []
+
+
+# --- the Triton route's first use -------------------------------------------------------------------
+_triton_state: dict[str, Any] = {"error": None, "probed": set()}
+
+
+def _probe_key(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, geometry: Geometry) -> tuple:
+    unit = geometry.segments[0][1] * (1 if geometry.axis == -1 else p.numel() // max(1, p.shape[0]))
+    return (p.device, p.dtype, m.dtype, is_elementwise(geometry), 1 << max(0, (min(unit, 1024) - 1).bit_length()))
+
+
+def _triton_probe(t: StepTensors, hyper: dict[str, Any]) -> bool:
+    """Compile and launch the kernels these tensors need, on scratch tensors, once per kind; False
+    (after one warning) when that fails, so the caller falls back before touching any real tensor."""
+    if _triton_state["error"] is not None:
+        return False
+    keys = {_probe_key(p, p, m, geo): (p, m) for p, m, geo in zip(t.params, t.exp_avgs, t.geometries)}
+    todo = [k for k in keys if k not in _triton_state["probed"]]
+    if not todo:
+        return True
+    try:
+        for key in todo:
+            device, p_dtype, m_dtype, elementwise, tile = key
+            shape = (1, tile) if not elementwise else (4,)
+            geo = Geometry(-1, ((4, 1),)) if elementwise else Geometry(0, ((1, 1),))
+            p = torch.zeros(shape, dtype=p_dtype, device=device)
+            m = torch.zeros(shape, dtype=m_dtype, device=device)
+            scale = torch.zeros(mom.scale_shape(shape), device=device) if m_dtype == torch.int8 else None
+            v = torch.zeros(geo.num_blocks, device=device)
+            adam_mini_triton([p], [torch.zeros_like(p)], [m], [v], [torch.zeros((), device="cpu")], [geo], [True],
+                             **hyper, seeds=[0], scales=[scale])
+            _triton_state["probed"].add(key)
+    except Exception as e:  # noqa: BLE001 - any compile or launch failure means: do not use the route
+        _triton_state["error"] = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"blockopt: the Triton step failed to compile or launch ({_triton_state['error'].splitlines()[0]}); "
+            "these tensors take the foreach route from now on (set BLOCKOPT_DISABLE_TRITON=1 to skip Triton)",
+            RuntimeWarning, stacklevel=3)
+        return False
+    return True

@@ -1,0 +1,150 @@
+"""What every optimizer built on a partition plan shares: finding each parameter's plan entry by
+name, checking hyperparameters, and checking a saved state against this optimizer before loading.
+
+:class:`PlanOptimizer` is the base of :class:`~blockopt.AdamMini` and :class:`~blockopt.MoFO`. A
+subclass says what a group must hold (:meth:`PlanOptimizer._check_group`) and what it keeps per
+parameter (:meth:`PlanOptimizer._register`); the base does the bookkeeping around them: a group
+that fails a check is removed again, so a bad group never half-joins the optimizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..partition import PartitionPlan, PlanEntry
+from ..partition.plan import canonical_name
+
+__all__ = ["PlanOptimizer", "check_float", "check_hparams"]
+
+
+def check_float(name: str, value: Any, *, low: float = 0.0, high: float | None = None, high_open: bool = True) -> None:
+    """``ValueError`` naming ``name`` and the value unless it is a finite float in the range."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a tensor {name} must have one element, got shape {list(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a float")
+    ok = value >= low and math.isfinite(value)
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {name}: {value}; expected a finite float {allowed}")
+
+
+def check_hparams(group: Mapping[str, Any]) -> None:
+    """lr, betas, eps and weight_decay of a parameter group (torch.optim's Adam family)."""
+    check_float("lr", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected a pair (beta1, beta2)")
+    for i, b in enumerate(betas):
+        try:
+            check_float(f"beta parameter at index {i}", b, high=1.0)
+        except ValueError as e:
+            raise ValueError(f"{e} (betas={tuple(betas)!r})") from None
+    check_float("eps", group["eps"])
+    check_float("weight_decay", group["weight_decay"])
+
+
+class PlanOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose parameters are found in a :class:`PartitionPlan` by name."""
+
+    plan: PartitionPlan | None
+
+    # --- construction -----------------------------------------------------------------------------
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Hyperparameter checks of a group (subclasses add theirs)."""
+        check_hparams(group)
+
+    def _register(self, group: dict[str, Any], names: list[str | None]) -> None:
+        """Record what the optimizer keeps per parameter of a checked group (may raise ``ValueError``)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; with a plan its parameters must be named (``(name, tensor)`` pairs or ``param_names``)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            names = group.get("param_names")
+            if self.plan is not None and names is None:
+                raise ValueError(
+                    f"Invalid params: {type(self).__name__} finds each parameter in the plan by name; pass "
+                    "model.named_parameters() (or (name, tensor) pairs in each group), not model.parameters()"
+                )
+            for i, p in enumerate(group["params"]):
+                if p.is_sparse:
+                    what = repr(names[i]) if names is not None else f"parameter {i}"
+                    raise ValueError(f"Invalid params: {what} is a sparse tensor; {type(self).__name__} needs "
+                                     "dense parameters")
+            self._register(group, list(names) if names is not None else [None] * len(group["params"]))
+        except (ValueError, RuntimeError):
+            self.param_groups.pop()
+            raise
+
+    def entry_for(self, name: str, p: torch.Tensor) -> PlanEntry:
+        """The plan entry of parameter ``name`` (``ValueError`` if it is missing or of another shape)."""
+        assert self.plan is not None
+        if name not in self.plan:
+            raise ValueError(
+                f"Invalid params: parameter {name!r} is not in the plan (plan has {len(self.plan)} entries); "
+                "build the plan from the same model"
+            )
+        entry = self.plan[name]
+        if tuple(p.shape) != entry.shape:
+            raise ValueError(
+                f"Invalid plan: parameter {name!r} has shape {list(p.shape)} but the plan entry has {list(entry.shape)}"
+            )
+        return entry
+
+    # --- loading ------------------------------------------------------------------------------------
+    def _match_saved_groups(self, state_dict: Any) -> dict[Any, torch.Tensor]:
+        """Saved parameter id -> parameter, after checking the saved groups' count and sizes (the
+        error names the parameters on each side when the names are saved)."""
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Invalid state_dict: expected a mapping with 'state' and 'param_groups'")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Invalid state_dict: it has {len(saved_groups)} parameter groups, this optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        id_map: dict[Any, torch.Tensor] = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"Invalid state_dict: parameter group {gi} has {len(saved['params'])} parameters, this "
+                    f"optimizer's has {len(group['params'])}"
+                    f"{name_difference(saved.get('param_names'), group.get('param_names') or [])}"
+                )
+            id_map.update(zip(saved["params"], group["params"]))
+        return id_map
+
+    def _restored_groups(self, saved_groups: list[Mapping[str, Any]], keep: tuple[str, ...] = ()) -> list[dict]:
+        """This optimizer's groups with the saved hyperparameters (checked); ``params``,
+        ``param_names`` and the keys in ``keep`` stay this optimizer's."""
+        groups = []
+        for group, saved in zip(self.param_groups, saved_groups):
+            own = ("params", "param_names", *keep)
+            new_group = {k: copy.deepcopy(v) for k, v in saved.items() if k not in own and k != "snr_calibration"}
+            new_group.update({k: group[k] for k in own if k in group})
+            self._check_group(new_group)
+            groups.append(new_group)
+        return groups
+
+
+def name_difference(saved: Any, ours: list[str]) -> str:
+    """``; only here: ['x'], only in the saved state: ['y'] (...)`` on canonical names, or '' without names."""
+    if not isinstance(saved, (list, tuple)):
+        return ""
+    a, b = [canonical_name(n) for n in saved], [canonical_name(n) for n in ours]
+    here, there = [n for n in b if n not in set(a)], [n for n in a if n not in set(b)]
+    parts = ([f"only here: {here[:5]}"] if here else []) + ([f"only in the saved state: {there[:5]}"] if there else [])
+    return ("; " + ", ".join(parts) + " (a frozen or new parameter? build the optimizer over the same parameters)"
+            if parts else "")
