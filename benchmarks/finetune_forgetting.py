@@ -35,10 +35,9 @@ import numpy as np
 import torch
 
 import blockopt
-from blockopt.bench.data import (default_cache_dir, eval_windows, get_batch, load_corpus, resolve_source,
-                                 train_batches)
-from blockopt.models import build_model
+from blockopt.bench.data import default_cache_dir, eval_windows, get_batch, load_corpus, resolve_source, train_batches
 from blockopt.bench.runner import lr_at
+from blockopt.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ("adamw", "adam-mini", "mofo", "mofo-block")
@@ -101,7 +100,7 @@ def make_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def make_optimizer(name: str, model: torch.nn.Module, lr: float, args: argparse.Namespace):
-    kw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=args.finetune_weight_decay)
+    kw = {"lr": lr, "betas": (0.9, 0.95), "weight_decay": args.finetune_weight_decay}
     plan = blockopt.partition(model, warn=False)
     if name == "adamw":
         decay = [p for n, p in model.named_parameters() if plan[n].weight_decay]

@@ -38,8 +38,8 @@ def table(summary: dict, title: str) -> list[str]:
     seeds = sorted(summary["protocol"]["seeds"])
     ref = best(summary, "adamw")
     env = summary["environment"]
-    lines = [f"**{title}** ({summary['model']['name']}, {summary['protocol']['steps']} steps; "
-             f"{env.get('cpus', '?')} cores, {env.get('threads', '?')} thread(s) per run, torch {env.get('torch', '?')})", "",
+    lines = [(f"**{title}** ({summary['model']['name']}, {summary['protocol']['steps']} steps; "
+             f"{env.get('cpus', '?')} cores, {env.get('threads', '?')} thread(s) per run, torch {env.get('torch', '?')})"), "",
              "| optimizer | best lr (grid) | " + " | ".join(f"seed {s}" for s in seeds)
              + " | mean | gap to AdamW | state vs AdamW |",
              "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
@@ -58,9 +58,9 @@ def table(summary: dict, title: str) -> list[str]:
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/snr-quality")
-    out = ["Best held-out loss (evaluated every 30 steps), each optimizer at the lr of its grid with the lowest "
+    out = [("Best held-out loss (evaluated every 30 steps), each optimizer at the lr of its grid with the lowest "
            "mean over seeds; gap: mean of the per-seed gaps to AdamW at its best lr (per seed in brackets). "
-           "Command: `bash benchmarks/snr_quality.sh`.", ""]
+           "Command: `bash benchmarks/snr_quality.sh`."), ""]
     for name, title in SETTINGS:
         path = root / name / "summary.json"
         if not path.is_file():

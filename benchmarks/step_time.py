@@ -28,7 +28,7 @@ import blockopt
 from blockopt.models import build_model
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from bandwidth import BYTES_PER_PARAM, measure_bandwidth  # noqa: E402
+from bandwidth import BYTES_PER_PARAM, measure_bandwidth
 
 
 def make_optimizers(model, which, lr=1e-4):

@@ -82,9 +82,9 @@ def report(out: Path) -> dict:
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
     (res / "token_budget.json").write_text(json.dumps(result, indent=1))
-    lines = [f"Held-out gap to AdamW, {MODEL} ({PARAMS:,} parameters), mean over seeds {SEEDS} of per-seed "
+    lines = [(f"Held-out gap to AdamW, {MODEL} ({PARAMS:,} parameters), mean over seeds {SEEDS} of per-seed "
              f"gaps, each optimizer at its best lr of {LRS}; `python benchmarks/token_budget.py`, "
-             f"{result['machine']}.", "",
+             f"{result['machine']}."), "",
              "| tokens / parameter | steps | AdamW (lr) | Adam-mini (lr) | gap | Adam-mini SNR (lr) | gap |",
              "|---|---|---|---|---|---|---|"]
     def lr(b):

@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     steps = [torch.tensor(10.0) for _ in named]
     segments = sum(len(_runs(tuple(p.shape), g)) for p, g in zip(params, geoms))
     T._multi_kernel = _NoLaunch()
-    kw = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, maximize=False)
+    kw = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "maximize": False}
     T._multi_launches(params, grads, exp_avgs, vs, steps, geoms, decay, seeds, **kw)  # builds the plan
     t0 = time.perf_counter()
     for _ in range(args.steps):

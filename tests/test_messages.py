@@ -65,7 +65,7 @@ def _cli(args: list[str], capsys) -> str:
 
 
 def _module_run() -> str:
-    done = subprocess.run([sys.executable, "-m", "blockopt", "--help"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "blockopt", "--help"], capture_output=True, text=True, timeout=120, check=False)
     return f"rc={done.returncode}\n{done.stdout}{done.stderr}"
 
 
@@ -76,8 +76,8 @@ CASES = [
     ("a module without parameters", lambda c: _error(lambda: blockopt.AdamMini(nn.ReLU())),
      ["ReLU has no parameters", "empty parameter list"], 200),
     ("hf config that fails its own validation",
-     lambda c: _cli(["plan", "--hf-config", '{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, '
-                     '"num_hidden_layers": 1, "intermediate_size": 32}'], c),
+     lambda c: _cli(["plan", "--hf-config", ('{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 5, '
+                     '"num_hidden_layers": 1, "intermediate_size": 32}')], c),
      ["rc=2", "blockopt plan: error: --hf-config", "multiple of the number of attention heads (5)"], 400),
     ("unknown tensors of a large model", lambda c: _moe_warning(),
      ["48 tensor(s)", "layers.*.table [3, 4, 5, 6]", "(x48)", "overrides"], 400),

@@ -17,5 +17,22 @@ from .partition import (
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamMini", "MoFO", "BLOCKWISE_LR_MULTIPLIERS", "blockwise_block_types", "blockwise_lr_groups", "Geometry", "PartitionPlan", "PlanEntry", "partition", "calibrate",
-           "SNRCalibration", "SNRMeter", "SampledSNRMeter", "SNRRules", "BUILTIN_SNR_RULES", "models", "__version__"]
+__all__ = [
+    "BLOCKWISE_LR_MULTIPLIERS",
+    "BUILTIN_SNR_RULES",
+    "AdamMini",
+    "Geometry",
+    "MoFO",
+    "PartitionPlan",
+    "PlanEntry",
+    "SNRCalibration",
+    "SNRMeter",
+    "SNRRules",
+    "SampledSNRMeter",
+    "__version__",
+    "blockwise_block_types",
+    "blockwise_lr_groups",
+    "calibrate",
+    "models",
+    "partition",
+]

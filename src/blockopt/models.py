@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "TransformerLM", "MODEL_PRESETS", "build_model"]
+__all__ = ["MODEL_PRESETS", "ModelConfig", "TransformerLM", "build_model"]
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class TransformerLM(nn.Module):
         return self.lm_head
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        B, T = idx.shape
+        _B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.embed(idx)  # [B, T, d]

@@ -15,7 +15,7 @@ from blockopt.bench.runner import lr_at
 PAPER = {"embedding": 10.0, "qk": 8.0, "vo": 4.0, "ffn": 6.0, "norm": 1.0}
 
 
-def test_runner_schedule_scales_each_group_by_its_multiplier(cli, corpus, cache_dir, tmp_path, monkeypatch):
+def test_runner_schedule_scales_each_group_by_its_multiplier(cli, corpus, cache_dir, tmp_path, monkeypatch):  # noqa: F811 - pytest fixtures imported from bench_helpers
     seen: dict[str, list[list[tuple[str | None, float]]]] = {}
     real = runner.build_optimizer
 

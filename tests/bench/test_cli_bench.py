@@ -236,7 +236,7 @@ def test_every_builtin_optimizer_resumes_exactly(tmp_path, corpus, cache_dir, cl
 
 def test_adam_mini_snr_switches_inside_the_run_and_the_report_shows_its_blocks(tmp_path, corpus, cache_dir, cli):
     out = tmp_path / "out"
-    rc, stdout, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw,adam-mini-snr:calibrate=3",
+    rc, _stdout, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw,adam-mini-snr:calibrate=3",
                                     "--steps", "8"))
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())

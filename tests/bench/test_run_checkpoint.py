@@ -123,7 +123,7 @@ def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, corpus, c
     assert str(ck_path) in str(e.value) and "delete it" in str(e.value)
     assert not marker.exists()
 
-    rc, _, err = cli(tiny_args(corpus, cache_dir, out, *ARGS, "--resume"))
+    rc, _, _err = cli(tiny_args(corpus, cache_dir, out, *ARGS, "--resume"))
     assert rc == 1 and not marker.exists()
     runs = _runs(out)
     assert runs[run_id]["status"] == "error" and str(ck_path) in runs[run_id]["error"]

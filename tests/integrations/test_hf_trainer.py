@@ -11,8 +11,8 @@ import torch
 transformers = pytest.importorskip("transformers", reason="needs pip install 'blockopt[hf]'")
 pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate: pip install 'blockopt[hf]'")
 
-import blockopt  # noqa: E402
-from blockopt.integrations import hf as bhf  # noqa: E402
+import blockopt
+from blockopt.integrations import hf as bhf
 
 VOCAB, STEPS, WARMUP, LR = 97, 16, 4, 1e-2
 SAVE = STEPS // 2
@@ -42,10 +42,10 @@ class _Counting(torch.utils.data.Dataset):
 
 
 def _args(out, **kw):
-    base = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=LR,
-                adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, weight_decay=0.1, warmup_steps=WARMUP,
-                lr_scheduler_type="cosine", logging_steps=1, save_strategy="steps", save_steps=SAVE, report_to=[],
-                use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    base = {"output_dir": str(out), "max_steps": STEPS, "per_device_train_batch_size": 8, "learning_rate": LR,
+                "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_epsilon": 1e-8, "weight_decay": 0.1, "warmup_steps": WARMUP,
+                "lr_scheduler_type": "cosine", "logging_steps": 1, "save_strategy": "steps", "save_steps": SAVE, "report_to": [],
+                "use_cpu": True, "disable_tqdm": True, "seed": 0, "dataloader_num_workers": 0}
     return transformers.TrainingArguments(**{**base, **kw})
 
 

@@ -10,8 +10,9 @@ import torch
 
 L = pytest.importorskip("lightning", reason="needs pip install 'blockopt[lightning]'")
 
-import blockopt  # noqa: E402
-from titan_model import ModelArgs, Transformer, next_token_loss  # noqa: E402
+from titan_model import ModelArgs, Transformer, next_token_loss
+
+import blockopt
 
 # Lightning 2.6's own use of a deprecated torch pytree API
 pytestmark = pytest.mark.filterwarnings(r"ignore:.*isinstance\(treespec, LeafSpec\).*")

@@ -17,8 +17,8 @@ def _expected(args: ModelArgs) -> dict[str, tuple[str, Geometry, bool]]:
     """name -> (role, geometry, decay), written from the config, not from the engine."""
     dh = args.dim // args.n_heads
     kv = args.n_kv_heads or args.n_heads
-    rows = lambda n: Geometry(0, ((n, 1),))  # noqa: E731 - one block per output neuron
-    heads = lambda n: Geometry(0, ((n * dh, dh),))  # noqa: E731 - one block per head
+    rows = lambda n: Geometry(0, ((n, 1),))
+    heads = lambda n: Geometry(0, ((n * dh, dh),))
     whole = Geometry(-1, ((args.dim, args.dim),))
     exp = {
         "tok_embeddings.weight": ("embedding", rows(args.vocab_size), True),

@@ -9,16 +9,15 @@ import warnings
 
 import pytest
 import torch
+from conftest import TOL, max_rel_diff
 from torch import nn
 
 import blockopt
-from blockopt.kernels import Geometry, adam_mini_reference, load_cpu_kernel
-from blockopt.kernels import dispatch
-from conftest import TOL, max_rel_diff
+from blockopt.kernels import Geometry, adam_mini_reference, dispatch, load_cpu_kernel
 
 SHAPES = [((6, 8), Geometry(0, ((6, 1),))), ((8, 4), Geometry(0, ((8, 4),))), ((5,), Geometry(-1, ((5, 1),))),
           ((4, 6), Geometry(1, ((6, 1),))), ((3, 4, 2), Geometry(-1, ((24, 2),)))]
-HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False)
+HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "maximize": False}
 
 
 def _state(seed=0):
@@ -87,7 +86,7 @@ def test_the_optimizer_reports_the_routes_it_took():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     runs = {}
-    for label, kw in (("reference", dict(foreach=False)), ("foreach", dict(fused=False)), ("default", {})):
+    for label, kw in (("reference", {"foreach": False}), ("foreach", {"fused": False}), ("default", {})):
         m = copy.deepcopy(model)
         opt = blockopt.AdamMini(m, lr=1e-2, **kw)
         m(torch.randn(3, 8)).sum().backward()

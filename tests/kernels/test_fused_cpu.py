@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import TOL, max_rel_diff
 from torch import nn
 
 import blockopt
 from blockopt.bench.models import build_model
 from blockopt.kernels import fused_cpu_supports, load_cpu_kernel
 from blockopt.kernels.adam_mini_cpu import cpu_kernel_error
-from conftest import TOL, max_rel_diff
 
 needs_compiler = pytest.mark.skipif(
     (shutil.which("c++") is None and shutil.which("g++") is None)
@@ -44,7 +44,7 @@ def _random_steps(models_and_opts, steps, seed=0, scale=1.0):
 def test_fused_equals_reference_fp32_after_20_steps(style, maximize):
     model = build_model(f"{style}-tiny", vocab_size=96, n_layers=2, d_model=64)
     ref = copy.deepcopy(model)
-    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, maximize=maximize)
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "maximize": maximize}
     fast = blockopt.AdamMini(model, fused=True, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     used = [n for n, p in model.named_parameters() if fused_cpu_supports(p, p, fast.plan[n].geometry)]
@@ -110,7 +110,7 @@ def test_kernel_mixes_per_element_row_and_whole_tensor_blocks_in_one_call(maximi
         vs = [torch.zeros(geo.num_blocks) for geo in geoms]
         steps = [torch.tensor(0.0) for _ in shapes]
         sets.append((ps, ms, vs, steps))
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, maximize=maximize)
+    kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "maximize": maximize}
     decay = [True, True, False, False]
     for _ in range(20):
         grads = [torch.randn(s, generator=g) for s in shapes]
@@ -147,7 +147,7 @@ def test_fused_strided_gradients_and_blocks_larger_than_a_chunk():
     """A transposed (non-contiguous) gradient and a whole-tensor block of 2**17 elements."""
     model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))
     ref = copy.deepcopy(model)
-    kw = dict(lr=1e-2, weight_decay=0.1, overrides={r"0\.weight": "tensor"})
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "overrides": {r"0\.weight": "tensor"}}
     fast = blockopt.AdamMini(model, fused=True, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     g = torch.Generator().manual_seed(3)
@@ -208,7 +208,7 @@ def test_fused_column_blocks_of_hf_gpt2_conv1d_equal_reference(momentum_dtype):
     cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=16)
     model = transformers.GPT2LMHeadModel(cfg)
     ref = copy.deepcopy(model)
-    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_dtype=momentum_dtype)
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": momentum_dtype}
     fast = blockopt.AdamMini(model, fused=True, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     assert fast.plan["transformer.h.0.attn.c_attn.weight"].geometry.axis == 1

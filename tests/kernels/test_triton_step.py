@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TOL, max_rel_diff, step_through_triton
 
 import blockopt
 from blockopt.bench.models import build_model
 from blockopt.kernels import adam_mini_reference
-from conftest import TOL, max_rel_diff, step_through_triton
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'blockopt[gpu]')")
-from blockopt.kernels.adam_mini_triton import adam_mini_triton  # noqa: E402
+from blockopt.kernels.adam_mini_triton import adam_mini_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,7 +46,7 @@ def test_triton_equals_reference_fp32_after_20_steps(style, capturable):
     assert {"head", "row", "tensor"} <= {plan[n].kind for n in names}
     g = torch.Generator().manual_seed(0)
     grads = [[torch.randn(p.shape, generator=g).to(DEVICE) for p in model.parameters()] for _ in range(20)]
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, maximize=False)
+    kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "maximize": False}
     fast = _run(adam_mini_triton, fresh(), grads, geoms, decay, capturable=capturable, **kw)
     ref = _run(adam_mini_reference, fresh(), grads, geoms, decay, **kw)
     for name, a, b in zip(names, fast[0], ref[0]):
@@ -62,7 +62,7 @@ def test_triton_low_precision_params_with_fp32_state(dtype):
     decay = [plan[n].weight_decay for n in names]
     g = torch.Generator().manual_seed(1)
     grads = [[torch.randn(p.shape, generator=g).to(DEVICE) for p in model.parameters()] for _ in range(5)]
-    kw = dict(lr=1e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0, maximize=True)
+    kw = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "maximize": True}
     fast = _run(adam_mini_triton, fresh(), grads, geoms, decay, **kw)
     ref = _run(adam_mini_reference, fresh(), grads, geoms, decay, **kw)
     for name, a, b, m in zip(names, fast[0], ref[0], fast[1]):
@@ -82,7 +82,7 @@ def test_triton_bf16_momentum_equals_the_codec_around_the_reference():
     seeds = [mom.name_seed(n) for n in names]
     g = torch.Generator().manual_seed(2)
     grads = [[torch.randn(p.shape, generator=g).to(DEVICE) for p in model.parameters()] for _ in range(10)]
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, maximize=False)
+    kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "maximize": False}
     params, m, v, steps = fresh()
     m = [x.to(torch.bfloat16) for x in m]
     rparams, rm, rv, rsteps = fresh()
@@ -132,7 +132,7 @@ def test_triton_int8_momentum_equals_the_codec_around_the_reference():
     rv = [x.clone() for x in v]
     steps = [torch.tensor(0.0) for _ in params]
     rsteps = [torch.tensor(0.0) for _ in params]
-    kw = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, maximize=False)
+    kw = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "maximize": False}
     decay = [True] * len(params)
     for _ in range(8):
         gs = [torch.randn(p.shape, generator=g).to(DEVICE) for p in params]
@@ -166,8 +166,8 @@ def test_triton_int8_bad_scales_are_refused_before_anything_changes():
     steps = [torch.tensor(0.0) for _ in params]
     before = [p.clone() for p in params]
     grads = [torch.ones_like(p) for p in params]
-    call = dict(decay=[False] * len(params), lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0,
-                maximize=False)
+    call = {"decay": [False] * len(params), "lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
+                "maximize": False}
     with pytest.raises(ValueError, match="needs its exp_avg_scale"):
         adam_mini_triton(params, grads, codes, v, steps, geoms, **call)
     with pytest.raises(ValueError, match=r"exp_avg_scale has shape \(2, 3\); expected \(2, 6\)"):
@@ -190,7 +190,7 @@ def test_adam_mini_int8_momentum_through_the_triton_route_equals_the_cpu_route(m
 
     model = build_model("llama-tiny", vocab_size=40, n_layers=1, d_model=32, n_heads=4, max_seq_len=8)
     other = copy.deepcopy(model)
-    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_dtype="int8")
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": "int8"}
     via_cpu = blockopt.AdamMini(other, **kw)
     via_triton = blockopt.AdamMini(model, **kw)
     gen = torch.Generator().manual_seed(4)

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import TOL, max_rel_diff, token_batches, train
 from torch import nn
 
 import blockopt
 from blockopt.bench.models import build_model
-from conftest import TOL, max_rel_diff, token_batches, train
 
 ALL_ELEMENTS = {".*": {"kind": "element", "weight_decay": True}}
 
@@ -27,11 +27,11 @@ def tiny(style="llama", **kw):
 # (AdamMini options, dtype, the AdamW it must equal, tolerance)
 _DEGENERATE = {
     # the default path: per-element blocks go to torch's fused AdamW kernel, so it is bit for bit AdamW(fused=True)
-    "default": ({}, torch.float32, dict(fused=True), 0.0),
+    "default": ({}, torch.float32, {"fused": True}, 0.0),
     # the foreach path does AdamW's foreach arithmetic
-    "foreach": (dict(fused=False), torch.float32, dict(foreach=False), 1e-6),
+    "foreach": ({"fused": False}, torch.float32, {"foreach": False}, 1e-6),
     # the reference loop (plainer arithmetic) in float64
-    "reference": (dict(foreach=False), torch.float64, dict(foreach=False), 1e-10),
+    "reference": ({"foreach": False}, torch.float64, {"foreach": False}, 1e-10),
 }
 
 
@@ -66,7 +66,7 @@ def _float64_models():
 def test_foreach_equals_reference_loop_float64(index, maximize):
     model = _float64_models()[index]
     other = copy.deepcopy(model)
-    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05, maximize=maximize)
+    kw = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.05, "maximize": maximize}
     fast = blockopt.AdamMini(model, foreach=True, **kw)
     slow = blockopt.AdamMini(other, foreach=False, **kw)
     kinds = {e.kind for e in fast.plan.entries}
@@ -356,18 +356,18 @@ def _model_kwargs(**kw):
 
 BAD_INPUT = [
     # (id, kwargs for AdamMini(model, ...), exception, words the message must contain)
-    ("negative lr", dict(lr=-1.0), ValueError, ["lr", "-1.0"]),
-    ("nan lr", dict(lr=math.nan), ValueError, ["lr", "nan"]),
-    ("beta1 = 1", dict(betas=(1.0, 0.999)), ValueError, ["beta", "index 0", "1.0"]),
-    ("negative beta2", dict(betas=(0.9, -0.1)), ValueError, ["beta", "index 1", "-0.1"]),
-    ("one beta", dict(betas=(0.9,)), ValueError, ["betas", "(0.9,)"]),
-    ("negative eps", dict(eps=-1e-8), ValueError, ["eps", "-1e-08"]),
-    ("negative weight decay", dict(weight_decay=-0.1), ValueError, ["weight_decay", "-0.1"]),
-    ("heads that do not divide", dict(num_heads=3), ValueError, ["num_heads=3", "q_proj"]),
-    ("zero heads", dict(num_heads=0), ValueError, ["num_heads", "0"]),
-    ("override matching nothing", dict(overrides={"encoder\\..*": "row"}), ValueError, ["overrides", "encoder\\\\..*"]),
-    ("unknown override kind", dict(overrides={".*": "diagonal"}), ValueError, ["overrides", "diagonal"]),
-    ("bad state dtype", dict(state_dtype=torch.int8), ValueError, ["state_dtype", "torch.int8"]),
+    ("negative lr", {"lr": -1.0}, ValueError, ["lr", "-1.0"]),
+    ("nan lr", {"lr": math.nan}, ValueError, ["lr", "nan"]),
+    ("beta1 = 1", {"betas": (1.0, 0.999)}, ValueError, ["beta", "index 0", "1.0"]),
+    ("negative beta2", {"betas": (0.9, -0.1)}, ValueError, ["beta", "index 1", "-0.1"]),
+    ("one beta", {"betas": (0.9,)}, ValueError, ["betas", "(0.9,)"]),
+    ("negative eps", {"eps": -1e-8}, ValueError, ["eps", "-1e-08"]),
+    ("negative weight decay", {"weight_decay": -0.1}, ValueError, ["weight_decay", "-0.1"]),
+    ("heads that do not divide", {"num_heads": 3}, ValueError, ["num_heads=3", "q_proj"]),
+    ("zero heads", {"num_heads": 0}, ValueError, ["num_heads", "0"]),
+    ("override matching nothing", {"overrides": {"encoder\\..*": "row"}}, ValueError, ["overrides", "encoder\\\\..*"]),
+    ("unknown override kind", {"overrides": {".*": "diagonal"}}, ValueError, ["overrides", "diagonal"]),
+    ("bad state dtype", {"state_dtype": torch.int8}, ValueError, ["state_dtype", "torch.int8"]),
 ]
 
 

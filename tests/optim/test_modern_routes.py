@@ -9,14 +9,14 @@ import logging
 
 import pytest
 import torch
+from conftest import TOL, TinyMoE, max_rel_diff, token_batches, train
 from torch import nn
 
 import blockopt
 from blockopt.kernels import Geometry, adam_mini_reference, load_cpu_kernel
 from blockopt.kernels.adam_mini_cpu import cpu_kernel_error
-from conftest import TOL, TinyMoE, max_rel_diff, token_batches, train
 
-ROUTES = {"reference": dict(foreach=False), "foreach": dict(fused=False), "fused": dict()}
+ROUTES = {"reference": {"foreach": False}, "foreach": {"fused": False}, "fused": {}}
 
 
 def _routes_ran(opt) -> set[str]:
@@ -57,7 +57,7 @@ def test_expert_geometry_on_every_cpu_route_equals_the_reference_loop(route):
 @pytest.mark.parametrize("fmt", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
 def test_compact_momentum_on_expert_geometry_equals_the_reference_loop(fmt):
     model, ref = TinyMoE(), TinyMoE()
-    kw = dict(lr=1e-2, weight_decay=0.1, momentum_dtype=fmt)
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "momentum_dtype": fmt}
     fast = blockopt.AdamMini(model, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     _run(model, fast)
@@ -100,7 +100,7 @@ def test_low_precision_state_on_fp32_parameters_equals_the_reference_on_every_ro
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     ref = copy.deepcopy(model)
-    kw = dict(lr=1e-2, weight_decay=0.1, eps=1e-3, state_dtype=state_dtype)  # eps representable in fp16
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-3, "state_dtype": state_dtype}  # eps representable in fp16
     fast = blockopt.AdamMini(model, **ROUTES[route], **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     g = torch.Generator().manual_seed(1)

@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
+from conftest import TOL, max_rel_diff, token_batches, train
 from torch import nn
 
 import blockopt
 from blockopt.bench.models import build_model
-from conftest import TOL, max_rel_diff, token_batches, train
 
 
 def tiny(style="llama", **kw):
@@ -60,7 +60,7 @@ def reference_mofo(weights, grads, *, lr, betas, eps, wd, fraction, exempt, deca
     nb = {n: (int(blocks[n].max()) + 1 if blocks else x.numel()) for n, x in w.items()}
     v = {n: torch.zeros(nb[n], dtype=torch.float64) for n in w}
     for t, step in enumerate(grads, start=1):
-        for n in w:
+        for n in list(w):
             g = step[n].double().reshape(-1)
             if decay[n]:
                 w[n] = w[n] * (1 - lr * wd)
@@ -94,7 +94,7 @@ def expected_exempt(model: nn.Module) -> dict[str, bool]:
 def test_equals_plain_reference(style, second_moment):
     model = tiny(style).double()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    kw = {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8}
     opt = blockopt.MoFO(model, weight_decay=0.1, fraction=0.1, second_moment=second_moment, **kw)
     grads = random_grads(model, 6)
     run(model, opt, grads)
@@ -133,7 +133,7 @@ def test_fraction_one_equals_adamw():
 def test_block_fraction_one_equals_adam_mini():
     model = tiny().double()
     ref = copy.deepcopy(model)
-    kw = dict(lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    kw = {"lr": 2e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
     opt = blockopt.MoFO(model, fraction=1.0, second_moment="block", **kw)
     mini = blockopt.AdamMini(ref, foreach=False, **kw)
     batches = token_batches(64, 5)

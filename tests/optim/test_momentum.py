@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import TOL, max_rel_diff
 
 import blockopt
-from blockopt.models import build_model
 from blockopt.kernels import load_cpu_kernel
-from blockopt.kernels.adam_mini_cpu import cpu_kernel_error
 from blockopt.kernels import momentum as mom
-from conftest import TOL, max_rel_diff
+from blockopt.kernels.adam_mini_cpu import cpu_kernel_error
+from blockopt.models import build_model
 
 FORMATS = {"bf16": torch.bfloat16, "int8": "int8"}
 
@@ -90,7 +90,7 @@ def test_fused_kernel_equals_the_codec_around_the_reference_loop(fmt):
         pytest.skip(f"the fused CPU kernel is not built: {cpu_kernel_error()}")
     model = _model()
     ref = copy.deepcopy(model)
-    kw = dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, momentum_dtype=FORMATS[fmt])
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": FORMATS[fmt]}
     fast = blockopt.AdamMini(model, fused=True, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     _steps([(model, fast), (ref, slow)], 20)
@@ -120,7 +120,7 @@ def test_fused_kernel_equals_the_codec_around_the_reference_loop(fmt):
 def test_foreach_path_with_compact_momentum_equals_the_reference(fmt):
     model = _model()
     ref = copy.deepcopy(model)
-    kw = dict(lr=1e-2, weight_decay=0.1, momentum_dtype=FORMATS[fmt])
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "momentum_dtype": FORMATS[fmt]}
     a = blockopt.AdamMini(model, fused=False, **kw)
     b = blockopt.AdamMini(ref, foreach=False, **kw)
     _steps([(model, a), (ref, b)], 10)

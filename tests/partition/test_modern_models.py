@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import pathlib
 import pkgutil
 import warnings
 
@@ -48,8 +49,8 @@ def _layer(plan, prefix="model.layers.0."):
     return {n[len(prefix):]: e for n, e in plan.items() if n.startswith(prefix)}
 
 
-COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=16)
+COMMON = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 16}
 
 
 # --- mixture of experts ------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def _expert_classes():
     out = []
     for info in pkgutil.iter_modules(family_pkg.__path__):
         spec = importlib.util.find_spec(f"transformers.models.{info.name}.modeling_{info.name}")
-        if spec is None or "use_experts_implementation" not in open(spec.origin, encoding="utf-8").read():
+        if spec is None or "use_experts_implementation" not in pathlib.Path(spec.origin).read_text(encoding="utf-8"):
             continue
         mod = importlib.import_module(spec.name)
         for _, cls in inspect.getmembers(mod, inspect.isclass):
@@ -189,9 +190,8 @@ def test_every_stacked_expert_family_of_the_installed_transformers(hf):
                 want = ("stacked_column", e_ * b) if transposed else ("stacked_row", e_ * a)
                 if (e.kind, e.num_blocks) != want:
                     wrong.append(f"{family}.{cls.__name__}.{name} {list(p.shape)}: {e.describe()}, want {want}")
-            elif p.dim() == 2 and "bias" in name:
-                if e.kind != "element":
-                    wrong.append(f"{family}.{cls.__name__}.{name}: {e.describe()}, want per element")
+            elif p.dim() == 2 and "bias" in name and e.kind != "element":
+                wrong.append(f"{family}.{cls.__name__}.{name}: {e.describe()}, want per element")
     assert not wrong, "\n".join(wrong)
 
 
@@ -363,7 +363,7 @@ def test_lora_plan_counts_only_what_trains_and_says_what_is_frozen(peft_llama):
 def test_plan_of_a_compiled_model_uses_the_plain_names():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     compiled = torch.compile(model)
-    assert [n for n, _ in compiled.named_parameters()][0].startswith("_orig_mod.")
+    assert next(n for n, _ in compiled.named_parameters()).startswith("_orig_mod.")
     plan = blockopt.partition(compiled)
     assert list(plan) == [n for n, _ in model.named_parameters()]
     assert plan["_orig_mod.0.weight"] is plan["0.weight"]

@@ -143,9 +143,9 @@ def test_counts_by_kind():
     "make, kwargs",
     [
         (_tiny, {}),
-        (_tiny, dict(value_single_block=True, overrides={r".*fc\.weight": {"kind": "head", "head_dim": 8},
-                                                         r"wpe\.weight": "row"})),
-        (_Mixed, dict(warn=False)),
+        (_tiny, {"value_single_block": True, "overrides": {r".*fc\.weight": {"kind": "head", "head_dim": 8},
+                                                         r"wpe\.weight": "row"}}),
+        (_Mixed, {"warn": False}),
     ],
     ids=["gpt2-tiny", "gpt2-tiny-options", "mixed"],
 )

@@ -432,8 +432,8 @@ def test_value_single_block_multihead_attention():
 
 @pytest.mark.parametrize(
     "hints",
-    [dict(num_heads=4, num_kv_heads=2), dict(head_dim=8, num_kv_heads=2),
-     dict(num_heads=4, num_kv_heads=2, head_dim=8)],
+    [{"num_heads": 4, "num_kv_heads": 2}, {"head_dim": 8, "num_kv_heads": 2},
+     {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8}],
 )
 def test_hints_for_custom_attention(hints):
     plan = _quiet_partition(MyBlock(), **hints)
@@ -458,14 +458,14 @@ def test_custom_attention_without_hints_is_listed_in_one_warning():
 @pytest.mark.parametrize(
     "factory, hints",
     [
-        ("llama-tiny", dict(num_heads=3)),  # q_proj has 128 rows; 3 heads of head_dim 32 do not fill it
-        ("llama-tiny", dict(head_dim=5)),
-        ("llama-tiny", dict(num_heads=4, num_kv_heads=4)),  # k_proj has 64 rows = 2 kv heads
-        ("mha", dict(num_heads=5)),  # embed_dim 32
-        ("mha", dict(head_dim=5)),
-        ("custom", dict(num_heads=4, head_dim=16)),  # wq has 32 rows, not 64
-        ("custom", dict(num_heads=3)),  # 32 rows are not 3 heads
-        ("custom", dict(head_dim=5)),  # 32 rows are not heads of 5
+        ("llama-tiny", {"num_heads": 3}),  # q_proj has 128 rows; 3 heads of head_dim 32 do not fill it
+        ("llama-tiny", {"head_dim": 5}),
+        ("llama-tiny", {"num_heads": 4, "num_kv_heads": 4}),  # k_proj has 64 rows = 2 kv heads
+        ("mha", {"num_heads": 5}),  # embed_dim 32
+        ("mha", {"head_dim": 5}),
+        ("custom", {"num_heads": 4, "head_dim": 16}),  # wq has 32 rows, not 64
+        ("custom", {"num_heads": 3}),  # 32 rows are not 3 heads
+        ("custom", {"head_dim": 5}),  # 32 rows are not heads of 5
     ],
     ids=lambda x: x if isinstance(x, str) else ",".join(f"{k}={v}" for k, v in x.items()),
 )
@@ -538,21 +538,21 @@ def test_zero_dim_parameter_is_one_block():
 _BAD_INPUT = [
     *[(dict(**{hint: v}), [hint, repr(v)])
       for hint in ("num_heads", "num_kv_heads", "head_dim") for v in (0, -1, 2.5, True)],
-    (dict(num_heads=4, num_kv_heads=3), ["num_kv_heads", "3"]),
-    (dict(num_heads=3), ["num_heads=3"]),
-    (dict(value_single_block="yes"), ["value_single_block", "'yes'"]),
-    (dict(overrides={"q_proj.weight": "element"}), ["overrides", "'q_proj.weight'"]),
-    (dict(overrides={".*": "diagonal"}), ["overrides", "'diagonal'"]),
-    (dict(overrides={r".*q_proj\.weight": "head:5"}), ["overrides", "head_dim=5"]),
-    (dict(overrides={r".*q_proj\.weight": {"kind": "head", "head_dim": 3}}), ["overrides", "head_dim=3"]),
-    (dict(overrides={r".*q_proj\.weight": {"kind": "head"}}), ["overrides", "head_dim", "None"]),
-    (dict(overrides={r".*q_proj\.weight": "head:abc"}), ["overrides", "'abc'"]),
-    (dict(overrides={r".*q_proj\.weight": 3}), ["overrides", "3"]),
-    (dict(overrides={r".*q_proj\.weight": {"lr": 0.1}}), ["overrides", "'lr'"]),
-    (dict(overrides={r".*q_proj\.weight": {"weight_decay": "no"}}), ["overrides", "weight_decay", "'no'"]),
-    (dict(overrides={r"norm\.weight": "column"}), ["overrides", "'column'"]),
-    (dict(overrides={"(": "row"}), ["overrides", "'('"]),
-    (dict(overrides={3: "row"}), ["overrides", "3"]),
+    ({"num_heads": 4, "num_kv_heads": 3}, ["num_kv_heads", "3"]),
+    ({"num_heads": 3}, ["num_heads=3"]),
+    ({"value_single_block": "yes"}, ["value_single_block", "'yes'"]),
+    ({"overrides": {"q_proj.weight": "element"}}, ["overrides", "'q_proj.weight'"]),
+    ({"overrides": {".*": "diagonal"}}, ["overrides", "'diagonal'"]),
+    ({"overrides": {r".*q_proj\.weight": "head:5"}}, ["overrides", "head_dim=5"]),
+    ({"overrides": {r".*q_proj\.weight": {"kind": "head", "head_dim": 3}}}, ["overrides", "head_dim=3"]),
+    ({"overrides": {r".*q_proj\.weight": {"kind": "head"}}}, ["overrides", "head_dim", "None"]),
+    ({"overrides": {r".*q_proj\.weight": "head:abc"}}, ["overrides", "'abc'"]),
+    ({"overrides": {r".*q_proj\.weight": 3}}, ["overrides", "3"]),
+    ({"overrides": {r".*q_proj\.weight": {"lr": 0.1}}}, ["overrides", "'lr'"]),
+    ({"overrides": {r".*q_proj\.weight": {"weight_decay": "no"}}}, ["overrides", "weight_decay", "'no'"]),
+    ({"overrides": {r"norm\.weight": "column"}}, ["overrides", "'column'"]),
+    ({"overrides": {"(": "row"}}, ["overrides", "'('"]),
+    ({"overrides": {3: "row"}}, ["overrides", "3"]),
 ]
 
 

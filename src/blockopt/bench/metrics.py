@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..utils import atomic_write_text, fmt_bytes  # noqa: E402,F401  (re-exported)
+from ..utils import atomic_write_text, fmt_bytes  # noqa: F401  (re-exported)
 
 __all__ = [
     "StepTimer",

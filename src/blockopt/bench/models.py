@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models import *  # noqa: F403
+from ..models import *
 from ..models import MLP, Attention, Block, RotaryEmbedding  # noqa: F401  (the building blocks, for old imports)
 
-__all__ = ["MODEL_PRESETS", "ModelConfig", "TransformerLM", "build_model"]  # noqa: F405
+__all__ = ["MODEL_PRESETS", "ModelConfig", "TransformerLM", "build_model"]

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 from ..utils import atomic_write_bytes, atomic_write_text
 
 __all__ = [

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from typing_extensions import Self
 
 __all__ = ["add_parser", "main", "run"]
 
@@ -185,7 +186,7 @@ class _Progress:
             except ImportError:
                 self.kind = "plain"
 
-    def __enter__(self) -> _Progress:
+    def __enter__(self) -> Self:
         if self._rich is not None:
             self._rich.__enter__()
         return self
@@ -407,9 +408,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..partition import partition
+    from ..utils import fmt_bytes as _fmt_bytes
     from .dense import compare_partitions, dense_hessian, plan_slice, plot_heatmap, standard_partitions
     from .heterogeneity import heterogeneity, plot_js_matrix, plot_spectra, tensor_blocks
-    from .hvp import HessianInputError, HessianOperator, _fmt_bytes
+    from .hvp import HessianInputError, HessianOperator
 
     t0 = time.perf_counter()
     timing: dict[str, float] = {}

@@ -62,9 +62,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+from typing_extensions import Self
 
 from ..utils import fmt_bytes as _fmt_bytes
-from torch import nn
 
 __all__ = [
     "BatchTooLargeError",
@@ -710,7 +711,7 @@ class HessianOperator:
         self._grads = []
         self._live = []
 
-    def __enter__(self) -> HessianOperator:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..optim import AdamMini
 
-__all__ = ["adam_mini_kwargs", "adam_mini_from_training_args", "AdamMiniFactory", "adam_mini_cls_and_kwargs"]
+__all__ = ["AdamMiniFactory", "adam_mini_cls_and_kwargs", "adam_mini_from_training_args", "adam_mini_kwargs"]
 
 _INSTALL = "pip install 'blockopt[hf]'"
 _FROM_ARGS = {"lr": "learning_rate", "betas": "adam_beta1/adam_beta2", "eps": "adam_epsilon",

@@ -37,7 +37,7 @@ import torch
 
 from .blocks import Geometry, block_index, block_sizes, block_views, is_elementwise
 
-__all__ = ["adam_mini_reference", "adam_mini_foreach", "adam_mini_update", "block_statistics", "geometry_appliers"]
+__all__ = ["adam_mini_foreach", "adam_mini_reference", "adam_mini_update", "block_statistics", "geometry_appliers"]
 
 #: ``apply(w, m, denom, step_size)``: ``w -= step_size * m / denom[block]``, in place
 Applier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]

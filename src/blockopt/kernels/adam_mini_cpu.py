@@ -35,7 +35,7 @@ import torch
 
 from .blocks import Geometry
 
-__all__ = ["adam_mini_fused_cpu", "fused_cpu_supports", "load_cpu_kernel", "cpu_kernel_error", "step_table", "column_map"]
+__all__ = ["adam_mini_fused_cpu", "column_map", "cpu_kernel_error", "fused_cpu_supports", "load_cpu_kernel", "step_table"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_cpu_kernel():
                         extra_ldflags=_LDFLAGS,
                         verbose=False,
                     )
-            except Exception as e:  # no compiler, no headers, ...: fall back to foreach
+            except Exception as e:  # no compiler, no headers, ...: fall back to foreach  # noqa: BLE001 - any failure to build means: no kernel
                 _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 log.warning("blockopt: fused CPU kernel unavailable (%s); using the foreach step", _state["error"])
         _state["module"] = module

@@ -275,7 +275,7 @@ if triton is not None:
         denom = _block_denom(g_ptr, v_ptr, b, base, block_size, bc2_sqrt, beta2, omb2, eps, TILE)
         gi = tl.arange(0, GPT)
         ci = tl.arange(0, GROUP)
-        for r in range(0, rows_per_block):
+        for r in range(rows_per_block):
             row = row0 + b.to(tl.int64) * rows_per_block + r
             local = base + r * cols  # the row's first element, from the segment's start
             for g0 in range(0, groups, GPT):
@@ -305,6 +305,41 @@ if triton is not None:
                 code = tl.where(m < 0, -code, code)
                 tl.store(q_ptr + row * cols + col, code.to(tl.int8), mask=mask)
                 tl.store(scale_ptr + row * groups + gidx, amax, mask=gmask)
+
+
+def _fix_interpreter_index() -> None:
+    """Triton < 3.7's interpreter gives its tensors ``__index__ = int(handle.data)``; a scalar there is a
+    numpy array of shape (1,), which NumPy >= 2.4 no longer converts (``TypeError: only 0-dimensional
+    arrays can be converted to Python scalars``), so ``range(0, block_size, TILE)`` over a runtime
+    ``block_size`` fails. Install Triton 3.7's ``int(handle.data.squeeze())`` after the interpreter's
+    own patch (through its restore scope where it has one). Interpreter only: compiled kernels are untouched."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_blockopt_index", False):
+        return
+    try:
+        if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 7):
+            return
+    except ValueError:  # an unparsable version: patching is harmless, the value is the same
+        pass
+
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patched(tensor, *scope):
+        patch(tensor, *scope)
+        if scope:  # 3.6: patches are undone after each launch, in reverse order
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
+
+    patched._blockopt_index = True
+    interpreter._patch_lang_tensor = patched
+
+
+if triton is not None and type(_block_kernel).__module__ == "triton.runtime.interpreter":  # TRITON_INTERPRET=1
+    _fix_interpreter_index()
 
 
 def _on(device: torch.device):
@@ -382,7 +417,7 @@ def adam_mini_triton(
         by_device: dict[torch.device, list[int]] = {}
         for i in multi:  # a table holds addresses on one device
             by_device.setdefault(params[i].device, []).append(i)
-        hyper = dict(lr=lr_f, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        hyper = {"lr": lr_f, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
         if len(multi) == len(params) and len(by_device) == 1:  # the usual case: one table, all of it
             _multi_launches(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, geometries, decay, seeds,
                             **hyper)
@@ -407,7 +442,7 @@ def adam_mini_triton(
             step_size, bc2_sqrt = lr_f / (1 - beta1**t), (1 - beta2**t) ** 0.5
             step_ptr = lr_ptr = v  # unused when not capturable
         seed = step_seed(base_seed, int(t)) if m.dtype in (torch.bfloat16, torch.int8) else 0
-        flags = dict(DECAY=bool(on and weight_decay != 0), MAXIMIZE=bool(maximize), CAPTURABLE=bool(capturable))
+        flags = {"DECAY": bool(on and weight_decay != 0), "MAXIMIZE": bool(maximize), "CAPTURABLE": bool(capturable)}
         # 1 - beta from the host in double: in fp32, 1 - 0.999 cancels to 1.3e-5 off
         scalars = (lr_f, step_size, bc2_sqrt, math.log(beta1) if beta1 > 0 else -math.inf,
                    math.log(beta2) if beta2 > 0 else -math.inf, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,

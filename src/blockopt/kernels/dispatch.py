@@ -40,7 +40,7 @@ from .adam_mini_cpu import fused_cpu_step, fused_cpu_supports, fused_cpu_tables,
 from .adam_mini_triton import adam_mini_triton, triton_available, triton_supports
 from .blocks import Geometry, is_elementwise
 
-__all__ = ["ROUTES", "StepTensors", "Handle", "adam_mini", "choose_route", "prepare", "run", "triton_enabled"]
+__all__ = ["ROUTES", "Handle", "StepTensors", "adam_mini", "choose_route", "prepare", "run", "triton_enabled"]
 
 #: the implementations, by the names :func:`choose_route` returns and ``opt.routes`` reports
 ROUTES = ("reference", "foreach", "adamw", "fused_cpu", "triton", "capturable")
@@ -69,8 +69,8 @@ class StepTensors:
     scales: list[torch.Tensor | None] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
 
-    def subset(self, index: Sequence[int]) -> "StepTensors":
-        pick = lambda lst: [lst[i] for i in index] if lst else []  # noqa: E731
+    def subset(self, index: Sequence[int]) -> StepTensors:
+        pick = lambda lst: [lst[i] for i in index] if lst else []
         return StepTensors(pick(self.params), pick(self.exp_avgs), pick(self.second_moments), pick(self.steps),
                            pick(self.geometries), pick(self.decay), pick(self.scales), pick(self.seeds))
 
@@ -146,7 +146,7 @@ def run(handle: Handle, grads: Sequence[torch.Tensor], *, lr: Any, beta1: float,
         weight_decay: float, maximize: bool) -> str:
     """One step of ``handle``'s tensors with these gradients; returns the route that ran (``foreach``
     when the Triton route fell back)."""
-    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
     t = handle.tensors
     route = handle.route
     if route == "fused_cpu":

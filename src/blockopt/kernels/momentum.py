@@ -34,8 +34,20 @@ import zlib
 
 import torch
 
-__all__ = ["GROUP", "MOMENTUM_FORMATS", "momentum_format", "format_for", "momentum_bytes", "name_seed", "step_seed",
-           "hash32", "decode", "encode_", "new_state", "scale_shape"]
+__all__ = [
+    "GROUP",
+    "MOMENTUM_FORMATS",
+    "decode",
+    "encode_",
+    "format_for",
+    "hash32",
+    "momentum_bytes",
+    "momentum_format",
+    "name_seed",
+    "new_state",
+    "scale_shape",
+    "step_seed",
+]
 
 #: elements per int8 scale group, along a row
 GROUP = 256

@@ -15,10 +15,10 @@ from ..distributed.dtensor import check_grad, is_dtensor, local_tensor, make_sha
 from ..distributed.sharding import ShardInfo
 from ..distributed.state import gather_block_states, local_block_state, local_exp_avg
 from ..distributed.step import partial_block_sums, reduce_shared_blocks, sharded_adam_mini_update
-from ..kernels.adam_mini_triton import triton_supports
-from ..kernels.dispatch import Handle, StepTensors, choose_route, prepare, run, triton_enabled
 from ..kernels import momentum as mom
+from ..kernels.adam_mini_triton import triton_supports
 from ..kernels.blocks import Geometry
+from ..kernels.dispatch import Handle, StepTensors, choose_route, prepare, run, triton_enabled
 from ..partition import PartitionPlan, PlanEntry, partition
 from ..partition.plan import canonical_name
 from .base import PlanOptimizer, check_hparams
@@ -195,9 +195,9 @@ class AdamMini(PlanOptimizer):
             if capturable:
                 raise ValueError("Invalid calibrate with capturable=True: the switch to the SNR plan changes the "
                                  "state's shapes, which a recorded CUDA graph cannot follow")
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas,
-                        eps=eps, weight_decay=weight_decay, foreach=foreach, fused=fused, capturable=capturable,
-                        maximize=maximize)
+        defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (list, tuple)) else betas,
+                        "eps": eps, "weight_decay": weight_decay, "foreach": foreach, "fused": fused, "capturable": capturable,
+                        "maximize": maximize}
         check_hparams(defaults)
         if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
@@ -217,8 +217,8 @@ class AdamMini(PlanOptimizer):
         if capturable and not triton_enabled():
             raise RuntimeError("capturable=True needs the Triton step on CUDA: pip install 'blockopt[gpu]' (and "
                                "leave BLOCKOPT_DISABLE_TRITON unset)")
-        hints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, overrides=overrides,
-                     value_single_block=value_single_block)
+        hints = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "overrides": overrides,
+                     "value_single_block": value_single_block}
         params, plan = params_and_plan(
             model_or_params, plan, hints, plan_required=True,
             missing_plan="Invalid plan: None. AdamMini needs to know each parameter's blocks: pass the model "
@@ -427,8 +427,8 @@ class AdamMini(PlanOptimizer):
             lr = group["lr"]
             # a capturable step never reads lr on the host (no sync: it may be recorded in a CUDA graph)
             host_lr = lr.item() if isinstance(lr, torch.Tensor) and not group["capturable"] else lr
-            hyper = dict(lr=host_lr, beta1=beta1, beta2=beta2,
-                         eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+            hyper = {"lr": host_lr, "beta1": beta1, "beta2": beta2,
+                         "eps": group["eps"], "weight_decay": group["weight_decay"], "maximize": group["maximize"]}
             if sharded[0]:
                 if sharded_codec is not None:
                     sharded[2] = sharded_codec.decode()
@@ -493,8 +493,8 @@ class AdamMini(PlanOptimizer):
         for group, prepared, grads in todo:
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                         maximize=group["maximize"])
+            hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": group["eps"], "weight_decay": group["weight_decay"],
+                         "maximize": group["maximize"]}
             for handle, index, names in prepared.handles:
                 ran = run(handle, [grads[i] for i in index] if index is not None else grads, **hyper)
                 if ran != handle.route or self.routes.get(names[0]) != ran:

@@ -29,7 +29,7 @@ def check_float(name: str, value: Any, *, low: float = 0.0, high: float | None =
             raise ValueError(f"Invalid {name}: a tensor {name} must have one element, got shape {list(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a float")
+        raise ValueError(f"Invalid {name}: {value!r}; expected a float")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     ok = value >= low and math.isfinite(value)
     if high is not None:
         ok = ok and (value < high if high_open else value <= high)

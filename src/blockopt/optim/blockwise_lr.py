@@ -55,8 +55,8 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from types import MappingProxyType
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -65,7 +65,7 @@ from torch import nn
 from ..partition import PartitionPlan, partition
 from ..partition.rules import check_patterns_matched, compile_override_pattern
 
-__all__ = ["BLOCK_TYPES", "BLOCKWISE_LR_MULTIPLIERS", "blockwise_block_types", "blockwise_lr_groups"]
+__all__ = ["BLOCKWISE_LR_MULTIPLIERS", "BLOCK_TYPES", "blockwise_block_types", "blockwise_lr_groups"]
 
 #: the block types, in group order
 BLOCK_TYPES = ("embedding", "qk", "vo", "ffn", "norm")
@@ -95,7 +95,7 @@ def _check_multipliers(multipliers: Mapping[str, Any] | None) -> dict[str, float
     if multipliers is None:
         return out
     if not isinstance(multipliers, Mapping):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
             f"Invalid multipliers: {multipliers!r}; expected a mapping from block type "
             f"({', '.join(BLOCK_TYPES)}) to a positive number"
         )
@@ -119,7 +119,7 @@ def _check_overrides(overrides: Mapping[str, str] | None) -> list[tuple[str, re.
     if overrides is None:
         return []
     if not isinstance(overrides, Mapping):
-        raise ValueError(f"Invalid overrides: {overrides!r}; expected a mapping {{name pattern: block type}}")
+        raise ValueError(f"Invalid overrides: {overrides!r}; expected a mapping {{name pattern: block type}}")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     parsed = []
     for pattern, block_type in overrides.items():
         regex = compile_override_pattern(pattern)
@@ -157,7 +157,7 @@ def _resolve(model_or_named_params: Any, plan: PartitionPlan | None) -> tuple[li
             )
         if isinstance(model_or_named_params, (torch.Tensor, str, bytes)) or not isinstance(
                 model_or_named_params, Iterable):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
                 f"Invalid model_or_named_params: {type(model_or_named_params).__name__}; expected an nn.Module "
                 "or (name, tensor) pairs such as model.named_parameters()"
             )
@@ -171,7 +171,7 @@ def _resolve(model_or_named_params: Any, plan: PartitionPlan | None) -> tuple[li
                 )
             named.append(item)
     if not isinstance(plan, PartitionPlan):
-        raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
+        raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     return named, plan
 
 
@@ -286,7 +286,7 @@ def blockwise_lr_groups(
             or not math.isfinite(float(weight_decay)) or weight_decay < 0):
         raise ValueError(f"Invalid weight_decay: {weight_decay!r}; expected a finite float >= 0")
     if not isinstance(named, bool):
-        raise ValueError(f"Invalid named: {named!r}; expected True or False")
+        raise ValueError(f"Invalid named: {named!r}; expected True or False")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     mults = _check_multipliers(multipliers)
     rules = _check_overrides(overrides)
     params, plan = _resolve(model_or_named_params, plan)

@@ -44,11 +44,11 @@ def check_calibrate_args(calibrate: Any, points: Any, cutoff: Any) -> tuple[int,
 
 def user_kind_names(plan: PartitionPlan) -> set[str]:
     """Names whose blocks an ``overrides`` entry with a ``kind`` decided (recorded in ``plan.options``)."""
-    from ..partition.rules import _parse_override, compile_override_pattern
+    from ..partition.rules import compile_override_pattern, parse_override
 
     out: set[str] = set()
     for pattern, spec in dict(plan.options.get("overrides") or {}).items():
-        if "kind" not in _parse_override(pattern, spec):
+        if "kind" not in parse_override(pattern, spec):
             continue
         regex = compile_override_pattern(pattern)
         out.update(e.name for e in plan.entries if any(regex.fullmatch(n) for n in (e.name, *e.aliases)))

@@ -143,16 +143,16 @@ class MoFO(PlanOptimizer):
         plan: PartitionPlan | None = None,
         maximize: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (list, tuple)) else betas, eps=eps,
-                        weight_decay=weight_decay, fraction=fraction, maximize=maximize)
+        defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (list, tuple)) else betas, "eps": eps,
+                        "weight_decay": weight_decay, "fraction": fraction, "maximize": maximize}
         check_hparams(defaults)
         _check_fraction(fraction)
         if not isinstance(maximize, bool):
-            raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")
+            raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
         if second_moment not in _SECOND_MOMENTS:
             raise ValueError(f"Invalid second_moment: {second_moment!r}; allowed: {', '.join(map(repr, _SECOND_MOMENTS))}")
-        hints = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, overrides=overrides,
-                     value_single_block=value_single_block)
+        hints = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "overrides": overrides,
+                     "value_single_block": value_single_block}
         params, plan = params_and_plan(
             model_or_params, plan, hints, plan_required=second_moment == "block",
             missing_plan="Invalid plan: None. MoFO(second_moment='block') needs each parameter's blocks: pass the "

@@ -1,9 +1,21 @@
 """The partition engine: which parameter elements share one second moment."""
 
+from .calibrate import calibrate
 from .plan import KINDS, PartitionPlan, PlanEntry
 from .rules import OVERRIDE_KINDS, partition
 from .snr import BUILTIN_SNR_RULES, SampledSNRMeter, SNRCalibration, SNRMeter, SNRRules, block_snr
-from .calibrate import calibrate
 
-__all__ = ["KINDS", "OVERRIDE_KINDS", "PartitionPlan", "PlanEntry", "partition", "calibrate", "block_snr",
-           "BUILTIN_SNR_RULES", "SNRCalibration", "SNRMeter", "SNRRules", "SampledSNRMeter"]
+__all__ = [
+           "BUILTIN_SNR_RULES",
+           "KINDS",
+           "OVERRIDE_KINDS",
+           "PartitionPlan",
+           "PlanEntry",
+           "SNRCalibration",
+           "SNRMeter",
+           "SNRRules",
+           "SampledSNRMeter",
+           "block_snr",
+           "calibrate",
+           "partition",
+]

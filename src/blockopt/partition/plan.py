@@ -13,7 +13,7 @@ from typing import Any
 from ..kernels.blocks import Geometry, check_geometry
 from ..utils import fmt_bytes as _fmt_bytes
 
-__all__ = ["PlanEntry", "PartitionPlan", "KINDS", "canonical_name"]
+__all__ = ["KINDS", "PartitionPlan", "PlanEntry", "canonical_name"]
 
 #: module wrappers that insert a name segment without changing the model: ``torch.compile``
 #: (``_orig_mod``), activation checkpointing and FSDP1
@@ -156,7 +156,7 @@ class PlanEntry:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PlanEntry":
+    def from_dict(cls, d: Mapping[str, Any]) -> PlanEntry:
         try:
             return cls(
                 name=d["name"],
@@ -174,7 +174,7 @@ class PlanEntry:
         except KeyError as e:
             raise ValueError(f"plan entry {dict(d)!r} lacks the field {e.args[0]!r}") from None
 
-    def same_blocks(self, other: "PlanEntry") -> bool:
+    def same_blocks(self, other: PlanEntry) -> bool:
         """Same shape, blocks and weight-decay flag (what state depends on)."""
         return (
             self.shape == other.shape
@@ -285,7 +285,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PartitionPlan":
+    def from_dict(cls, d: Mapping[str, Any]) -> PartitionPlan:
         if not isinstance(d, Mapping) or "entries" not in d:
             raise ValueError("not a blockopt plan: expected a mapping with an 'entries' list")
         if d.get("format", _PLAN_FORMAT) != _PLAN_FORMAT:
@@ -300,7 +300,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "PartitionPlan":
+    def from_json(cls, text: str) -> PartitionPlan:
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -308,11 +308,11 @@ class PartitionPlan(Mapping[str, PlanEntry]):
             f.write(self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "PartitionPlan":
+    def load(cls, path: str | os.PathLike) -> PartitionPlan:
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
 
-    def replace_entries(self, entries: Mapping[str, PlanEntry]) -> "PartitionPlan":
+    def replace_entries(self, entries: Mapping[str, PlanEntry]) -> PartitionPlan:
         """A new plan with some entries swapped (keyed by canonical name)."""
         unknown = [n for n in entries if n not in self]
         if unknown:
@@ -337,7 +337,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
             for e in self.entries
         ]
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
         out = [line(header), line(tuple("-" * w for w in widths))]
         out += [line(r) for r in rows]
         n, v = self.num_params, self.num_blocks

@@ -59,7 +59,7 @@ from torch import nn
 from ..kernels.blocks import Geometry
 from .plan import PartitionPlan, PlanEntry, canonical_name
 
-__all__ = ["partition", "OVERRIDE_KINDS", "check_patterns_matched", "compile_override_pattern"]
+__all__ = ["OVERRIDE_KINDS", "check_patterns_matched", "compile_override_pattern", "parse_override", "partition"]
 
 #: kinds accepted by ``overrides``
 OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head", "stacked_row", "stacked_column")
@@ -678,7 +678,7 @@ class _Engine:
             return _Decision(_rows(shape), "embedding", f"{type(m).__name__}: per token (row)", True)
         if _is_projection(m) and local == "weight":
             axis = _out_axis(m)
-            i, o = _in_out(m)
+            _i, _o = _in_out(m)
             if (m is out_emb or id(m) in self._vocab_shaped) and id(m) not in attn_subtree:
                 return _Decision(_rows(shape, axis), "output", "output head: per token (row)", True)
             role = "attn_out" if id(m) in attn_subtree else "mlp"
@@ -697,7 +697,7 @@ class _Engine:
         return _Decision(_rows(shape), "other", "unknown >= 2-D tensor: per row of dim 0 (default)", True)
 
 
-def _parse_override(pattern: str, spec: Any) -> dict[str, Any]:
+def parse_override(pattern: str, spec: Any) -> dict[str, Any]:
     if isinstance(spec, str):
         kind, _, arg = spec.partition(":")
         spec = {"kind": kind}
@@ -707,7 +707,7 @@ def _parse_override(pattern: str, spec: Any) -> dict[str, Any]:
             except ValueError:
                 raise ValueError(f"Invalid overrides[{pattern!r}]: {arg!r} in {kind + ':' + arg!r} is not an int head_dim") from None
     if not isinstance(spec, Mapping):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
             f"Invalid overrides[{pattern!r}]: {spec!r}; expected a kind ({', '.join(OVERRIDE_KINDS)}, "
             f"'head:<head_dim>') or a dict with keys kind, head_dim, weight_decay"
         )
@@ -775,7 +775,7 @@ def compile_override_pattern(pattern: Any) -> re.Pattern[str]:
     """An ``overrides`` key (a regular expression, full-matched against parameter names), compiled;
     ``ValueError`` naming the key when it is not a string or not a valid expression."""
     if not isinstance(pattern, str):
-        raise ValueError(f"Invalid overrides key: {pattern!r}; expected a regular-expression string")
+        raise ValueError(f"Invalid overrides key: {pattern!r}; expected a regular-expression string")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     try:
         return re.compile(pattern)
     except re.error as e:
@@ -843,11 +843,11 @@ def partition(
     if num_heads is not None and num_kv_heads is not None and num_heads % num_kv_heads:
         raise ValueError(f"Invalid num_kv_heads: {num_kv_heads}; it must divide num_heads={num_heads}")
     if not isinstance(value_single_block, bool):
-        raise ValueError(f"Invalid value_single_block: {value_single_block!r}; expected True or False")
+        raise ValueError(f"Invalid value_single_block: {value_single_block!r}; expected True or False")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     overrides = dict(overrides or {})
     parsed = {}
     for pattern, spec in overrides.items():
-        parsed[pattern] = (compile_override_pattern(pattern), _parse_override(pattern, spec))
+        parsed[pattern] = (compile_override_pattern(pattern), parse_override(pattern, spec))
 
     hints = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
     engine = _Engine(model, hints, value_single_block, config)

@@ -460,7 +460,7 @@ def apply_snr(plan: PartitionPlan, snr: Any, cutoff: float = 1.0, *, keep: Itera
     if isinstance(snr, SNRRules):
         return snr.apply(plan, keep=keep, strict=snr is not BUILTIN_SNR_RULES)
     if not isinstance(snr, SNRCalibration):
-        raise ValueError(f"Invalid snr: expected an SNRCalibration, SNRRules or 'builtin', got {type(snr).__name__}")
+        raise ValueError(f"Invalid snr: expected an SNRCalibration, SNRRules or 'builtin', got {type(snr).__name__}")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     snr.check_plan(plan)
     # tensors without a measurement (no gradient during calibration) keep their structural entry
     new = {e.name: snr_entry(e, snr.mean(e.name), cutoff) for e in plan.entries
