@@ -414,3 +414,4 @@ def worker_moe(rank: int, world: int, out: str) -> None:
     result = snapshot(model, opt)
     if rank == 0:
         torch.save(result, Path(out) / f"moe{world}.pt")
+        (Path(out) / f"moe{world}-routes.json").write_text(__import__("json").dumps(opt.routes))
