@@ -415,3 +415,156 @@ def worker_moe(rank: int, world: int, out: str) -> None:
     if rank == 0:
         torch.save(result, Path(out) / f"moe{world}.pt")
         (Path(out) / f"moe{world}-routes.json").write_text(__import__("json").dumps(opt.routes))
+
+
+# --- DeepSpeed ZeRO (AdamMini as the client optimizer) --------------------------------------------
+DS_KW = {"lr": 1e-3, "eps": 1e-5, "weight_decay": 0.1}
+
+
+def _ds_model(seed: int = 0) -> torch.nn.Module:
+    return tiny_model(1, seed=seed, dtype=torch.float32)
+
+
+def _ds_train(engine, xs, rank: int, world: int) -> None:
+    per = GLOBAL_BATCH // world
+    for x in xs:
+        xb = x[rank * per:(rank + 1) * per]
+        logits = engine(xb)
+        engine.backward(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xb.reshape(-1)))
+        engine.step()
+
+
+def single_process_ds_run(n_steps: int = STEPS, adamw: bool = False) -> dict[str, torch.Tensor]:
+    model = _ds_model()
+    opt = torch.optim.AdamW(model.parameters(), **DS_KW) if adamw else blockopt.AdamMini(model, **DS_KW)
+    for x in batches()[:n_steps]:
+        opt.zero_grad()
+        logits = model(x)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x.reshape(-1)).backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _count_step_all_reduce(engine, opt, xs, rank: int, world: int) -> int:
+    """Train on ``xs``, counting the all_reduce calls made inside AdamMini's own ZeRO step."""
+    import torch.distributed as dist
+
+    calls = {"n": 0}
+    real_step, real_reduce = opt._zero_step, dist.all_reduce
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real_reduce(*a, **k)
+
+    def step_counting():
+        dist.all_reduce = counting
+        try:
+            real_step()
+        finally:
+            dist.all_reduce = real_reduce
+
+    opt._zero_step = step_counting
+    try:
+        _ds_train(engine, xs, rank, world)
+    finally:
+        opt._zero_step = real_step
+    return calls["n"]
+
+
+def worker_deepspeed(rank: int, world: int, out: str, stage: int) -> None:
+    """ZeRO stage ``stage``: AdamMini and torch's AdamW for 10 steps; with AdamMini also a checkpoint at
+    step 5 through engine.save_checkpoint, loaded into a fresh engine and trained to step 10; and the
+    collectives AdamMini adds per step."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from blockopt.integrations.deepspeed import attach
+
+    out = Path(out)
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    xs = batches()
+    results: dict[str, Any] = {}
+    for which in ("adamw", "adam-mini"):
+        model = _ds_model()
+        opt = torch.optim.AdamW(model.parameters(), **DS_KW) if which == "adamw" else blockopt.AdamMini(model, **DS_KW)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        if which == "adam-mini":
+            attach(engine)
+            _ds_train(engine, xs[:5], rank, world)
+            engine.save_checkpoint(str(out / f"ckpt{world}-{stage}"), tag="step5")
+            results["all_reduce_in_one_step"] = _count_step_all_reduce(engine, opt, xs[5:6], rank, world)
+            results["shared_blocks"] = opt._zero_buffer
+            _ds_train(engine, xs[6:], rank, world)
+        else:
+            _ds_train(engine, xs, rank, world)
+        results[which] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    # resume: a fresh engine from other weights, the checkpoint, 5 more steps
+    model = _ds_model(seed=123)
+    opt = blockopt.AdamMini(model, **DS_KW)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    attach(engine)
+    engine.load_checkpoint(str(out / f"ckpt{world}-{stage}"), tag="step5")
+    _ds_train(engine, xs[5:], rank, world)
+    results["resumed"] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    results["routes"] = dict(opt.routes)
+    if rank == 0:
+        torch.save(results, out / f"ds{world}-{stage}.pt")
+
+
+def worker_deepspeed_errors(rank: int, world: int, out: str) -> None:
+    """What a user reads: ZeRO-2 without attach (a clear error at the first step, not a KeyError),
+    and attach under stage 3."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from blockopt.integrations.deepspeed import attach
+
+    messages = {}
+    for stage in (2, 3):
+        cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+        model = _ds_model()
+        engine, *_ = deepspeed.initialize(model=model, optimizer=blockopt.AdamMini(model, **DS_KW), config=cfg)
+        try:
+            if stage == 3:
+                attach(engine)
+            else:
+                _ds_train(engine, batches()[:1], rank, world)
+            messages[stage] = None
+        except Exception as e:  # noqa: BLE001 - the test reads its type and text
+            messages[stage] = f"{type(e).__name__}: {e}"
+    # a checkpoint at this world size, for worker_deepspeed_reshard
+    model = _ds_model()
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=blockopt.AdamMini(model, **DS_KW), config=cfg)
+    attach(engine)
+    _ds_train(engine, batches()[:2], rank, world)
+    engine.save_checkpoint(str(Path(out) / "ckpt-w2"), tag="s2")
+    if rank == 0:
+        torch.save(messages, Path(out) / "ds-errors.pt")
+
+
+def worker_deepspeed_reshard(rank: int, world: int, out: str) -> None:
+    """Load the world-2 checkpoint of worker_deepspeed_errors at this world size."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from blockopt.integrations.deepspeed import attach
+
+    model = _ds_model()
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    opt = blockopt.AdamMini(model, **DS_KW)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    attach(engine)
+    before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    try:
+        engine.load_checkpoint(str(Path(out) / "ckpt-w2"), tag="s2")
+        message = None
+    except Exception as e:  # noqa: BLE001 - the test reads its type and text
+        message = f"{type(e).__name__}: {e}"
+    unchanged = not opt.state and all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"]))
+    if rank == 0:
+        torch.save({"message": message, "optimizer_untouched": unchanged}, Path(out) / "ds-reshard.pt")

@@ -15,9 +15,11 @@ from ..distributed.dtensor import check_grad, is_dtensor, local_tensor, make_sha
 from ..distributed.sharding import ShardInfo
 from ..distributed.state import gather_block_states, local_block_state, local_exp_avg
 from ..distributed.step import partial_block_sums, reduce_shared_blocks, sharded_adam_mini_update
+from ..distributed.zero import FlatLayout, flat_block_ids
 from ..kernels import momentum as mom
+from ..kernels.adam_mini import adam_mini_update
 from ..kernels.adam_mini_triton import triton_supports
-from ..kernels.blocks import Geometry
+from ..kernels.blocks import Geometry, is_elementwise
 from ..kernels.dispatch import Handle, StepTensors, choose_route, prepare, run, triton_enabled
 from ..partition import PartitionPlan, PlanEntry, partition
 from ..partition.plan import canonical_name
@@ -232,6 +234,10 @@ class AdamMini(PlanOptimizer):
         self._entries: dict[torch.Tensor, PlanEntry] = {}
         # DTensor parameters: their ShardInfo for Shard(0), None for Replicate()
         self._dtensors: dict[torch.Tensor, ShardInfo | None] = {}
+        # DeepSpeed ZeRO-1/2 flat partitions: their layout (see blockopt.distributed.zero)
+        self._zero: dict[torch.Tensor, FlatLayout] = {}
+        self._zero_group: Any = None
+        self._zero_buffer = 0
         # the plain step's cached per-group lists (see _prepared); _state_epoch invalidates them
         self._prepared_cache: dict[int, _Prepared] = {}
         self._state_epoch = 0
@@ -361,6 +367,18 @@ class AdamMini(PlanOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._zero:
+            self._zero_step()
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p not in self._entries:
+                    raise ValueError(
+                        f"Invalid parameter: a tensor of shape {list(p.shape)} in param group "
+                        f"{self.param_groups.index(group)} is not one this optimizer was built with (no plan "
+                        "entry). Under DeepSpeed ZeRO, which swaps in flat partitions, call "
+                        "blockopt.integrations.deepspeed.attach(engine) after deepspeed.initialize"
+                    )
         if not self._dtensors:
             self._plain_step()
             return loss
@@ -539,7 +557,119 @@ class AdamMini(PlanOptimizer):
 
     # --- state dict -------------------------------------------------------------
     def _param_entries(self) -> list[PlanEntry]:
-        return [self._entries[p] for g in self.param_groups for p in g["params"]]
+        return [self._entries[p] for g in self.param_groups for p in g["params"] if p in self._entries]
+
+    # --- DeepSpeed ZeRO-1/2 ---------------------------------------------------------
+    def _zero_step(self) -> None:
+        """Flat partitions (ZeRO-1/2): block sums per piece, one all_reduce for the blocks split
+        between ranks, then :func:`~blockopt.kernels.adam_mini.adam_mini_update` on each piece."""
+        work = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                layout = self._zero[p]
+                state = self.state[p]
+                dtype = torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                    state["block_exp_avg_sq"] = torch.zeros(layout.num_v, dtype=dtype, device=p.device)
+                g = p.grad.to(dtype)
+                if group["maximize"]:
+                    g = -g
+                sums = torch.zeros(layout.num_v, dtype=dtype, device=p.device)
+                ids = []
+                for pc in layout.pieces:
+                    i = flat_block_ids(pc.entry.shape, pc.entry.geometry, pc.start, pc.start + pc.length,
+                                       p.device) - pc.blocks[0]
+                    ids.append(i)
+                    if not is_elementwise(pc.entry.geometry):
+                        gp = g.narrow(0, pc.offset, pc.length)
+                        sums.narrow(0, pc.v_offset, pc.blocks[1] - pc.blocks[0]).index_add_(0, i, gp * gp)
+                work.append((group, p, layout, g, ids, sums, state))
+        if self._zero_buffer:
+            import torch.distributed as dist
+
+            dtype = work[0][5].dtype if work else torch.float32
+            buf = torch.zeros(self._zero_buffer, dtype=dtype)
+            for _, _, layout, _, _, sums, _ in work:
+                if layout.shared_local.numel():
+                    buf.index_copy_(0, layout.shared_pos, sums[layout.shared_local].to(dtype))
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._zero_group)
+            for _, _, layout, _, _, sums, _ in work:
+                if layout.shared_local.numel():
+                    sums.index_copy_(0, layout.shared_local, buf[layout.shared_pos].to(sums.dtype))
+        for group, p, layout, g, ids, sums, state in work:
+            beta1, beta2 = group["betas"]
+            lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
+            views = [(pc, p.detach().narrow(0, pc.offset, pc.length), g.narrow(0, pc.offset, pc.length),
+                      state["exp_avg"].narrow(0, pc.offset, pc.length),
+                      state["block_exp_avg_sq"].narrow(0, pc.v_offset, pc.blocks[1] - pc.blocks[0]))
+                     for pc in layout.pieces]
+            stats = [None if is_elementwise(pc.entry.geometry)
+                     else (sums.narrow(0, pc.v_offset, pc.blocks[1] - pc.blocks[0])
+                           / layout.counts.narrow(0, pc.v_offset, pc.blocks[1] - pc.blocks[0]).to(sums.dtype))
+                     for pc, *_ in views]
+            steps = [state["step"].clone() for _ in views]
+
+            def applier(block_ids: torch.Tensor):
+                def apply(w: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float) -> None:
+                    w.addcdiv_(m, denom[block_ids], value=-step_size)
+                return apply
+
+            adam_mini_update([v[1] for v in views], [v[2] for v in views], [v[3] for v in views],
+                             [v[4] for v in views], steps, stats, [pc.entry.weight_decay for pc, *_ in views],
+                             [applier(i) for i in ids], lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], maximize=False)
+            state["step"].add_(1.0)
+            self.routes.update(dict.fromkeys((pc.name for pc in layout.pieces), "zero"))
+
+    def _attach_zero(self, layouts: list[FlatLayout], buffer: int, group: Any) -> None:
+        """Take DeepSpeed's flat partitions (one per param group, in order): see
+        :func:`blockopt.integrations.deepspeed.attach`."""
+        if self._calib is not None:
+            raise ValueError("Invalid calibrate with DeepSpeed ZeRO: the in-run SNR calibration needs each "
+                             "parameter's full second moment; calibrate first (blockopt.calibrate) and pass the plan")
+        if self.momentum_format != "fp32":
+            raise ValueError(f"Invalid momentum_dtype={self.momentum_format!r} with DeepSpeed ZeRO: the ZeRO "
+                             "step keeps fp32 momentum")
+        for g, layout in zip(self.param_groups, layouts, strict=True):
+            (flat,) = g["params"]
+            self._zero[flat] = layout
+            g["zero_layout"] = layout.signature
+        self._zero_group, self._zero_buffer = group, buffer
+        self._prepared_cache = {}
+
+    def _load_zero(self, state_dict: Mapping[str, Any]) -> None:
+        """A state saved under the same ZeRO layout (world size, rank, partitions): checked, then loaded."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"Invalid state_dict: it has {len(groups)} parameter groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        id_map = {}
+        for gi, (group, saved) in enumerate(zip(self.param_groups, groups)):
+            if saved.get("zero_layout") != group.get("zero_layout"):
+                raise ValueError(
+                    f"Invalid state_dict: parameter group {gi} was saved under another DeepSpeed ZeRO layout "
+                    f"({str(saved.get('zero_layout'))[:80]!r}...); here {str(group.get('zero_layout'))[:80]!r}... "
+                    "Load it at the world size it was saved at (resharding ZeRO-1/2 AdamMini state is not supported)"
+                )
+            id_map.update(zip(saved["params"], group["params"]))
+        new_state = {}
+        for pid, s in state_dict["state"].items():
+            p = id_map[pid]
+            layout = self._zero[p]
+            if tuple(s["exp_avg"].shape) != tuple(p.shape) or s["block_exp_avg_sq"].numel() != layout.num_v:
+                raise ValueError(f"Invalid state_dict: a ZeRO partition's state has exp_avg {list(s['exp_avg'].shape)} "
+                                 f"and {s['block_exp_avg_sq'].numel()} block values; expected {list(p.shape)} and "
+                                 f"{layout.num_v}")
+            new_state[p] = {k: v.detach().clone().to(p.device) if k != "step" else v.detach().clone()
+                            for k, v in s.items()}
+        restored = self._restored_groups(groups, keep=("block_plan", "zero_layout"))
+        state: Any = defaultdict(dict)
+        state.update(new_state)
+        torch.optim.Optimizer.__setstate__(self, {"state": state, "param_groups": restored})
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim's state dict; the plan travels with it.
@@ -645,6 +775,9 @@ class AdamMini(PlanOptimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("Invalid state_dict: expected a mapping with 'state' and 'param_groups'")
+        if self._zero:
+            self._load_zero(state_dict)
+            return
         groups = state_dict["param_groups"]
         saved = groups[0].get("snr_calibration") if groups and isinstance(groups[0], Mapping) else None
         if self._calib is None:

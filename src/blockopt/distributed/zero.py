@@ -1,0 +1,145 @@
+"""AdamMini under DeepSpeed ZeRO stages 1 and 2: the flat partition a rank optimizes, mapped back
+onto the plan.
+
+ZeRO-1/2 flattens each parameter group into one buffer (each parameter at a known offset, with
+alignment padding), splits it into ``world`` equal partitions, and hands the client optimizer one
+flat fp32 tensor per group: this rank's partition. A partition holds *pieces* of parameters: a
+run of consecutive (flattened, row-major) elements of one parameter. This module works out, from
+the offsets, the partition size and the rank alone (so every rank agrees without communicating):
+
+* which blocks of the plan each piece touches, and the global element count of each;
+* which blocks are touched by two ranks or more (a head or a row split by a partition boundary, a
+  column block of any tensor spread over several partitions): their sums are added up with one
+  ``all_reduce`` per step for all parameters.
+
+The update of each piece is :func:`blockopt.kernels.adam_mini.adam_mini_update` on views of the
+flat partition, with the block denominators gathered by each element's block id.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+
+from ..kernels.blocks import Geometry, block_sizes, is_elementwise
+from ..partition import PlanEntry
+from .sharding import _merge
+
+__all__ = ["FlatLayout", "Piece", "flat_block_ids", "flat_layout", "touched_blocks"]
+
+
+def _coordinate_table(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
+    """Block id of every index of the geometry's coordinate (rows, columns or (slice, column))."""
+    ids, first = [], 0
+    for size, unit in geometry.segments:
+        ids.append(first + torch.arange(size) // unit)
+        first += size // unit
+    return torch.cat(ids)
+
+
+def flat_block_ids(shape: tuple[int, ...], geometry: Geometry, a: int, b: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Global block id (int64) of the flattened (row-major) elements ``[a, b)`` of a tensor."""
+    i = torch.arange(a, b, device=device)
+    axis = geometry.axis
+    if axis == -1:
+        return i // geometry.segments[0][1]
+    table = _coordinate_table(shape, geometry).to(device)
+    if axis == 0:
+        return table[i // (math.prod(shape[1:]) or 1)]
+    if axis == 1:
+        return table[(i // (math.prod(shape[2:]) or 1)) % shape[1]]
+    rows, cols = shape[1], shape[2]  # axis 2: [S, in, out], coordinate (slice, column)
+    return table[(i // (rows * cols)) * cols + i % cols]
+
+
+def touched_blocks(shape: tuple[int, ...], geometry: Geometry, a: int, b: int) -> tuple[int, int]:
+    """Block ids ``[lo, hi)`` covering the elements ``[a, b)`` (column blocks: all of them)."""
+    if a >= b:
+        return (0, 0)
+    if geometry.axis == 1:
+        return (0, geometry.num_blocks)
+    ids = flat_block_ids(shape, geometry, a, a + 1).tolist() + flat_block_ids(shape, geometry, b - 1, b).tolist()
+    if geometry.axis == 2:  # a slice's blocks are not in element order: cover the slices touched
+        rows, cols = shape[1], shape[2]
+        s0, s1 = a // (rows * cols), (b - 1) // (rows * cols)
+        table = _coordinate_table(shape, geometry)
+        return (int(table[s0 * cols:(s0 + 1) * cols].min()), int(table[s1 * cols:(s1 + 1) * cols].max()) + 1)
+    return (ids[0], ids[1] + 1)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of one parameter's elements inside this rank's flat partition."""
+
+    name: str
+    entry: PlanEntry
+    offset: int  # first element in the partition
+    length: int
+    start: int  # first element in the parameter (flattened)
+    blocks: tuple[int, int]  # global block ids [lo, hi) it touches (its slice of the flat v)
+    v_offset: int  # where that slice starts in the partition's v
+
+
+@dataclass
+class FlatLayout:
+    """One rank's flat partition of one ZeRO parameter group: its pieces, its second-moment vector
+    (the touched blocks of every piece, concatenated), the global size of each of those blocks, and
+    the positions of the shared blocks in the step's reduction buffer."""
+
+    pieces: list[Piece]
+    num_v: int
+    counts: torch.Tensor  # float64 [num_v]: global element count of each block
+    shared_local: torch.Tensor  # int64: indices into v of the shared blocks
+    shared_pos: torch.Tensor  # int64: their positions in the reduction buffer
+    signature: str  # what a checkpoint must match (world size, rank, layout)
+
+
+def flat_layout(entries: list[PlanEntry], offsets: list[int], partition_size: int, rank: int, world: int,
+                buffer_start: int = 0) -> tuple[FlatLayout, int]:
+    """The layout of rank ``rank`` for a group whose parameters (``entries``, in flattening order)
+    sit at ``offsets`` of the flat buffer; and the number of buffer slots it used for shared blocks
+    (the next group's ``buffer_start``). The same on every rank for the buffer."""
+    pieces: list[Piece] = []
+    shared_local: list[int] = []
+    shared_pos: list[int] = []
+    counts: list[torch.Tensor] = []
+    v_off = 0
+    pos = buffer_start
+    for entry, off in zip(entries, offsets, strict=True):
+        shape, geo, n = entry.shape, entry.geometry, entry.numel
+        ranges = []
+        for r in range(world):
+            lo, hi = max(off, r * partition_size), min(off + n, (r + 1) * partition_size)
+            ranges.append((lo - off, hi - off) if lo < hi else (0, 0))
+        touched = [touched_blocks(shape, geo, a, b) for a, b in ranges]
+        nonempty = [t for t in touched if t[0] < t[1]]
+        shared = () if is_elementwise(geo) else _merge(
+            [(max(x[0], y[0]), min(x[1], y[1])) for x, y in pairwise(sorted(nonempty))])
+        # blocks touched by two ranks that are not neighbours in order (column blocks) are in the overlaps too
+        a, b = ranges[rank]
+        if a < b:
+            lo, hi = touched[rank]
+            pieces.append(Piece(entry.name, entry, off + a - rank * partition_size, b - a, a, (lo, hi), v_off))
+            sizes = block_sizes(shape, geo)
+            counts.append(torch.tensor(sizes[lo:hi], dtype=torch.float64))
+        slot = pos
+        for s0, s1 in shared:
+            if a < b:
+                lo, hi = touched[rank]
+                for gid in range(max(s0, lo), min(s1, hi)):
+                    shared_local.append(v_off + gid - lo)
+                    shared_pos.append(slot + gid - s0)
+            slot += s1 - s0
+        pos = slot
+        if a < b:
+            v_off += touched[rank][1] - touched[rank][0]
+    signature = f"world={world} rank={rank} partition={partition_size} " + ";".join(
+        f"{e.name}@{o}:{list(e.shape)}:{e.describe()}" for e, o in zip(entries, offsets))
+    layout = FlatLayout(pieces, v_off, torch.cat(counts) if counts else torch.zeros(0, dtype=torch.float64),
+                        torch.tensor(shared_local, dtype=torch.int64), torch.tensor(shared_pos, dtype=torch.int64),
+                        signature)
+    return layout, pos - buffer_start
