@@ -1,4 +1,4 @@
-"""AdamMini as DeepSpeed's client optimizer under ZeRO stages 1 and 2 (gloo on CPU,
+"""AdamMini as DeepSpeed's client optimizer under ZeRO stages 1, 2 and 3 (gloo on CPU,
 ``DS_ACCELERATOR=cpu``): equal to one process as closely as torch's AdamW is, resuming exactly from
 ``engine.save_checkpoint``, and with a constant number of collectives per step."""
 
@@ -10,7 +10,7 @@ from dist_helpers import single_process_ds_run, spawn
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'blockopt[deepspeed]')")
 
-CASES = [(1, 3), (1, 4), (2, 3), (2, 4)]
+CASES = [(1, 3), (1, 4), (2, 3), (2, 4), (3, 3), (3, 4)]
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,13 @@ def test_one_collective_per_step_whatever_the_number_of_parameters(runs):
     assert any(r["shared_blocks"] for r in runs.values()), {k: r["shared_blocks"] for k, r in runs.items()}
 
 
-def test_clear_errors_without_attach_and_for_stage_3(tmp_path):
+def test_clear_errors_without_attach_with_offload_and_at_another_world_size(tmp_path):
     spawn("worker_deepspeed_errors", 2, tmp_path)
     messages = torch.load(tmp_path / "ds-errors.pt", weights_only=False)
-    assert messages[2].startswith("ValueError") and "blockopt.integrations.deepspeed.attach(engine)" in messages[2]
-    assert "KeyError" not in messages[2]
-    assert messages[3].startswith("ValueError") and "ZeRO stage: 3" in messages[3]
+    no_attach, offload = messages["no attach"], messages["offload"]
+    assert no_attach.startswith("ValueError") and "blockopt.integrations.deepspeed.attach(engine)" in no_attach
+    assert "KeyError" not in no_attach
+    assert offload.startswith("ValueError") and "offload_optimizer is not supported" in offload
 
     spawn("worker_deepspeed_reshard", 3, tmp_path)
     reshard = torch.load(tmp_path / "ds-reshard.pt", weights_only=False)

@@ -28,7 +28,8 @@ from ..kernels.blocks import Geometry, block_sizes, is_elementwise
 from ..partition import PlanEntry
 from .sharding import _merge
 
-__all__ = ["FlatLayout", "Piece", "flat_block_ids", "flat_layout", "touched_blocks"]
+__all__ = ["FlatLayout", "Piece", "flat_block_ids", "flat_layout", "flat_layout_stage3", "layout_of_pieces",
+           "touched_blocks"]
 
 
 def _coordinate_table(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
@@ -96,50 +97,73 @@ class FlatLayout:
     shared_local: torch.Tensor  # int64: indices into v of the shared blocks
     shared_pos: torch.Tensor  # int64: their positions in the reduction buffer
     signature: str  # what a checkpoint must match (world size, rank, layout)
+    buffer_len: int = 0  # slots of the reduction buffer its shared blocks use (positions start at 0)
 
 
 def flat_layout(entries: list[PlanEntry], offsets: list[int], partition_size: int, rank: int, world: int,
                 buffer_start: int = 0) -> tuple[FlatLayout, int]:
-    """The layout of rank ``rank`` for a group whose parameters (``entries``, in flattening order)
-    sit at ``offsets`` of the flat buffer; and the number of buffer slots it used for shared blocks
-    (the next group's ``buffer_start``). The same on every rank for the buffer."""
+    """ZeRO-1/2: the layout of rank ``rank`` for a group whose parameters (``entries``, in
+    flattening order) sit at ``offsets`` of the group's flat buffer, split into ``world`` partitions
+    of ``partition_size``; and the number of reduction-buffer slots it uses. The same on every rank."""
+    ranges, flat_offsets = [], []
+    for entry, off in zip(entries, offsets, strict=True):
+        per_rank = []
+        for r in range(world):
+            lo, hi = max(off, r * partition_size), min(off + entry.numel, (r + 1) * partition_size)
+            per_rank.append((lo - off, hi - off) if lo < hi else (0, 0))
+        ranges.append(per_rank)
+        flat_offsets.append(off + per_rank[rank][0] - rank * partition_size)
+    return layout_of_pieces(entries, ranges, flat_offsets, rank, world,
+                            f"zero-1/2 world={world} rank={rank} partition={partition_size} offsets={offsets}",
+                            buffer_start)
+
+
+def flat_layout_stage3(entries: list[PlanEntry], partition_sizes: list[int], rank: int, world: int,
+                       buffer_start: int = 0) -> tuple[FlatLayout, int]:
+    """ZeRO-3: every parameter is split on its own (rank ``r`` holds its flattened elements
+    ``[r * size, (r + 1) * size)``), and a sub-group's flat buffer is this rank's pieces, in order."""
+    ranges, flat_offsets, off = [], [], 0
+    for entry, size in zip(entries, partition_sizes, strict=True):
+        ranges.append([(min(r * size, entry.numel), min((r + 1) * size, entry.numel)) for r in range(world)])
+        flat_offsets.append(off)
+        off += size
+    return layout_of_pieces(entries, ranges, flat_offsets, rank, world,
+                            f"zero-3 world={world} rank={rank} sizes={partition_sizes}", buffer_start)
+
+
+def layout_of_pieces(entries: list[PlanEntry], ranges: list[list[tuple[int, int]]], flat_offsets: list[int],
+                     rank: int, world: int, what: str, buffer_start: int = 0) -> tuple[FlatLayout, int]:
+    """The layout, given for each parameter every rank's element range and where this rank's piece
+    starts in its flat tensor."""
     pieces: list[Piece] = []
     shared_local: list[int] = []
     shared_pos: list[int] = []
     counts: list[torch.Tensor] = []
     v_off = 0
     pos = buffer_start
-    for entry, off in zip(entries, offsets, strict=True):
-        shape, geo, n = entry.shape, entry.geometry, entry.numel
-        ranges = []
-        for r in range(world):
-            lo, hi = max(off, r * partition_size), min(off + n, (r + 1) * partition_size)
-            ranges.append((lo - off, hi - off) if lo < hi else (0, 0))
-        touched = [touched_blocks(shape, geo, a, b) for a, b in ranges]
+    for entry, per_rank, flat_off in zip(entries, ranges, flat_offsets, strict=True):
+        shape, geo = entry.shape, entry.geometry
+        touched = [touched_blocks(shape, geo, a, b) for a, b in per_rank]
         nonempty = [t for t in touched if t[0] < t[1]]
         shared = () if is_elementwise(geo) else _merge(
             [(max(x[0], y[0]), min(x[1], y[1])) for x, y in pairwise(sorted(nonempty))])
-        # blocks touched by two ranks that are not neighbours in order (column blocks) are in the overlaps too
-        a, b = ranges[rank]
+        a, b = per_rank[rank]
+        lo, hi = touched[rank]
         if a < b:
-            lo, hi = touched[rank]
-            pieces.append(Piece(entry.name, entry, off + a - rank * partition_size, b - a, a, (lo, hi), v_off))
-            sizes = block_sizes(shape, geo)
-            counts.append(torch.tensor(sizes[lo:hi], dtype=torch.float64))
+            pieces.append(Piece(entry.name, entry, flat_off, b - a, a, (lo, hi), v_off))
+            counts.append(torch.tensor(block_sizes(shape, geo)[lo:hi], dtype=torch.float64))
         slot = pos
         for s0, s1 in shared:
             if a < b:
-                lo, hi = touched[rank]
                 for gid in range(max(s0, lo), min(s1, hi)):
                     shared_local.append(v_off + gid - lo)
                     shared_pos.append(slot + gid - s0)
             slot += s1 - s0
         pos = slot
         if a < b:
-            v_off += touched[rank][1] - touched[rank][0]
-    signature = f"world={world} rank={rank} partition={partition_size} " + ";".join(
-        f"{e.name}@{o}:{list(e.shape)}:{e.describe()}" for e, o in zip(entries, offsets))
+            v_off += hi - lo
+    signature = what + " " + ";".join(f"{e.name}:{list(e.shape)}:{e.describe()}" for e in entries)
     layout = FlatLayout(pieces, v_off, torch.cat(counts) if counts else torch.zeros(0, dtype=torch.float64),
                         torch.tensor(shared_local, dtype=torch.int64), torch.tensor(shared_pos, dtype=torch.int64),
-                        signature)
+                        signature, pos - buffer_start)
     return layout, pos - buffer_start

@@ -9,7 +9,9 @@ ZeRO stages 1 and 2 hand the client optimizer one flat fp32 partition per parame
 :func:`attach` reads where each parameter sits in it (DeepSpeed's ``round_robin_bit16_groups``,
 ``round_robin_bit16_offsets``, ``partition_size`` and ``real_dp_process_group`` of the ZeRO
 optimizer, tested with DeepSpeed 0.19.8) and gives AdamMini the layout
-(:mod:`blockopt.distributed.zero`). Stage 3 and optimizer offload are refused with a clear error.
+(:mod:`blockopt.distributed.zero`). Under stage 3 every parameter is split on its own; the layout
+comes from ``fp16_groups``, ``fp32_partitioned_groups_flat``, ``sub_group_to_group_id`` and each
+parameter's ``ds_tensor.ds_numel``. Optimizer offload is refused with a clear error.
 The config needs ``"zero_allow_untested_optimizer": true``. Checkpoints go through
 ``engine.save_checkpoint`` / ``load_checkpoint`` and load at the world size they were saved at.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..distributed.zero import flat_layout
+from ..distributed.zero import flat_layout, flat_layout_stage3
 from ..optim.adam_mini import AdamMini
 
 __all__ = ["attach"]
@@ -34,15 +36,14 @@ def _zero_optimizer(obj: Any) -> Any:
 
 
 def attach(engine: Any) -> AdamMini:
-    """Map the client AdamMini's plan onto the ZeRO-1/2 flat partitions of ``engine`` (a
+    """Map the client AdamMini's plan onto the ZeRO (stage 1, 2 or 3) flat partitions of ``engine`` (a
     ``DeepSpeedEngine``, its ZeRO optimizer, or a wrapper of it such as accelerate's); returns it."""
     import torch.distributed as dist
 
     zero = _zero_optimizer(engine)
     client = getattr(zero, "optimizer", None)
-    if zero is not None and type(zero).__name__.endswith("Stage3"):
-        raise ValueError("Invalid DeepSpeed ZeRO stage: 3; blockopt.AdamMini supports ZeRO stages 1 and 2 "
-                         "(stage 3 partitions each parameter separately and is not supported yet)")
+    if zero is not None and type(zero).__name__.endswith("Stage3") and isinstance(client, AdamMini):
+        return _attach_stage3(zero, client)
     if zero is None or not isinstance(client, AdamMini):
         raise ValueError(
             f"Invalid engine: {type(engine).__name__} holds no DeepSpeed ZeRO-1/2 optimizer around a "
@@ -58,18 +59,40 @@ def attach(engine: Any) -> AdamMini:
     if any(g is not dp[0] for g in dp):
         raise ValueError("Invalid DeepSpeed setup: parameter groups on different data-parallel groups are not supported")
     rank, world = dist.get_rank(group=dp[0]), dist.get_world_size(group=dp[0])
-    layouts, start = [], 0
+    flats = []
     for i, params in enumerate(groups):
         missing = [tuple(p.shape) for p in params if p not in client._entries]
         if missing:
             raise ValueError(f"Invalid engine: parameter group {i} holds tensors AdamMini was not built with "
                              f"(shapes {missing[:3]}); build AdamMini over the model passed to deepspeed.initialize")
-        entries = [client._entries[p] for p in params]
-        layout, used = flat_layout(entries, [int(o) for o in zero.round_robin_bit16_offsets[i]],
-                                   int(zero.partition_size[i]), rank, world, start)
-        layouts.append(layout)
-        start += used
-    client._attach_zero(layouts, start, dp[0])
+        layout, _ = flat_layout([client._entries[p] for p in params], [int(o) for o in zero.round_robin_bit16_offsets[i]],
+                                int(zero.partition_size[i]), rank, world)
+        flats.append((i, zero.single_partition_of_fp32_groups[i], layout))
+    client._attach_zero(flats, dp[0])
+    return client
+
+
+def _attach_stage3(zero: Any, client: AdamMini) -> AdamMini:
+    """ZeRO-3: each parameter is split on its own; a sub-group's flat fp32 buffer holds this rank's
+    pieces in order (DeepSpeed's ``fp16_groups``, ``fp32_partitioned_groups_flat``,
+    ``sub_group_to_group_id``, each parameter's ``ds_tensor.ds_numel``)."""
+    import torch.distributed as dist
+
+    if getattr(zero, "offload_optimizer", False):
+        raise ValueError("Invalid DeepSpeed config: zero_optimization.offload_optimizer is not supported with "
+                         "blockopt.AdamMini (the offloaded step runs DeepSpeed's own CPU Adam)")
+    group = zero.dp_process_group
+    rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+    flats = []
+    for sid, params in enumerate(zero.fp16_groups):
+        missing = [tuple(getattr(p, "ds_shape", p.shape)) for p in params if p not in client._entries]
+        if missing:
+            raise ValueError(f"Invalid engine: ZeRO-3 sub-group {sid} holds tensors AdamMini was not built with "
+                             f"(shapes {missing[:3]}); build AdamMini over the model passed to deepspeed.initialize")
+        layout, _ = flat_layout_stage3([client._entries[p] for p in params], [int(p.ds_tensor.ds_numel) for p in params],
+                                       rank, world)
+        flats.append((int(zero.sub_group_to_group_id[sid]), zero.fp32_partitioned_groups_flat[sid], layout))
+    client._attach_zero(flats, group)
     return client
 
 

@@ -237,7 +237,6 @@ class AdamMini(PlanOptimizer):
         # DeepSpeed ZeRO-1/2 flat partitions: their layout (see blockopt.distributed.zero)
         self._zero: dict[torch.Tensor, FlatLayout] = {}
         self._zero_group: Any = None
-        self._zero_buffer = 0
         # the plain step's cached per-group lists (see _prepared); _state_epoch invalidates them
         self._prepared_cache: dict[int, _Prepared] = {}
         self._state_epoch = 0
@@ -588,18 +587,23 @@ class AdamMini(PlanOptimizer):
                         gp = g.narrow(0, pc.offset, pc.length)
                         sums.narrow(0, pc.v_offset, pc.blocks[1] - pc.blocks[0]).index_add_(0, i, gp * gp)
                 work.append((group, p, layout, g, ids, sums, state))
-        if self._zero_buffer:
+        total = sum(layout.buffer_len for _, _, layout, *_ in work)
+        if total:
             import torch.distributed as dist
 
-            dtype = work[0][5].dtype if work else torch.float32
-            buf = torch.zeros(self._zero_buffer, dtype=dtype)
+            dtype = work[0][5].dtype
+            buf = torch.zeros(total, dtype=dtype)
+            base = 0
             for _, _, layout, _, _, sums, _ in work:
                 if layout.shared_local.numel():
-                    buf.index_copy_(0, layout.shared_pos, sums[layout.shared_local].to(dtype))
+                    buf.index_copy_(0, layout.shared_pos + base, sums[layout.shared_local].to(dtype))
+                base += layout.buffer_len
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self._zero_group)
+            base = 0
             for _, _, layout, _, _, sums, _ in work:
                 if layout.shared_local.numel():
-                    sums.index_copy_(0, layout.shared_local, buf[layout.shared_pos].to(sums.dtype))
+                    sums.index_copy_(0, layout.shared_local, buf[layout.shared_pos + base].to(sums.dtype))
+                base += layout.buffer_len
         for group, p, layout, g, ids, sums, state in work:
             beta1, beta2 = group["betas"]
             lr = group["lr"].item() if isinstance(group["lr"], torch.Tensor) else group["lr"]
@@ -625,8 +629,8 @@ class AdamMini(PlanOptimizer):
             state["step"].add_(1.0)
             self.routes.update(dict.fromkeys((pc.name for pc in layout.pieces), "zero"))
 
-    def _attach_zero(self, layouts: list[FlatLayout], buffer: int, group: Any) -> None:
-        """Take DeepSpeed's flat partitions (one per param group, in order): see
+    def _attach_zero(self, flats: list[tuple[int, torch.Tensor, FlatLayout]], group: Any) -> None:
+        """Take DeepSpeed's flat partitions ``(param group index, flat tensor, layout)``: see
         :func:`blockopt.integrations.deepspeed.attach`."""
         if self._calib is not None:
             raise ValueError("Invalid calibrate with DeepSpeed ZeRO: the in-run SNR calibration needs each "
@@ -634,11 +638,13 @@ class AdamMini(PlanOptimizer):
         if self.momentum_format != "fp32":
             raise ValueError(f"Invalid momentum_dtype={self.momentum_format!r} with DeepSpeed ZeRO: the ZeRO "
                              "step keeps fp32 momentum")
-        for g, layout in zip(self.param_groups, layouts, strict=True):
-            (flat,) = g["params"]
+        signatures: dict[int, list[str]] = {}
+        for gi, flat, layout in flats:
             self._zero[flat] = layout
-            g["zero_layout"] = layout.signature
-        self._zero_group, self._zero_buffer = group, buffer
+            signatures.setdefault(gi, []).append(layout.signature)
+        for gi, sig in signatures.items():
+            self.param_groups[gi]["zero_layout"] = " | ".join(sig)
+        self._zero_group = group
         self._prepared_cache = {}
 
     def _load_zero(self, state_dict: Mapping[str, Any]) -> None:
