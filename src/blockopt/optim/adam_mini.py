@@ -882,6 +882,9 @@ class AdamMini(PlanOptimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for name, default in (("routes", {}), ("_zero", {}), ("_zero_group", None)):
+            if not hasattr(self, name):  # a copy or a pickle: what is rebuilt, or starts empty
+                setattr(self, name, default)
         self._prepared_cache = {}
         self._state_epoch = getattr(self, "_state_epoch", 0) + 1
         if not hasattr(self, "momentum_format"):  # pickled before compact momentum existed
