@@ -18,6 +18,7 @@ flat partition, with the block denominators gathered by each element's block id.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from itertools import pairwise
@@ -32,8 +33,10 @@ __all__ = ["FlatLayout", "Piece", "flat_block_ids", "flat_layout", "flat_layout_
            "touched_blocks"]
 
 
+@functools.lru_cache(maxsize=1024)
 def _coordinate_table(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
-    """Block id of every index of the geometry's coordinate (rows, columns or (slice, column))."""
+    """Block id of every index of the geometry's coordinate (rows, columns or (slice, column)); cached,
+    read only (built once per shape and geometry, not at every step)."""
     ids, first = [], 0
     for size, unit in geometry.segments:
         ids.append(first + torch.arange(size) // unit)
