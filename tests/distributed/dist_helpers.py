@@ -570,3 +570,29 @@ def worker_deepspeed_reshard(rank: int, world: int, out: str) -> None:
     unchanged = not opt.state and all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"]))
     if rank == 0:
         torch.save({"message": message, "optimizer_untouched": unchanged}, Path(out) / "ds-reshard.pt")
+
+
+def worker_deepspeed_saved_state(rank: int, world: int, out: str, fixture: str) -> None:
+    """Load the client state that main saved before the optimizer was reshaped (ZeRO-2, this world
+    size; tests/fixtures/make_main_states.py) into a freshly attached AdamMini, then take a step."""
+    import copy
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from blockopt.integrations.deepspeed import attach
+
+    saved = torch.load(fixture, weights_only=True)
+    assert saved["world"] == world and saved["stage"] == 2
+    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    model = _ds_model()
+    opt = blockopt.AdamMini(model, **DS_KW)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    attach(engine)
+    opt.load_state_dict(saved["ranks"][rank])
+    loaded = copy.deepcopy(opt.state_dict())  # a state_dict shares the live state's tensors
+    _ds_train(engine, batches()[3:4], rank, world)
+    stepped = [s["step"].item() for s in opt.state_dict()["state"].values()]
+    torch.save({"saved": saved["ranks"][rank], "loaded": loaded, "stepped": stepped},
+               Path(out) / f"ds-saved-{rank}.pt")
