@@ -239,3 +239,34 @@ def test_check_geometry_rejects_several_segments_on_flattened_axis():
     geometry = Geometry(-1, ((4, 1), (8, 8)))
     with pytest.raises(ValueError, match="segment"):
         check_geometry((4, 3), geometry)
+
+
+# ---------------------------------------------------------------------------
+# the coordinate -> block id arithmetic (one place: coordinate_block_ids)
+
+
+def test_coordinate_block_ids_golden_and_every_range_is_a_slice_of_the_whole():
+    """A fused QKV row layout: 2 heads of 3 rows, 1 kv head of 3 rows, 3 single rows."""
+    from blockopt.kernels.blocks import coordinate_block_ids, coordinate_table
+
+    geometry = Geometry(0, ((6, 3), (3, 3), (3, 1)))
+    whole = coordinate_block_ids(geometry)
+    assert whole.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 4, 5] and whole.dtype == torch.int64
+    assert torch.equal(coordinate_table(geometry), whole)
+    for a in range(13):
+        for b in range(a, 13):
+            assert torch.equal(coordinate_block_ids(geometry, a, b), whole[a:b]), (a, b)
+
+
+def test_block_of_and_block_coordinates_invert_each_other():
+    from blockopt.kernels.blocks import block_coordinates, block_of, coordinate_block_ids
+
+    for geometry in (Geometry(0, ((6, 3), (3, 3), (3, 1))), Geometry(1, ((8, 4),)), Geometry(2, ((12, 2),))):
+        ids = coordinate_block_ids(geometry)
+        assert [block_of(geometry, i) for i in range(ids.numel())] == ids.tolist()
+        for block in range(geometry.num_blocks):
+            assert torch.equal(block_coordinates(geometry, block), (ids == block).nonzero().reshape(-1))
+        with pytest.raises(IndexError):
+            block_of(geometry, ids.numel())
+        with pytest.raises(IndexError):
+            block_coordinates(geometry, geometry.num_blocks)

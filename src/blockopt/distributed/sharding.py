@@ -28,7 +28,8 @@ slices, so no block is shared), the
 flattened tensor for ``axis=-1`` (rank ``k`` holds the flat range
 ``[r0 * rest, r1 * rest)``, ``rest`` = elements per row).
 
-Knows nothing of optimizers; uses only :mod:`blockopt.kernels.blocks`.
+Knows nothing of optimizers; uses only :mod:`blockopt.kernels.blocks` (whose
+:func:`~blockopt.kernels.blocks.coordinate_block_ids` gives every block id here).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from itertools import pairwise
 
 import torch
 
-from ..kernels.blocks import Geometry
+from ..kernels.blocks import Geometry, block_of, coordinate_block_ids
 
 __all__ = [
     "ShardInfo",
@@ -62,17 +63,6 @@ def chunk_rows(n: int, world: int, rank: int) -> Range:
     return r0, min(r0 + c, n)
 
 
-def _block_of(geometry: Geometry, index: int) -> int:
-    """Global block id of ``index`` along the geometry's coordinate (row, column or flat element)."""
-    first = start = 0
-    for size, unit in geometry.segments:
-        if index < start + size:
-            return first + (index - start) // unit
-        start += size
-        first += size // unit
-    raise IndexError(f"index {index} is beyond the geometry {geometry}")
-
-
 def _touched(shape: tuple[int, ...], geometry: Geometry, rows: Range) -> Range:
     """Global block ids ``[lo, hi)`` that a rank holding ``rows`` touches; ``(0, 0)`` if none."""
     r0, r1 = rows
@@ -84,9 +74,9 @@ def _touched(shape: tuple[int, ...], geometry: Geometry, rows: Range) -> Range:
         return (0, geometry.num_blocks)
     if axis == 2:  # stacked [S, in, out]: the coordinate is (slice, column); blocks stay in a slice
         cols = shape[2]
-        return (_block_of(geometry, r0 * cols), _block_of(geometry, r1 * cols - 1) + 1)
+        return (block_of(geometry, r0 * cols), block_of(geometry, r1 * cols - 1) + 1)
     if axis == 0:
-        return (_block_of(geometry, r0), _block_of(geometry, r1 - 1) + 1)
+        return (block_of(geometry, r0), block_of(geometry, r1 - 1) + 1)
     ((_, unit),) = geometry.segments
     f0, f1 = r0 * rest, r1 * rest
     return (f0 // unit, (f1 - 1) // unit + 1)
@@ -196,22 +186,14 @@ def _local_counts(layout: ShardLayout) -> list[int]:
 
 
 def _coordinate_block_ids(layout: ShardLayout) -> torch.Tensor:
-    """Local block index of each local row (axis 0) or of each column (axis 1), int64."""
-    axis, segments = layout.geometry
-    lo = layout.blocks[0]
+    """Local block index of each local row (axis 0), of each column (axis 1) or of each local
+    (slice, column) pair (axis 2), int64."""
+    axis = layout.geometry.axis
     if axis == 2:
         a, b = layout.rows[0] * layout.shape[2], layout.rows[1] * layout.shape[2]
     else:
         a, b = layout.rows if axis == 0 else (0, layout.shape[1])
-    parts = []
-    first = start = 0
-    for size, unit in segments:
-        s0, s1 = max(a, start), min(b, start + size)
-        if s0 < s1:
-            parts.append(first - lo + torch.div(torch.arange(s0, s1) - start, unit, rounding_mode="floor"))
-        start += size
-        first += size // unit
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    return coordinate_block_ids(layout.geometry, a, b) - layout.blocks[0]
 
 
 class ShardInfo:

@@ -18,30 +18,18 @@ flat partition, with the block denominators gathered by each element's block id.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
 
-from ..kernels.blocks import Geometry, block_sizes, is_elementwise
+from ..kernels.blocks import Geometry, block_sizes, coordinate_table, is_elementwise
 from ..partition import PlanEntry
 from .sharding import _merge
 
 __all__ = ["FlatLayout", "Piece", "flat_block_ids", "flat_layout", "flat_layout_stage3", "layout_of_pieces",
            "touched_blocks"]
-
-
-@functools.lru_cache(maxsize=1024)
-def _coordinate_table(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
-    """Block id of every index of the geometry's coordinate (rows, columns or (slice, column)); cached,
-    read only (built once per shape and geometry, not at every step)."""
-    ids, first = [], 0
-    for size, unit in geometry.segments:
-        ids.append(first + torch.arange(size) // unit)
-        first += size // unit
-    return torch.cat(ids)
 
 
 def flat_block_ids(shape: tuple[int, ...], geometry: Geometry, a: int, b: int,
@@ -51,7 +39,7 @@ def flat_block_ids(shape: tuple[int, ...], geometry: Geometry, a: int, b: int,
     axis = geometry.axis
     if axis == -1:
         return i // geometry.segments[0][1]
-    table = _coordinate_table(shape, geometry).to(device)
+    table = coordinate_table(geometry).to(device)
     if axis == 0:
         return table[i // (math.prod(shape[1:]) or 1)]
     if axis == 1:
@@ -70,7 +58,7 @@ def touched_blocks(shape: tuple[int, ...], geometry: Geometry, a: int, b: int) -
     if geometry.axis == 2:  # a slice's blocks are not in element order: cover the slices touched
         rows, cols = shape[1], shape[2]
         s0, s1 = a // (rows * cols), (b - 1) // (rows * cols)
-        table = _coordinate_table(shape, geometry)
+        table = coordinate_table(geometry)
         return (int(table[s0 * cols:(s0 + 1) * cols].min()), int(table[s1 * cols:(s1 + 1) * cols].max()) + 1)
     return (ids[0], ids[1] + 1)
 

@@ -21,7 +21,8 @@ One step for every parameter (``docs/algorithms.md``, section 1)::
 
 :func:`adam_mini_reference` is the plain loop the tests trust; it finds blocks
 with an index map built independently of the views that
-:func:`adam_mini_foreach` uses. The foreach step is two pieces: the block
+:func:`adam_mini_foreach` uses, and of :func:`~blockopt.kernels.blocks.coordinate_block_ids` (its own
+copy of that arithmetic, on purpose). The foreach step is two pieces: the block
 statistic (:func:`block_statistics`) and the update given a statistic
 (:func:`adam_mini_update`), which FSDP2 (statistic from reduced local sums) and
 MoFO (a filtered direction) call too.
@@ -35,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .blocks import Geometry, block_index, block_sizes, block_views, is_elementwise
+from .blocks import Geometry, block_sizes, block_views, is_elementwise
 
 __all__ = ["adam_mini_foreach", "adam_mini_reference", "adam_mini_update", "block_statistics", "geometry_appliers"]
 
@@ -72,7 +73,7 @@ def adam_mini_reference(
         # under torch.compile the counter stays a tensor (no .item(): no graph break)
         step = step_t if _compiling() else step_t.item()
 
-        ids = block_index(tuple(p.shape), geometry).reshape(-1).to(p.device)
+        ids = _element_block_ids(tuple(p.shape), geometry).reshape(-1).to(p.device)
         num_blocks = v.numel()
         # block sums in float64 (the ground truth should be the most accurate path): squares summed
         # along the geometry's coordinate, then added into blocks by index
@@ -107,17 +108,32 @@ def _block_sq_sums(g64: torch.Tensor, geometry: Geometry, num_blocks: int) -> to
         along = sq.sum(dim=1).reshape(-1)  # [slices * columns], slice-major
     else:
         along = sq.movedim(axis, 0).reshape(sq.shape[axis], -1).sum(dim=1)
-    ids = torch.cat([first + torch.arange(size, device=g64.device) // unit
-                     for first, (size, unit) in zip(_firsts(segments), segments)])
+    ids = _coordinate_ids(segments).to(g64.device)
     return torch.zeros(num_blocks, dtype=torch.float64, device=g64.device).index_add_(0, ids, along)
 
 
-def _firsts(segments: tuple[tuple[int, int], ...]) -> list[int]:
-    out, first = [], 0
+# The reference keeps its own copy of the geometry-to-block-id arithmetic, on purpose: everything else
+# calls blockopt.kernels.blocks.coordinate_block_ids, and the reference is the check on it.
+def _coordinate_ids(segments: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Block id of every index along the geometry's coordinate (concatenated over the segments)."""
+    ids, first = [], 0
     for size, unit in segments:
-        out.append(first)
+        ids.append(first + torch.arange(size) // unit)
         first += size // unit
-    return out
+    return torch.cat(ids)
+
+
+def _element_block_ids(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
+    """Block id of every element of a tensor of ``shape`` (int64, that shape), from :func:`_coordinate_ids`."""
+    axis, segments = geometry
+    along = _coordinate_ids(segments)
+    if axis == -1:
+        return along.reshape(shape)
+    if axis == 2:  # coordinate (slice, column), slice-major; every row of the slice shares it
+        return along.reshape(shape[0], 1, shape[2]).expand(shape)
+    view_shape = [1] * len(shape)
+    view_shape[axis] = shape[axis]
+    return along.reshape(view_shape).expand(shape)
 
 
 def _compiling() -> bool:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .blocks import Geometry
+from .blocks import Geometry, coordinate_block_ids
 
 __all__ = ["adam_mini_fused_cpu", "column_map", "cpu_kernel_error", "fused_cpu_supports", "load_cpu_kernel", "step_table"]
 
@@ -173,15 +173,10 @@ def step_table(shapes: Sequence[tuple[int, ...]], geometries: Sequence[Geometry]
 def column_map(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
     """Block of every column (int32) for column geometries; an empty tensor otherwise."""
     if geometry.axis == 2:  # one slice's columns (the same in every slice: one segment)
-        ((_, unit),) = geometry.segments
-        return torch.arange(shape[2], dtype=torch.int32) // unit
+        return coordinate_block_ids(geometry, 0, shape[2]).to(torch.int32)
     if geometry.axis != 1:
         return _EMPTY_INT
-    ids, first = [], 0
-    for size, unit in geometry.segments:
-        ids.append(first + torch.arange(size, dtype=torch.int32) // unit)
-        first += size // unit
-    return torch.cat(ids)
+    return coordinate_block_ids(geometry).to(torch.int32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -135,34 +136,66 @@ def block_views(t: torch.Tensor, geometry: Geometry) -> list[torch.Tensor]:
     return views
 
 
+def coordinate_block_ids(geometry: Geometry, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Block id (int64) of every index ``[start, stop)`` of the geometry's coordinate.
+
+    The coordinate is what the segments cut: the index along ``axis`` (rows for ``0``, columns for
+    ``1``), the (slice, column) pair numbered slice-major for ``2``, the flat element for ``-1``.
+    This is the one place the geometry-to-block-id arithmetic is written: the block index map,
+    the shard layouts (:mod:`blockopt.distributed.sharding`), the ZeRO pieces
+    (:mod:`blockopt.distributed.zero`), the fused kernel's column maps and the SNR sampler all call
+    it (the reference step keeps an independent copy on purpose, as a check).
+    """
+    stop = sum(size for size, _ in geometry.segments) if stop is None else stop
+    parts = []
+    first = seg_start = 0
+    for size, unit in geometry.segments:
+        a, b = max(start, seg_start), min(stop, seg_start + size)
+        if a < b:
+            parts.append(first + torch.div(torch.arange(a, b) - seg_start, unit, rounding_mode="floor"))
+        seg_start += size
+        first += size // unit
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=1024)
+def coordinate_table(geometry: Geometry) -> torch.Tensor:
+    """:func:`coordinate_block_ids` of the whole coordinate, built once per geometry (cached: read
+    only). Its values never decrease along the coordinate."""
+    return coordinate_block_ids(geometry)
+
+
+def block_of(geometry: Geometry, index: int) -> int:
+    """Block id of coordinate index ``index``."""
+    ids = coordinate_block_ids(geometry, index, index + 1)
+    if not ids.numel():
+        raise IndexError(f"index {index} is beyond the geometry {geometry}")
+    return int(ids)
+
+
+def block_coordinates(geometry: Geometry, block: int) -> torch.Tensor:
+    """The coordinate indices of block ``block`` (int64, ascending): the inverse of
+    :func:`coordinate_block_ids`, read from :func:`coordinate_table`."""
+    table = coordinate_table(geometry)
+    lo = int(torch.searchsorted(table, block))
+    hi = int(torch.searchsorted(table, block, right=True))
+    if lo == hi:
+        raise IndexError(block)
+    return torch.arange(lo, hi)
+
+
 def block_index(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
     """Block id of every element of a tensor of ``shape`` (int64, same shape).
 
-    Built by plain index arithmetic, independently of :func:`block_views`, so
-    the reference kernel that uses it is a check on the views.
+    Built by plain index arithmetic (:func:`coordinate_block_ids` broadcast over the other
+    dimensions), independently of :func:`block_views`, so tests can check the views against it.
     """
-    axis, segments = geometry
-    numel = math.prod(shape)
+    axis = geometry.axis
+    along = coordinate_block_ids(geometry)
     if axis == -1:
-        (size, unit), = segments
-        return (torch.arange(numel) // unit).reshape(shape)
+        return along.reshape(shape)
     if axis == 2:  # coordinate (slice, column), slice-major; every row of the slice shares it
-        coord = torch.arange(shape[0] * shape[2]).reshape(shape[0], 1, shape[2])
-        ids = torch.empty_like(coord)
-        first = start = 0
-        for size, unit in segments:
-            sel = (coord >= start) & (coord < start + size)
-            ids[sel] = first + (coord[sel] - start) // unit
-            first += size // unit
-            start += size
-        return ids.expand(shape).clone()
-    # id of every index along the axis
-    ids_along_axis = []
-    first_block = 0
-    for size, unit in segments:
-        ids_along_axis.append(first_block + torch.arange(size) // unit)
-        first_block += size // unit
-    along = torch.cat(ids_along_axis)
+        return along.reshape(shape[0], 1, shape[2]).expand(shape).clone()
     view_shape = [1] * len(shape)
     view_shape[axis] = shape[axis]
     return along.reshape(view_shape).expand(shape).clone()

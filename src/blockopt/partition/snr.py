@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ..kernels.blocks import Geometry, block_views
+from ..kernels.blocks import Geometry, block_coordinates, block_views
 from .plan import PartitionPlan, PlanEntry
 
 __all__ = [
@@ -296,16 +296,7 @@ def _block_elements(shape: tuple[int, ...], geometry: Geometry, block: int) -> t
     if axis == -1:
         ((_, unit),) = segments
         return torch.arange(block * unit, (block + 1) * unit)
-    start, first = 0, 0
-    for size, unit in segments:
-        n = size // unit
-        if block < first + n:
-            lo = start + (block - first) * unit
-            break
-        start, first = start + size, first + n
-    else:
-        raise IndexError(block)
-    along = torch.arange(lo, lo + unit)
+    along = block_coordinates(geometry, block)
     inner = math.prod(shape[axis + 1:])
     outer = math.prod(shape[:axis])
     stride = shape[axis] * inner
