@@ -1,5 +1,6 @@
 """Tables for benchmarks/snr_quality.sh: per setting, each optimizer at its best lr (lowest mean over seeds
-of the best held-out loss), the per-seed losses, and the gap to AdamW (mean of per-seed gaps).
+of the final held-out loss, the metric by which ``blockopt bench`` picks its winners), the per-seed
+losses, and the gap to AdamW (mean of per-seed gaps).
 
     python benchmarks/snr_quality_table.py [runs/snr-quality]
 """
@@ -17,7 +18,7 @@ LABELS = {"adamw": "AdamW", "adam-mini": "Adam-mini (official rules)", "adam-min
           "adam-mini-snr+blr": "Adam-mini, SNR blocks + BLR"}
 
 
-def best(summary: dict, opt: str, key: str = "best_val_loss") -> dict | None:
+def best(summary: dict, opt: str, key: str = "final_val_loss") -> dict | None:
     by_lr: dict[float, dict[int, float]] = {}
     seeds = set(summary["protocol"]["seeds"])
     for r in summary["runs"]:
@@ -58,8 +59,8 @@ def table(summary: dict, title: str) -> list[str]:
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/snr-quality")
-    out = [("Best held-out loss (evaluated every 30 steps), each optimizer at the lr of its grid with the lowest "
-           "mean over seeds; gap: mean of the per-seed gaps to AdamW at its best lr (per seed in brackets). "
+    out = [("Final held-out loss (after the last step), each optimizer at the lr of its grid with the lowest "
+           "mean over seeds (as `blockopt bench` picks its winners); gap: mean of the per-seed gaps to AdamW at its best lr (per seed in brackets). "
            "Command: `bash benchmarks/snr_quality.sh`."), ""]
     for name, title in SETTINGS:
         path = root / name / "summary.json"

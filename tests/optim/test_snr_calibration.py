@@ -22,7 +22,11 @@ FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures"
 
 
 def _text_batches(n, batch=4, seq=32, seed=0):
-    text = b"".join(pathlib.Path(p).read_bytes() for p in sorted(pathlib.Path(blockopt.__file__).parent.glob("*.py")))
+    # real text that does not change with this package's code: the bench's default corpus (the
+    # standard library's sources, in its fixed order), its first megabyte
+    from blockopt.bench.data import _read_bytes, resolve_source
+
+    text = _read_bytes(resolve_source(None, max_bytes=1 << 20))
     return text_batches(text, n, batch=batch, seq=seq, seed=seed)
 
 
