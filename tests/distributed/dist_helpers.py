@@ -471,7 +471,14 @@ def _count_step_all_reduce(engine, opt, xs, rank: int, world: int) -> int:
     return calls["n"]
 
 
-def worker_deepspeed(rank: int, world: int, out: str, stage: int) -> None:
+def worker_deepspeed(rank: int, world: int, out: str, stages: tuple[int, ...]) -> None:
+    """:func:`_deepspeed_stage` for each of ``stages``, in one set of processes (one start, one import of
+    DeepSpeed per rank, whatever the number of stages)."""
+    for stage in stages:
+        _deepspeed_stage(rank, world, out, stage)
+
+
+def _deepspeed_stage(rank: int, world: int, out: str, stage: int) -> None:
     """ZeRO stage ``stage``: AdamMini and torch's AdamW for 10 steps; with AdamMini also a checkpoint at
     step 5 through engine.save_checkpoint, loaded into a fresh engine and trained to step 10; and the
     collectives AdamMini adds per step."""

@@ -117,9 +117,15 @@ class MoFO(PlanOptimizer):
 
     Example::
 
-        >>> model = blockopt.models.build_model("llama-tiny")   # pre-trained weights loaded here
+        >>> import torch, blockopt
+        >>> model = blockopt.models.build_model("llama-tiny")   # load the pre-trained weights here
         >>> opt = blockopt.MoFO(model, lr=1e-4, weight_decay=0.0, fraction=0.1)
-        >>> loss = model(x, y); loss.backward(); opt.step(); opt.zero_grad()
+        >>> w = model.blocks[0].mlp.fc.weight
+        >>> before = w.detach().clone()
+        >>> tokens = torch.randint(0, 256, (2, 17))
+        >>> loss = model(tokens[:, :-1], tokens[:, 1:]); loss.backward(); opt.step(); opt.zero_grad()
+        >>> round((w != before).float().mean().item(), 2)       # the 10 % of entries with the largest |m| moved
+        0.1
 
     Reference: Y. Chen et al., "MoFO: Momentum-Filtered Optimizer for
     Mitigating Forgetting in LLM Fine-Tuning", arXiv:2407.20999 (TMLR 2025).
