@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Blockwise LR on tinyshakespeare: does adam-mini+blr reach AdamW's final held-out loss in
-# fewer steps? The exact command behind benchmarks/results/blr_shakespeare/ and the README's
-# "Blockwise LR" subsection (llama-tiny, bytes, 300 steps x 16 x 128 tokens, warmup 30, cosine
+# fewer steps? The exact command behind benchmarks/results/blr_shakespeare/ and the
+# "Blockwise LR" table of docs/results.md (llama-tiny, bytes, 300 steps x 16 x 128 tokens, warmup 30, cosine
 # to 0.1 x lr, clip 1.0, weight decay 0.1, betas 0.9,0.95, seed 0, fp32, CPU).
 # Held-out loss every 10 steps, so "steps to AdamW's final loss" has a 10-step resolution.
 # For the +blr optimizers the swept lr is the base (norm) rate: the embedding gets 10x it,
-# QK 8x, FFN 6x, VO 4x. AdamW and Adam-mini keep grids around their optimum (4e-3, README).
+# QK 8x, FFN 6x, VO 4x. AdamW and Adam-mini keep grids around their optimum (4e-3, docs/results.md).
 # Losses are deterministic; wall times are not (2 shared CPU cores). ~25-35 min on 2 cores.
 #
 #   bash benchmarks/blr_shakespeare.sh

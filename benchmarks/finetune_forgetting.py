@@ -10,7 +10,7 @@ on B measures learning.
 Defaults: A = the Python standard library's sources (blockopt's default bench
 corpus), B = ``../shared/data/tinyshakespeare.txt`` (relative to the repository).
 
-    nice -n 10 python benchmarks/finetune_forgetting.py              # the README table
+    nice -n 10 python benchmarks/finetune_forgetting.py              # the table in docs/results.md
     python benchmarks/finetune_forgetting.py --sweep 1e-3,3e-3,1e-2   # every optimizer at every lr,
                                                                      # each row the lr best on B
     python benchmarks/finetune_forgetting.py --tiny                  # a few seconds (the test)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Low-precision momentum on tinyshakespeare: AdamMini with fp32, bf16 (stochastic rounding) and
-# int8 first moments, at the lr where fp32 Adam-mini is best in the README sweeps (4e-3), seeds
+# int8 first moments, at the lr where fp32 Adam-mini is best in the tinyshakespeare sweeps of docs/results.md (4e-3), seeds
 # 0 to 4 (one seed cannot separate a 1 % difference from trajectory noise).
 # llama-tiny, bytes, 300 steps x 16 x 128 tokens, warmup 30, cosine, clip 1.0, wd 0.1.
-# The exact command behind benchmarks/results/momentum_shakespeare/ and README's table.
+# The exact command behind benchmarks/results/momentum_shakespeare/ and its table in docs/results.md.
 #
 #   bash benchmarks/momentum_shakespeare.sh
 set -euo pipefail

@@ -15,7 +15,7 @@ COMMON=(--data "$DATA" --steps 300 --no-plots --progress plain --checkpoint-ever
 RES=benchmarks/results/shakespeare_gap
 mkdir -p runs/sg "$RES"
 
-# A. the tinyshakespeare comparison: AdamW vs Adam-mini, an LR sweep each (the README command)
+# A. the tinyshakespeare comparison: AdamW vs Adam-mini, an LR sweep each (the lr rows of its table in docs/results.md)
 blockopt bench --data "$DATA" --optimizers adamw,adam-mini --lrs 1e-3,2e-3,4e-3,8e-3 --steps 300 \
   --no-plots --progress plain --checkpoint-every 0 --out runs/sg/A_lr
 

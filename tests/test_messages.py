@@ -6,6 +6,7 @@ and the table names the words it must contain, and for long outputs a bound on i
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import warnings
@@ -88,6 +89,34 @@ CASES = [
     ("head hints with an attention module but no query that fits",
      lambda c: _hint_warning(), ["1 attention module(s) were found", "not used"], 400),
 ]
+
+
+@pytest.mark.parametrize("command", ["plan", "bench"])
+def test_an_unknown_hf_model_type_is_one_short_line_that_says_how_to_list_the_types(command, tmp_path, capsys):
+    """It once printed transformers' whole model list: one line of about 15,000 characters."""
+    pytest.importorskip("transformers")
+    extra = []
+    if command == "bench":
+        (tmp_path / "t.txt").write_text("def f(x):\n    return x + 1\n" * 400)
+        extra = ["--data", str(tmp_path / "t.txt"), "--cache-dir", str(tmp_path / "cache"),
+                 "--out", str(tmp_path / "out"), "--dry-run"]
+    for model_type, near in (("nope", None), ("lama", "did you mean 'llama'")):
+        capsys.readouterr()
+        rc = main([command, "--hf-config", f'{{"model_type": "{model_type}"}}', *extra])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "", err
+        assert err.count("\n") == 1 and len(err) <= 320, err
+        assert err.startswith(f"blockopt {command}: error: --hf-config: '<inline JSON>': unknown model_type "
+                              f"'{model_type}'"), err
+        assert (near in err) if near else ("did you mean" not in err), err
+    assert not (tmp_path / "out").exists()
+    listing = re.search(r'python -c "([^"]+)"', err)
+    assert listing, err
+    done = subprocess.run([sys.executable, "-c", listing.group(1)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    types = done.stdout.split()
+    assert "llama" in types and "gpt2" in types and "nope" not in types
 
 
 def _hint_warning() -> str:

@@ -86,10 +86,23 @@ def load_hf_config(spec: str, error: type[Exception] = ValueError) -> tuple[Any,
     raw = dict(raw)
     model_type = raw.pop("model_type")
     raw.pop("architectures", None)
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise error(_unknown_model_type(model_type, where, transformers))
     try:
         return transformers.AutoConfig.for_model(model_type, **raw), where
     except (ValueError, KeyError, TypeError, *_config_validation_errors()) as e:
         raise error(f"--hf-config: model_type {model_type!r}: {one_line(e)}") from None
+
+
+def _unknown_model_type(model_type: Any, where: str, transformers: Any) -> str:
+    """One short line for a ``model_type`` transformers does not know (its own error lists all 800 types)."""
+    import difflib
+
+    near = difflib.get_close_matches(str(model_type), list(transformers.CONFIG_MAPPING.keys()), n=3)
+    hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ""
+    return (f"--hf-config: {where!r}: unknown model_type {model_type!r} for transformers {transformers.__version__}; "
+            f"{hint}list the causal-LM types with: python -c \"import transformers.models.auto.modeling_auto as a; "
+            "print(*sorted(a.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))\"")
 
 
 def one_line(e: BaseException) -> str:

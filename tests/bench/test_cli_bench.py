@@ -406,6 +406,27 @@ def test_help_documents_the_lr_grammar(cli):
     assert "adamw=1e-3,3e-3;adam-mini=2e-3,4e-3" in stdout and "adam-mini-official" in stdout
 
 
+def test_help_describes_the_default_run_truthfully(cli):
+    """`blockopt bench --help` once said "AdamW vs Adam-mini, ~2-3 min" while the default ran three
+    optimizers: the example names what the default compares, from the same constant as the default."""
+    from blockopt.bench.optimizers import REGISTRY
+    from blockopt.cli import DEFAULT_OPTIMIZERS, _parser
+
+    rc, stdout, _ = cli(["bench", "--help"])
+    assert rc == 0
+    examples = " ".join(stdout[stdout.index("examples:"):].split())
+    default = DEFAULT_OPTIMIZERS.split(",")
+    assert default == ["adamw", "adam-mini", "adam-mini-snr"]
+    assert "blockopt bench # adamw, adam-mini and adam-mini-snr: llama-tiny" in examples
+    assert f"({len(default)} runs;" in examples
+    lrs = {REGISTRY[n].default_lr for n in default}
+    want = f"lr {next(iter(lrs)):g}" if len(lrs) == 1 else "each one's default lr"
+    assert f"300 steps, {want}, seed 0" in examples
+    assert "2-3 min" not in stdout and "AdamW vs Adam-mini," not in stdout
+    args = _parser().parse_args(["bench"])
+    assert args.optimizers == DEFAULT_OPTIMIZERS and args.steps == 300 and args.seeds == "0" and args.lrs is None
+
+
 def test_plan_command(cli):
     from blockopt import PartitionPlan
 

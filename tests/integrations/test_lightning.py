@@ -27,7 +27,7 @@ def _warmup_cosine(step: int) -> float:
 
 
 class LitLM(L.LightningModule):
-    """The README's pattern: AdamMini over the whole LightningModule, scheduler stepped every batch."""
+    """The pattern of docs/integrations.md: AdamMini over the whole LightningModule, scheduler stepped every batch."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -270,8 +270,12 @@ def blockwise_lr_groups(
 
     Example::
 
+        >>> import torch, blockopt
+        >>> model = blockopt.models.build_model("llama-tiny")
         >>> plan = blockopt.partition(model)
         >>> groups = blockopt.blockwise_lr_groups(model, 1e-3, plan=plan, weight_decay=0.1)
+        >>> [(g["block_type"], g["lr"]) for g in groups]          # peak lr = 1e-3 x the block type's multiplier
+        [('embedding', 0.01), ('qk', 0.008), ('vo', 0.004), ('ffn', 0.006), ('norm', 0.001)]
         >>> opt = blockopt.AdamMini(groups, plan=plan, betas=(0.9, 0.95))
         >>> # or: torch.optim.AdamW(blockopt.blockwise_lr_groups(model, 1e-3, plan=plan, named=False))
         >>> warmup = torch.optim.lr_scheduler.LinearLR(opt, 0.01, 1.0, total_iters=100)

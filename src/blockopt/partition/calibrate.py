@@ -56,6 +56,21 @@ def calibrate(
     Returns:
         an :class:`~blockopt.partition.snr.SNRCalibration`; feed it to
         ``blockopt.partition(model, snr=...)`` or ``SNRRules.from_calibration``.
+
+    Example::
+
+        >>> import copy, torch, blockopt
+        >>> model = blockopt.models.build_model("llama-micro")
+        >>> g = torch.Generator().manual_seed(0)
+        >>> batches = [torch.randint(0, 256, (4, 33), generator=g) for _ in range(20)]   # your data here
+        >>> calib = blockopt.calibrate(copy.deepcopy(model), batches, lambda m, b: m(b[:, :-1], b[:, 1:]),
+        ...                            steps=20, lr=3e-3)
+        >>> calib.steps                        # measured at 4 points of the window's second half
+        [12, 15, 18, 20]
+        >>> plan = blockopt.partition(model, snr=calib)
+        >>> plan["blocks.0.attn.o_proj.weight"].snr_choice in ("row", "column", "head", "tensor", "element")
+        True
+        >>> opt = blockopt.AdamMini(model.named_parameters(), plan=plan, lr=3e-3)
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"Invalid steps: {steps!r}; expected a positive int")

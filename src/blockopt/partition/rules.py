@@ -820,8 +820,10 @@ def partition(
             model (each tensor gets the candidate partition with the highest
             SNR of Adam's second moment above ``snr_cutoff``, else one value per
             element), :class:`~blockopt.partition.snr.SNRRules` (decisions by
-            role, e.g. from a smaller model of the family), or ``"builtin"``
-            (:data:`~blockopt.partition.snr.BUILTIN_SNR_RULES`). The structural
+            role, e.g. from a smaller model of the family), ``"builtin"``
+            (:data:`~blockopt.partition.snr.BUILTIN_SNR_RULES`), or the path (``str`` or
+            ``os.PathLike``) of a calibration or rules file, read by
+            :func:`~blockopt.partition.snr.load_snr` (which one it is comes from its content). The structural
             rules still find roles, heads and candidates; ``overrides`` that set
             a kind still win. See ``docs/snr.md``.
         snr_cutoff: the SNR a candidate must exceed (positive; default 1.0).
@@ -831,10 +833,17 @@ def partition(
 
     Example::
 
+        >>> import blockopt
+        >>> model = blockopt.models.build_model("llama-tiny", device="meta")   # any nn.Module; meta: no memory
         >>> plan = blockopt.partition(model)
-        >>> print(plan)              # a table with totals
-        >>> plan["layers.0.attn.q_proj.weight"].kind
+        >>> plan["blocks.0.attn.q_proj.weight"].kind
         'head'
+        >>> plan["blocks.0.attn.q_proj.weight"].num_blocks      # 4 heads of 32 rows
+        4
+        >>> print(plan)              # a table with totals  # doctest: +ELLIPSIS
+        parameter ...
+        38 tensors, 820,352 parameters, 4,641 second-moment values (AdamW: 820,352)
+        ...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")

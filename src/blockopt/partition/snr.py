@@ -61,6 +61,7 @@ __all__ = [
     "block_snr",
     "candidates",
     "check_cutoff",
+    "load_snr",
     "measure_steps",
     "rule_key",
     "snr_entry",
@@ -444,14 +445,14 @@ def apply_snr(plan: PartitionPlan, snr: Any, cutoff: float = 1.0, *, keep: Itera
     ``"builtin"``), except the names in ``keep`` (entries the user decided with an override)."""
     cutoff = check_cutoff(cutoff)
     keep = set(keep)
-    if isinstance(snr, str):
-        if snr != "builtin":
-            raise ValueError(f"Invalid snr: {snr!r}; expected 'builtin', an SNRCalibration or SNRRules")
-        snr = BUILTIN_SNR_RULES
+    if isinstance(snr, (str, os.PathLike)):
+        snr = BUILTIN_SNR_RULES if snr == "builtin" else load_snr(snr)
     if isinstance(snr, SNRRules):
         return snr.apply(plan, keep=keep, strict=snr is not BUILTIN_SNR_RULES)
     if not isinstance(snr, SNRCalibration):
-        raise ValueError(f"Invalid snr: expected an SNRCalibration, SNRRules or 'builtin', got {type(snr).__name__}")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
+        raise ValueError(  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
+            f"Invalid snr: expected an SNRCalibration, SNRRules, 'builtin' or the path of a calibration or rules file, "
+            f"got {type(snr).__name__}")
     snr.check_plan(plan)
     # tensors without a measurement (no gradient during calibration) keep their structural entry
     new = {e.name: snr_entry(e, snr.mean(e.name), cutoff) for e in plan.entries
@@ -568,8 +569,16 @@ class SNRRules:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SNRRules:
+        """Rules from what :meth:`to_dict` wrote, or from a hand-written ``{"rules": {key: kind}}`` or
+        ``{key: kind}`` mapping."""
+        if isinstance(d, Mapping) and "kind" not in d and d:
+            if isinstance(d.get("rules"), Mapping):
+                return cls(dict(d["rules"]), str(d.get("source", "")))
+            if all(isinstance(v, str) for v in d.values()):
+                return cls(dict(d))
         if not isinstance(d, Mapping) or d.get("kind") != "blockopt.snr_rules" or "rules" not in d:
-            raise ValueError("not blockopt SNR rules: expected a mapping with kind 'blockopt.snr_rules' and 'rules'")
+            raise ValueError("not blockopt SNR rules: expected a mapping with kind 'blockopt.snr_rules' and 'rules', "
+                             "or a {role: kind} mapping")
         return cls(dict(d["rules"]), str(d.get("source", "")))
 
     def save(self, path: str | os.PathLike) -> None:
@@ -599,3 +608,38 @@ BUILTIN_SNR_RULES = SNRRules(
     },
     source="built-in table",
 )
+
+
+_SNR_FILE_EXPECTED = ("expected 'builtin' or a JSON file written by SNRCalibration.save or 'blockopt calibrate --out' "
+                      "(an SNR calibration), or by SNRRules.save or 'blockopt calibrate --rules-out' (SNR rules; a "
+                      "{role: kind} mapping also reads as rules)")
+
+
+def load_snr(path: str | os.PathLike, argument: str = "snr") -> SNRCalibration | SNRRules:
+    """Read an SNR calibration or SNR rules file, telling which from its content (its ``kind``).
+
+    ``partition(model, snr="calib.json")`` and ``blockopt plan --snr`` read their file here.
+    Every problem raises a ``ValueError`` that names ``argument``, the path and what the file must be.
+    """
+    where = os.fspath(path)
+    try:
+        with open(where, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"Invalid {argument}: {where!r}: no such file; {_SNR_FILE_EXPECTED}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Invalid {argument}: cannot read {where!r} as JSON ({e}); {_SNR_FILE_EXPECTED}") from None
+    kind = d.get("kind") if isinstance(d, Mapping) else None
+    try:
+        if kind == "blockopt.snr_calibration":
+            return SNRCalibration.from_dict(d)
+        if kind == "blockopt.snr_rules" or (isinstance(d, Mapping) and "kind" not in d and "entries" not in d):
+            return SNRRules.from_dict(d)
+    except KeyError as e:
+        raise ValueError(f"Invalid {argument}: {where!r}: its {kind!r} data lacks the key {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"Invalid {argument}: {where!r}: {e}") from None
+    what = ("a partition plan (PartitionPlan.load reads it)"
+            if isinstance(d, Mapping) and "entries" in d else
+            f"of kind {kind!r}" if kind is not None else f"a JSON {type(d).__name__}")
+    raise ValueError(f"Invalid {argument}: {where!r} is {what}, not an SNR calibration or SNR rules; {_SNR_FILE_EXPECTED}")
