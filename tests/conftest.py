@@ -16,13 +16,15 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-2}
 def step_through_triton(opt, monkeypatch) -> None:
     """``opt.step()`` with every tensor the Triton kernel supports sent to the Triton route (the
     interpreter on CPU), the others where the dispatcher sends them."""
-    import blockopt.optim.adam_mini as am
+    from blockopt.kernels import dispatch
+    from blockopt.kernels import momentum as mom
     from blockopt.kernels.adam_mini_triton import triton_supports
 
-    original = am.choose_route
+    original = dispatch.choose_route
     with monkeypatch.context() as mp:
-        mp.setattr(am, "choose_route", lambda p, g, m, v, geometry, **kw: (
-            "triton" if triton_supports(p, m, geometry) else original(p, g, m, v, geometry, **kw)))
+        mp.setattr(dispatch, "choose_route", lambda p, g, m, v, geometry, **kw: (
+            dispatch.Route("triton", mom.codec_for(kw.get("momentum", "fp32"))) if triton_supports(p, m, geometry)
+            else original(p, g, m, v, geometry, **kw)))
         opt.step()
 
 

@@ -57,7 +57,7 @@ class _Record(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.exp_avg_at_begin = [self.opt.state[p]["exp_avg"].clone() if p in self.opt.state else None
-                                 for p in self.opt._params_in_order()]
+                                 for p in self.opt.params_in_order()]
 
     def on_step_begin(self, args, state, control, **kw):
         self.lrs.append((state.global_step, [g["lr"] for g in self.opt.param_groups]))
@@ -108,7 +108,7 @@ def test_trainer_trains_with_adam_mini_and_resumes(tmp_path):
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert first > 4.0 and last < first - 1.0, losses
     final_a = {n: p.detach().clone() for n, p in model.named_parameters()}
-    exp_avg_a = [opt.state[p]["exp_avg"].clone() for p in opt._params_in_order()]
+    exp_avg_a = [opt.state[p]["exp_avg"].clone() for p in opt.params_in_order()]
 
     # resume from the half-way checkpoint with a fresh model and optimizer
     ckpt = tmp_path / "a" / f"checkpoint-{SAVE}"
@@ -129,7 +129,7 @@ def test_trainer_trains_with_adam_mini_and_resumes(tmp_path):
     # and the resumed run ends where the uninterrupted one did
     for n, p in model_b.named_parameters():
         torch.testing.assert_close(p, final_a[n], rtol=1e-6, atol=1e-7, msg=n)
-    for a, b in zip(exp_avg_a, (opt_b.state[p]["exp_avg"] for p in opt_b._params_in_order())):
+    for a, b in zip(exp_avg_a, (opt_b.state[p]["exp_avg"] for p in opt_b.params_in_order())):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 

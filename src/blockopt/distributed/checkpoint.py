@@ -56,7 +56,7 @@ def check_plan(path: str | os.PathLike, optimizer: torch.optim.Optimizer, key: s
     """
     import torch.distributed.checkpoint as dcp
 
-    if not hasattr(optimizer, "_check_saved_plan"):
+    if not hasattr(optimizer, "check_saved_plan"):
         raise TypeError(f"check_plan needs a blockopt optimizer, got {type(optimizer).__name__}")
     if getattr(optimizer, "calibration", None) is not None:
         # AdamMini(calibrate=N): take the checkpoint's phase first, so that the plan (and the shapes of the
@@ -69,7 +69,7 @@ def check_plan(path: str | os.PathLike, optimizer: torch.optim.Optimizer, key: s
                 f"Invalid checkpoint {os.fspath(path)!r}: this optimizer calibrates its blocks in the run "
                 f"(calibrate=...), but the checkpoint has no calibration state under {key!r} (saved without "
                 f"calibrate?)") from e
-        optimizer._enter_saved_phase(calib_probe[key]["param_groups"][0]["snr_calibration"])  # type: ignore[attr-defined]
+        optimizer.calibration.enter_saved_phase(optimizer, calib_probe[key]["param_groups"][0]["snr_calibration"])
     probe = {key: {"param_groups": [{"block_plan": list(g["block_plan"])} for g in optimizer.param_groups]}}
     try:
         dcp.load(probe, checkpoint_id=str(path))
@@ -83,7 +83,7 @@ def check_plan(path: str | os.PathLike, optimizer: torch.optim.Optimizer, key: s
     for g in probe[key]["param_groups"]:
         names = [json.loads(e)["name"] for e in g["block_plan"]]
         saved_groups.append({"params": names, "param_names": names, "block_plan": g["block_plan"]})
-    optimizer._check_saved_plan(saved_groups)  # type: ignore[attr-defined]
+    optimizer.check_saved_plan(saved_groups)  # type: ignore[attr-defined]
 
 
 def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -101,7 +101,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optim
         set_optimizer_state_dict,
     )
 
-    if hasattr(optimizer, "_check_saved_plan"):
+    if hasattr(optimizer, "check_saved_plan"):
         check_plan(path, optimizer)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer),
              **(extra or {})}

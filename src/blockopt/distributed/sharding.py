@@ -220,6 +220,11 @@ class ShardInfo:
         self.shared_pos = torch.tensor(pos, dtype=torch.int64, device=device)
 
     @property
+    def num_shared(self) -> int:
+        """Slots of the reduction buffer this parameter's shared blocks use."""
+        return self.layout.num_shared
+
+    @property
     def local_shape(self) -> tuple[int, ...]:
         r0, r1 = self.layout.rows
         return (r1 - r0, *self.layout.shape[1:])

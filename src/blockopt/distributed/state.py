@@ -21,7 +21,7 @@ import torch
 from .dtensor import Shard, is_dtensor
 from .sharding import ShardInfo, chunk_rows
 
-__all__ = ["gather_block_states", "local_block_state", "local_exp_avg"]
+__all__ = ["as_dtensor", "gather_block_states", "local_block_state", "local_exp_avg"]
 
 
 def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo]) -> list[torch.Tensor]:
@@ -73,7 +73,6 @@ def local_exp_avg(saved: torch.Tensor, p: torch.Tensor, shape: tuple[int, int] |
     sliced to this rank's rows. ``shape``: the global 2-D shape of a per-row
     tensor other than ``p``'s (int8 momentum's ``exp_avg_scale``: one row per row of ``p``).
     """
-    from torch.distributed.tensor import DTensor
 
     if is_dtensor(saved):
         t = saved.detach()
@@ -91,6 +90,14 @@ def local_exp_avg(saved: torch.Tensor, p: torch.Tensor, shape: tuple[int, int] |
         r0, r1 = chunk_rows(p.shape[0], mesh.size(0), mesh.get_local_rank(0))
         local = local[r0:r1]
     local = local.to(p.to_local().device).clone(memory_format=torch.contiguous_format)
+    return as_dtensor(local, p, shape)
+
+
+def as_dtensor(local: torch.Tensor, p: torch.Tensor, shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """A local state tensor as a DTensor laid out like DTensor parameter ``p`` (no copy, no check);
+    ``shape``: the global 2-D shape of a per-row tensor other than ``p``'s (see :func:`local_exp_avg`)."""
+    from torch.distributed.tensor import DTensor
+
     if shape is None:
         return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                   stride=p.stride())

@@ -23,16 +23,38 @@ the current CUDA device.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
 from ..kernels.adam_mini import Applier, adam_mini_update
 from ..kernels.blocks import is_elementwise
+from ..kernels.momentum import Codec
 from .sharding import ShardInfo, expand_denominator, local_block_sq_sums
 
-__all__ = ["block_statistics_from_sums", "partial_block_sums", "reduce_shared_blocks", "shard_applier",
-           "sharded_adam_mini_update"]
+__all__ = [
+    "ShardTensors",
+    "SharedBlocks",
+    "block_statistics_from_sums",
+    "partial_block_sums",
+    "reduce_shared_blocks",
+    "shard_applier",
+    "sharded_adam_mini_update",
+    "sharded_step",
+]
+
+
+class SharedBlocks(Protocol):
+    """Where one tensor's shared blocks go in the reduction buffer: a :class:`ShardInfo` (FSDP2), or
+    a ZeRO flat partition's (:func:`blockopt.distributed.zero.zero_step`)."""
+
+    group: Any  # the process group
+    num_shared: int  # slots of the buffer this tensor's shared blocks use
+    shared_local: torch.Tensor  # int64: indices of the shared blocks in the tensor's block sums
+    shared_pos: torch.Tensor  # int64: their positions in its slots
 
 
 def partial_block_sums(grads: Sequence[torch.Tensor | None], infos: Sequence[ShardInfo],
@@ -59,19 +81,21 @@ def _comm_device(group, device: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[ShardInfo]) -> int:
+def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[SharedBlocks]) -> int:
     """Phase 2, in place: add up the partial sums of shared blocks across ranks.
 
     ``infos`` must list every sharded parameter of the optimizer in the same
     order on every rank (parameters without a gradient pass ``None`` sums and
     contribute zeros), so that the buffer layouts agree. Returns the number of
-    collectives issued (one per process group with shared blocks, else 0).
+    collectives issued (one per process group with shared blocks, else 0). The
+    ZeRO step (:mod:`blockopt.distributed.zero`) reduces its flat partitions'
+    shared blocks here too.
     """
     import torch.distributed as dist
 
     by_group: dict[object, list[int]] = {}
     for i, info in enumerate(infos):
-        if info.layout.num_shared:
+        if info.num_shared:
             by_group.setdefault(info.group, []).append(i)
     issued = 0
     for group, idx in by_group.items():
@@ -79,8 +103,8 @@ def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[Sh
         dtype = torch.float32
         for s in present:
             dtype = torch.promote_types(dtype, s.dtype)
-        device = present[0].device if present else infos[idx[0]].counts.device
-        sizes = [infos[i].layout.num_shared for i in idx]
+        device = present[0].device if present else infos[idx[0]].shared_local.device
+        sizes = [infos[i].num_shared for i in idx]
         buf = torch.zeros(sum(sizes), dtype=dtype, device=_comm_device(group, device))
         offsets = []
         off = 0
@@ -144,3 +168,54 @@ def sharded_adam_mini_update(
     adam_mini_update(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, stats, decay,
                      [shard_applier(info) for info in infos], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                      weight_decay=weight_decay, maximize=maximize)
+
+
+@dataclass
+class ShardTensors:
+    """One parameter group's sharded (``Shard(0)``) parameters that have gradients, as the step reads
+    them: local shards, in the group's order. ``exp_avgs`` are stored in the momentum format of
+    ``codec`` (``None``: fp32); ``every`` lists every sharded parameter of the group, with a gradient
+    or not, and ``positions`` where each listed tensor sits in it (the reduction buffer's layout
+    must not depend on which gradients a rank has)."""
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    second_moments: list[torch.Tensor]
+    steps: list[torch.Tensor]
+    infos: list[ShardInfo]
+    decay: list[bool]
+    dtypes: list[torch.dtype]  # the state dtype of each tensor: its block sums are in it
+    names: list[str]
+    hyper: dict[str, Any]  # lr, beta1, beta2, eps, weight_decay, maximize
+    scales: list[torch.Tensor | None] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    codec: Codec | None = None
+    every: list[ShardInfo] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+
+
+def sharded_step(groups: Sequence[ShardTensors]) -> None:
+    """The step of every sharded parameter of the optimizer: local block sums (phase 1), one
+    ``all_reduce`` per process group for the shared blocks of all groups (phase 2), then each
+    group's update (phase 3), around its momentum codec."""
+    sums, every, all_sums = [], [], []
+    for t in groups:
+        s = partial_block_sums(t.grads, t.infos, t.dtypes)
+        listed: list[torch.Tensor | None] = [None] * len(t.every)
+        for pos, x in zip(t.positions, s, strict=True):
+            listed[pos] = x
+        sums.append(s)
+        every.extend(t.every)
+        all_sums.extend(listed)
+    if every:
+        reduce_shared_blocks(all_sums, every)
+    for t, s in zip(groups, sums):
+        if not t.params:
+            continue
+        exp_avgs = t.codec.decode(t.exp_avgs, t.scales) if t.codec is not None else t.exp_avgs
+        sharded_adam_mini_update(t.params, t.grads, exp_avgs, t.second_moments, t.steps, t.infos, t.decay, s,
+                                 **t.hyper)
+        if t.codec is not None:  # each shard's first element in the full tensor: random bits as one process
+            offsets = [info.layout.rows[0] * math.prod(info.layout.shape[1:]) for info in t.infos]
+            t.codec.encode(t.exp_avgs, exp_avgs, t.steps, t.scales, t.seeds, offsets)

@@ -12,24 +12,30 @@ the offsets, the partition size and the rank alone (so every rank agrees without
   column block of any tensor spread over several partitions): their sums are added up with one
   ``all_reduce`` per step for all parameters.
 
-The update of each piece is :func:`blockopt.kernels.adam_mini.adam_mini_update` on views of the
-flat partition, with the block denominators gathered by each element's block id.
+The step (:func:`zero_step`) adds up those sums with FSDP2's reduction
+(:func:`blockopt.distributed.step.reduce_shared_blocks`), then updates each piece with
+:func:`blockopt.kernels.adam_mini.adam_mini_update` on views of the flat partition, with the block
+denominators gathered by each element's block id.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any, NamedTuple
 
 import torch
 
+from ..kernels.adam_mini import adam_mini_update
 from ..kernels.blocks import Geometry, block_sizes, coordinate_table, is_elementwise
 from ..partition import PlanEntry
 from .sharding import _merge
+from .step import reduce_shared_blocks
 
-__all__ = ["FlatLayout", "Piece", "flat_block_ids", "flat_layout", "flat_layout_stage3", "layout_of_pieces",
-           "touched_blocks"]
+__all__ = ["FlatLayout", "Piece", "ZeroTensors", "flat_block_ids", "flat_layout", "flat_layout_stage3",
+           "layout_of_pieces", "touched_blocks", "zero_state", "zero_step"]
 
 
 def flat_block_ids(shape: tuple[int, ...], geometry: Geometry, a: int, b: int,
@@ -158,3 +164,81 @@ def layout_of_pieces(entries: list[PlanEntry], ranges: list[list[tuple[int, int]
                         torch.tensor(shared_local, dtype=torch.int64), torch.tensor(shared_pos, dtype=torch.int64),
                         signature, pos - buffer_start)
     return layout, pos - buffer_start
+
+
+def zero_state(flat: torch.Tensor, layout: FlatLayout) -> dict[str, torch.Tensor]:
+    """The initial state of a flat partition: ``step``, ``exp_avg`` and the ``block_exp_avg_sq`` of
+    the blocks its pieces touch (fp32 state for bf16/fp16 partitions)."""
+    dtype = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else flat.dtype
+    return {"step": torch.tensor(0.0, dtype=torch.float32), "exp_avg": torch.zeros_like(flat, dtype=dtype),
+            "block_exp_avg_sq": torch.zeros(layout.num_v, dtype=dtype, device=flat.device)}
+
+
+@dataclass
+class ZeroTensors:
+    """One flat partition with a gradient, as the step reads it: the partition, its gradient, its
+    state (:func:`zero_state`), its layout and its parameter group's hyperparameters (``lr``,
+    ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``maximize``)."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    second_moment: torch.Tensor
+    step: torch.Tensor
+    layout: FlatLayout
+    hyper: dict[str, Any]
+
+
+class _Shared(NamedTuple):  # a flat partition's slots of the reduction buffer (see SharedBlocks)
+    group: Any
+    num_shared: int
+    shared_local: torch.Tensor
+    shared_pos: torch.Tensor
+
+
+def zero_step(parts: Sequence[ZeroTensors], group: Any) -> None:
+    """One step of every flat partition: block sums per piece, one ``all_reduce`` on ``group`` for
+    the blocks split between ranks (FSDP2's :func:`~blockopt.distributed.step.reduce_shared_blocks`),
+    then :func:`~blockopt.kernels.adam_mini.adam_mini_update` on each piece."""
+    grads, ids, sums = [], [], []
+    for t in parts:
+        layout, dtype, device = t.layout, t.exp_avg.dtype, t.param.device
+        g = t.grad.to(dtype)
+        if t.hyper["maximize"]:
+            g = -g
+        s = torch.zeros(layout.num_v, dtype=dtype, device=device)
+        piece_ids = []
+        for pc in layout.pieces:
+            i = flat_block_ids(pc.entry.shape, pc.entry.geometry, pc.start, pc.start + pc.length, device) - pc.blocks[0]
+            piece_ids.append(i)
+            if not is_elementwise(pc.entry.geometry):
+                gp = g.narrow(0, pc.offset, pc.length)
+                s.narrow(0, pc.v_offset, pc.blocks[1] - pc.blocks[0]).index_add_(0, i, gp * gp)
+        grads.append(g)
+        ids.append(piece_ids)
+        sums.append(s)
+    reduce_shared_blocks(sums, [_Shared(group, t.layout.buffer_len, t.layout.shared_local, t.layout.shared_pos)
+                                for t in parts])
+    for t, g, piece_ids, s in zip(parts, grads, ids, sums):
+        _update_pieces(t, g, piece_ids, s)
+
+
+def _update_pieces(t: ZeroTensors, g: torch.Tensor, ids: list[torch.Tensor], sums: torch.Tensor) -> None:
+    """The update of one flat partition, piece by piece, given its reduced block sums."""
+    layout = t.layout
+    spans = [(pc.offset, pc.length, pc.v_offset, pc.blocks[1] - pc.blocks[0]) for pc in layout.pieces]
+    stats = [None if is_elementwise(pc.entry.geometry) else sums.narrow(0, vo, nb) / layout.counts.narrow(0, vo, nb).to(sums.dtype)
+             for pc, (_, _, vo, nb) in zip(layout.pieces, spans)]
+
+    def applier(block_ids: torch.Tensor):
+        def apply(w: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float) -> None:
+            w.addcdiv_(m, denom[block_ids], value=-step_size)
+        return apply
+
+    h = t.hyper
+    adam_mini_update([t.param.detach().narrow(0, o, n) for o, n, _, _ in spans], [g.narrow(0, o, n) for o, n, _, _ in spans],
+                     [t.exp_avg.narrow(0, o, n) for o, n, _, _ in spans],
+                     [t.second_moment.narrow(0, vo, nb) for _, _, vo, nb in spans], [t.step.clone() for _ in spans],
+                     stats, [pc.entry.weight_decay for pc in layout.pieces], [applier(i) for i in ids], lr=h["lr"],
+                     beta1=h["beta1"], beta2=h["beta2"], eps=h["eps"], weight_decay=h["weight_decay"], maximize=False)
+    t.step.add_(1.0)

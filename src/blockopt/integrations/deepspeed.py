@@ -61,14 +61,15 @@ def attach(engine: Any) -> AdamMini:
     rank, world = dist.get_rank(group=dp[0]), dist.get_world_size(group=dp[0])
     flats = []
     for i, params in enumerate(groups):
-        missing = [tuple(p.shape) for p in params if p not in client._entries]
+        missing = [tuple(p.shape) for p in params if p not in client.param_entries]
         if missing:
             raise ValueError(f"Invalid engine: parameter group {i} holds tensors AdamMini was not built with "
                              f"(shapes {missing[:3]}); build AdamMini over the model passed to deepspeed.initialize")
-        layout, _ = flat_layout([client._entries[p] for p in params], [int(o) for o in zero.round_robin_bit16_offsets[i]],
+        layout, _ = flat_layout([client.param_entries[p] for p in params],
+                                [int(o) for o in zero.round_robin_bit16_offsets[i]],
                                 int(zero.partition_size[i]), rank, world)
         flats.append((i, zero.single_partition_of_fp32_groups[i], layout))
-    client._attach_zero(flats, dp[0])
+    client.attach_zero(flats, dp[0])
     return client
 
 
@@ -85,14 +86,15 @@ def _attach_stage3(zero: Any, client: AdamMini) -> AdamMini:
     rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
     flats = []
     for sid, params in enumerate(zero.fp16_groups):
-        missing = [tuple(getattr(p, "ds_shape", p.shape)) for p in params if p not in client._entries]
+        missing = [tuple(getattr(p, "ds_shape", p.shape)) for p in params if p not in client.param_entries]
         if missing:
             raise ValueError(f"Invalid engine: ZeRO-3 sub-group {sid} holds tensors AdamMini was not built with "
                              f"(shapes {missing[:3]}); build AdamMini over the model passed to deepspeed.initialize")
-        layout, _ = flat_layout_stage3([client._entries[p] for p in params], [int(p.ds_tensor.ds_numel) for p in params],
+        layout, _ = flat_layout_stage3([client.param_entries[p] for p in params],
+                                       [int(p.ds_tensor.ds_numel) for p in params],
                                        rank, world)
         flats.append((int(zero.sub_group_to_group_id[sid]), zero.fp32_partitioned_groups_flat[sid], layout))
-    client._attach_zero(flats, group)
+    client.attach_zero(flats, group)
     return client
 
 
@@ -117,7 +119,7 @@ def trainer_callback() -> Any:
         def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
             if optimizer is not None and getattr(_zero_optimizer(optimizer), "optimizer", None) is not None:
                 client = _zero_optimizer(optimizer).optimizer
-                if isinstance(client, AdamMini) and not client._zero:
+                if isinstance(client, AdamMini) and not client.zero_layouts:
                     attach(optimizer)
 
     return AttachAdamMini()

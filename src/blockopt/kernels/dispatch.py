@@ -11,11 +11,16 @@ Five implementations share one contract (the tensor lists of
 ``triton``     the Triton kernel on CUDA (``capturable`` for CUDA graphs)
 =============  ==============================================================
 
-:func:`choose_route` decides per tensor; :func:`prepare` builds a typed handle
-(its cached tables) per route; :func:`run` steps a handle. :func:`adam_mini` is
-the functional form of all three, in the shape of ``torch.optim.adam.adam``,
-and returns the route of every tensor. :class:`~blockopt.AdamMini` keeps the
-handles between steps and reports the routes as ``opt.routes``.
+:func:`choose_route` decides per tensor, from the tensors, the options and the
+momentum storage format, and its answer is final: a :class:`Route`, the
+implementation and the one codec of that format (:mod:`blockopt.kernels.momentum`)
+that the route runs around, if any. :func:`prepare` builds a typed handle (its
+cached tables) per route; :func:`run` steps a handle. :func:`prepare_step` and
+:func:`run_step` do this for a list of tensors, and :func:`adam_mini`, the
+functional form in the shape of ``torch.optim.adam.adam``, is the two in one
+call; it returns the route of every tensor. :class:`~blockopt.AdamMini` keeps
+the prepared step of each parameter group between steps and reports the
+routes as ``opt.routes``.
 
 The Triton route is safe to try: on the first step of each kind of tensor it
 compiles and launches its kernels on scratch tensors, and if that fails it
@@ -29,7 +34,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim.adamw import adamw as torch_adamw  # torch's functional AdamW (public)
@@ -40,18 +45,11 @@ from .adam_mini_cpu import fused_cpu_step, fused_cpu_supports, fused_cpu_tables,
 from .adam_mini_triton import adam_mini_triton, triton_available, triton_supports
 from .blocks import Geometry, is_elementwise
 
-__all__ = ["ROUTES", "Handle", "StepTensors", "adam_mini", "choose_route", "prepare", "run", "triton_enabled"]
+__all__ = ["ROUTES", "Handle", "PreparedStep", "Route", "StepTensors", "adam_mini", "choose_route", "prepare",
+           "prepare_step", "run", "run_step", "triton_enabled"]
 
 #: the implementations, by the names :func:`choose_route` returns and ``opt.routes`` reports
 ROUTES = ("reference", "foreach", "adamw", "fused_cpu", "triton", "capturable")
-
-
-class Codec(Protocol):
-    """Compact first moments (bf16/int8) around a route that works on fp32 ``exp_avg``."""
-
-    def decode(self) -> list[torch.Tensor]: ...
-
-    def encode(self) -> None: ...
 
 
 @dataclass
@@ -80,13 +78,13 @@ class Handle:
     """A route's prepared step: its tensors and whatever it caches between steps.
 
     ``tables``: the C++ kernel's work table and per-tensor maps (``fused_cpu``); the per-decay
-    classes of torch's fused AdamW (``adamw``). ``codec``: decode/encode of compact momentum for
-    the routes that compute on fp32 ``exp_avg`` (``reference``, ``foreach``)."""
+    classes of torch's fused AdamW (``adamw``). ``codec``: the route's momentum codec
+    (:class:`Route`), for the routes that compute on fp32 ``exp_avg``."""
 
     route: str
     tensors: StepTensors
     tables: Any = None
-    codec: Codec | None = None
+    codec: mom.Codec | None = None
 
 
 _HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")
@@ -98,9 +96,31 @@ def triton_enabled() -> bool:
             and _triton_state["error"] is None)
 
 
+class Route(NamedTuple):
+    """What :func:`choose_route` decides for a tensor: the implementation, and the momentum codec it
+    runs around (``reference``, ``foreach``) or falls back to (``triton``); ``None`` for fp32
+    momentum and for the kernels that store compact momentum themselves (``fused_cpu``, ``triton``)."""
+
+    name: str
+    codec: mom.Codec | None = None
+
+
+#: the routes that compute on fp32 ``exp_avg`` (Triton only when it falls back to foreach)
+_CODEC_ROUTES = ("reference", "foreach", "triton")
+
+
 def choose_route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, geometry: Geometry, *,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False) -> str:
-    """The implementation for one tensor (``foreach``/``fused``/``capturable`` as in ``torch.optim``)."""
+                 momentum: str = "fp32", foreach: bool | None = None, fused: bool | None = None,
+                 capturable: bool = False) -> Route:
+    """The implementation for one tensor and its codec (``foreach``/``fused``/``capturable`` as in
+    ``torch.optim``; ``momentum``: the storage format of ``m``, see :mod:`blockopt.kernels.momentum`).
+    Final: callers run what it returns."""
+    name = _route_name(p, g, m, v, geometry, momentum, foreach, fused, capturable)
+    return Route(name, mom.codec_for(momentum) if name in _CODEC_ROUTES else None)
+
+
+def _route_name(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, geometry: Geometry,
+                momentum: str, foreach: bool | None, fused: bool | None, capturable: bool) -> str:
     if foreach is False:
         return "reference"
     if capturable:
@@ -111,7 +131,8 @@ def choose_route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
         return "foreach"
     if p.device.type == "cpu":
         if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
-            if is_elementwise(geometry) and m.dtype == torch.float32:
+            # torch's fused AdamW keeps fp32 momentum only
+            if is_elementwise(geometry) and momentum == "fp32" and m.dtype == torch.float32:
                 return "adamw"
             if load_cpu_kernel() is not None:
                 return "fused_cpu"
@@ -120,7 +141,7 @@ def choose_route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
     return "foreach"
 
 
-def prepare(route: str, tensors: StepTensors, codec: Codec | None = None) -> Handle:
+def prepare(route: str, tensors: StepTensors, codec: mom.Codec | None = None) -> Handle:
     """The handle of ``route`` for these tensors (tables built once, reused while they stay the same)."""
     if route == "fused_cpu":
         tables = fused_cpu_tables([tuple(p.shape) for p in tensors.params], tensors.geometries, tensors.decay,
@@ -135,9 +156,9 @@ def prepare(route: str, tensors: StepTensors, codec: Codec | None = None) -> Han
                 classes.append((decayed, sub, t.params, t.exp_avgs,
                                 [v.view(p.shape) for v, p in zip(t.second_moments, t.params)], t.steps))
         return Handle(route, tensors, tuple(classes))
-    if route in ("reference", "foreach"):
+    if route in _CODEC_ROUTES:
         return Handle(route, tensors, codec=codec)
-    if route in ("triton", "capturable"):
+    if route == "capturable":
         return Handle(route, tensors)
     raise ValueError(f"Invalid route: {route!r}; allowed: {', '.join(ROUTES)}")
 
@@ -170,14 +191,53 @@ def run(handle: Handle, grads: Sequence[torch.Tensor], *, lr: Any, beta1: float,
                              seeds=t.seeds or None, scales=t.scales or None)
             return route
         route = "foreach"  # the kernels failed on scratch tensors: nothing of these tensors has changed
-        if handle.codec is None and any(m.dtype != torch.float32 for m in t.exp_avgs):
-            handle.codec = _TensorCodec(t)
-    exp_avgs = handle.codec.decode() if handle.codec is not None else t.exp_avgs
+    codec = handle.codec
+    exp_avgs = codec.decode(t.exp_avgs, t.scales) if codec is not None else t.exp_avgs
     step = adam_mini_reference if route == "reference" else adam_mini_foreach
     step(t.params, grads, exp_avgs, t.second_moments, t.steps, t.geometries, t.decay, **_host(hyper))
-    if handle.codec is not None:
-        handle.codec.encode()
+    if codec is not None:
+        codec.encode(t.exp_avgs, exp_avgs, t.steps, t.scales, t.seeds)
     return route
+
+
+@dataclass
+class PreparedStep:
+    """Tensors split by :func:`choose_route`, each part's handle built: what :func:`adam_mini` does
+    on every call, and what :class:`~blockopt.AdamMini` keeps between steps while the same tensors
+    have gradients. ``handles``: each handle with its tensors' positions (``None``: all of them)."""
+
+    handles: list[tuple[Handle, list[int] | None]]
+
+
+def prepare_step(tensors: StepTensors, grads: Sequence[torch.Tensor], *, momentum: str | None = None,
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 route: str | None = None) -> PreparedStep:
+    """The routes of ``tensors`` (``route`` for all, or :func:`choose_route` per tensor) and their
+    handles. ``momentum``: the storage format of every ``exp_avg`` (``None``: read from its dtype)."""
+    if route is not None and route not in ROUTES:
+        raise ValueError(f"Invalid route: {route!r}; allowed: {', '.join(ROUTES)}")
+    formats = [momentum or mom.stored_format(m) for m in tensors.exp_avgs]
+    if route is not None:
+        routes = [Route(route, mom.codec_for(f) if route in _CODEC_ROUTES else None) for f in formats]
+    else:
+        routes = [choose_route(p, g, m, v, geo, momentum=f, foreach=foreach, fused=fused, capturable=capturable)
+                  for p, g, m, v, geo, f in zip(tensors.params, grads, tensors.exp_avgs, tensors.second_moments,
+                                                tensors.geometries, formats)]
+    handles = []
+    for r in dict.fromkeys(routes):
+        index = [i for i, x in enumerate(routes) if x == r]
+        whole = len(index) == len(routes)
+        handles.append((prepare(r.name, tensors if whole else tensors.subset(index), r.codec),
+                        None if whole else index))
+    return PreparedStep(handles)
+
+
+def run_step(prepared: PreparedStep, grads: Sequence[torch.Tensor], *, lr: Any, beta1: float, beta2: float,
+             eps: float, weight_decay: float, maximize: bool) -> list[str]:
+    """One step of every handle of ``prepared`` (:func:`run`); the route that ran, per handle."""
+    return [run(handle, grads if index is None else [grads[i] for i in index], lr=lr, beta1=beta1, beta2=beta2,
+                eps=eps, weight_decay=weight_decay, maximize=maximize)
+            for handle, index in prepared.handles]
 
 
 def adam_mini(
@@ -211,45 +271,19 @@ def adam_mini(
     n = len(params)
     tensors = StepTensors(list(params), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), list(geometries),
                           list(decay), list(exp_avg_scales or [None] * n), list(seeds or [0] * n))
-    if route is not None and route not in ROUTES:
-        raise ValueError(f"Invalid route: {route!r}; allowed: {', '.join(ROUTES)}")
-    routes = [route or choose_route(p, g, m, v, geo, foreach=foreach, fused=fused, capturable=capturable)
-              for p, g, m, v, geo in zip(params, grads, exp_avgs, block_exp_avg_sqs, geometries)]
-    ran = list(routes)
-    for r in dict.fromkeys(routes):
-        index = [i for i, x in enumerate(routes) if x == r]
-        sub = tensors.subset(index)
-        compact = any(m.dtype != torch.float32 and m.dtype != torch.float64 for m in sub.exp_avgs)
-        codec = _TensorCodec(sub) if compact and r in ("reference", "foreach") else None
-        got = run(prepare(r, sub, codec), [grads[i] for i in index], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                  weight_decay=weight_decay, maximize=maximize)
-        for i in index:
-            ran[i] = got
-    return ran
+    prepared = prepare_step(tensors, grads, foreach=foreach, fused=fused, capturable=capturable, route=route)
+    ran = run_step(prepared, grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                   maximize=maximize)
+    out = [""] * n
+    for (_, index), got in zip(prepared.handles, ran):
+        for i in range(n) if index is None else index:
+            out[i] = got
+    return out
 
 
 def _host(hyper: dict[str, Any]) -> dict[str, Any]:
     lr = hyper["lr"]
     return {**hyper, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr}
-
-
-class _TensorCodec:
-    """Compact momentum of plain tensors around the fp32 routes (the optimizer has its own, which
-    also reads DTensor shards): decode to fp32, step, encode with the step's seed."""
-
-    def __init__(self, t: StepTensors) -> None:
-        self.t, self.values = t, []
-
-    def decode(self) -> list[torch.Tensor]:
-        self.values = [mom.decode(m, s) for m, s in zip(self.t.exp_avgs, self.t.scales or [None] * len(self.t.params))]
-        return self.values
-
-    def encode(self) -> None:
-        for i, (m, v) in enumerate(zip(self.t.exp_avgs, self.values)):
-            scale = self.t.scales[i] if self.t.scales else None
-            seed = self.t.seeds[i] if self.t.seeds else 0
-            mom.encode_(m, v.float(), mom.step_seed(seed, int(self.t.steps[i].item())), scale)
-        self.values = []
 
 
 # --- the Triton route's first use -------------------------------------------------------------------

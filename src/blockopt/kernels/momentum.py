@@ -31,12 +31,16 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 
 import torch
 
 __all__ = [
+    "CODECS",
     "GROUP",
     "MOMENTUM_FORMATS",
+    "Codec",
+    "codec_for",
     "decode",
     "encode_",
     "format_for",
@@ -47,6 +51,7 @@ __all__ = [
     "new_state",
     "scale_shape",
     "step_seed",
+    "stored_format",
 ]
 
 #: elements per int8 scale group, along a row
@@ -66,6 +71,11 @@ def momentum_format(momentum_dtype: object) -> str:
         raise ValueError(
             f"Invalid momentum_dtype: {momentum_dtype!r}; expected None (fp32), torch.bfloat16 or 'int8'"
         ) from None
+
+
+def stored_format(m: torch.Tensor) -> str:
+    """The format a stored first moment is in, read from its dtype (int8, bf16; anything else fp32)."""
+    return {torch.int8: "int8", torch.bfloat16: "bf16"}.get(m.dtype, "fp32")
 
 
 def format_for(fmt: str, shape: tuple[int, ...]) -> str:
@@ -191,3 +201,41 @@ def encode_(m: torch.Tensor, value: torch.Tensor, seed: int, scale: torch.Tensor
     q = torch.clamp(torch.floor(y + u), max=127.0) * torch.sign(x)
     scale.copy_(amax)
     m.copy_(q.view(rows, -1)[:, :cols].reshape(m.shape).to(torch.int8))
+
+
+class Codec:
+    """A compact storage format around a route that computes on fp32 ``exp_avg`` tensors.
+
+    :meth:`decode` returns the fp32 values of stored first moments (new tensors); after the
+    step, :meth:`encode` stores the updated values back with the seed of the step just taken,
+    as the fused kernels do inline. One instance per compact format (:data:`CODECS`);
+    ``"int8"``'s also carries the bf16 momentum of its 1-D tensors (:func:`format_for`).
+    """
+
+    def __init__(self, fmt: str) -> None:
+        self.format = fmt
+
+    def __repr__(self) -> str:
+        return f"Codec({self.format!r})"
+
+    def decode(self, exp_avgs: Sequence[torch.Tensor], scales: Sequence[torch.Tensor | None] = ()) -> list[torch.Tensor]:
+        return [decode(m, scales[i] if scales else None) for i, m in enumerate(exp_avgs)]
+
+    def encode(self, exp_avgs: Sequence[torch.Tensor], values: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
+               scales: Sequence[torch.Tensor | None] = (), seeds: Sequence[int] = (),
+               offsets: Sequence[int] = ()) -> None:
+        """``steps``: the step counters (already incremented); ``seeds``: each tensor's base seed
+        (:func:`name_seed`, default 0); ``offsets``: each tensor's first element in the full tensor
+        (a shard's, under FSDP2; default 0)."""
+        for i, (m, v) in enumerate(zip(exp_avgs, values, strict=True)):
+            seed = step_seed(seeds[i] if seeds else 0, int(steps[i].item()))
+            encode_(m, v.float(), seed, scales[i] if scales else None, offsets[i] if offsets else 0)
+
+
+#: the codec of each compact format
+CODECS = {"bf16": Codec("bf16"), "int8": Codec("int8")}
+
+
+def codec_for(fmt: str) -> Codec | None:
+    """The codec of storage format ``fmt`` (``None`` for fp32: there is nothing to decode)."""
+    return CODECS.get(fmt)

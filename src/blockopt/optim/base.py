@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..partition import PartitionPlan, PlanEntry
+from ..partition import PartitionPlan, PlanEntry, partition
 from ..partition.plan import canonical_name
 
-__all__ = ["PlanOptimizer", "check_float", "check_hparams"]
+__all__ = ["PlanOptimizer", "check_float", "check_hparams", "params_and_plan"]
 
 
 def check_float(name: str, value: Any, *, low: float = 0.0, high: float | None = None, high_open: bool = True) -> None:
@@ -51,6 +52,40 @@ def check_hparams(group: Mapping[str, Any]) -> None:
             raise ValueError(f"{e} (betas={tuple(betas)!r})") from None
     check_float("eps", group["eps"])
     check_float("weight_decay", group["weight_decay"])
+
+
+def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Mapping[str, Any], *,
+                    plan_required: bool, missing_plan: str) -> tuple[Any, PartitionPlan | None]:
+    """The param groups and the plan of an optimizer built on a partition plan.
+
+    A module gives one group of its named parameters and, unless ``plan`` is
+    passed, a plan built from it with ``hints`` (the :func:`blockopt.partition`
+    arguments). Parameters or groups are used as given; hints are then an
+    error, and so is a missing plan when ``plan_required`` (``missing_plan`` is
+    the message).
+    """
+    if isinstance(model_or_params, nn.Module):
+        named = list(model_or_params.named_parameters())
+        if not named:
+            raise ValueError(f"Invalid model: {type(model_or_params).__name__} has no parameters "
+                             "(the optimizer got an empty parameter list)")
+        if plan is None:
+            plan = partition(model_or_params, **hints)
+        params: Any = [{"params": named}]
+    else:
+        used = [k for k, v in hints.items() if v]
+        if used:
+            raise ValueError(
+                f"Invalid arguments {used} with named parameters: partition hints are used only when a "
+                f"module is given; pass the model, or build the plan with blockopt.partition(model, ...) "
+                f"and pass plan="
+            )
+        if plan is None and plan_required:
+            raise ValueError(missing_plan)
+        params = model_or_params
+    if plan is not None and not isinstance(plan, PartitionPlan):
+        raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
+    return params, plan
 
 
 class PlanOptimizer(torch.optim.Optimizer):
@@ -102,6 +137,10 @@ class PlanOptimizer(torch.optim.Optimizer):
                 f"Invalid plan: parameter {name!r} has shape {list(p.shape)} but the plan entry has {list(entry.shape)}"
             )
         return entry
+
+    def params_in_order(self) -> list[torch.Tensor]:
+        """Every parameter, group by group, in the order of ``state_dict()["state"]``'s indices."""
+        return [p for g in self.param_groups for p in g["params"]]
 
     # --- loading ------------------------------------------------------------------------------------
     def _match_saved_groups(self, state_dict: Any) -> dict[Any, torch.Tensor]:

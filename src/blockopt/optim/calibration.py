@@ -15,12 +15,13 @@ tensor's ``v``), so every rank computes exactly what one process computes.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..distributed.state import gather_block_states
 from ..kernels.blocks import Geometry, block_views
 from ..partition import PartitionPlan, PlanEntry
 from ..partition.snr import SNRCalibration, SNRMeter, apply_snr, candidates, check_cutoff, measure_steps
@@ -28,7 +29,8 @@ from ..partition.snr import SNRCalibration, SNRMeter, apply_snr, candidates, che
 if TYPE_CHECKING:
     from .adam_mini import AdamMini
 
-__all__ = ["InRunCalibration", "check_calibrate_args", "compress_to_blocks", "user_kind_names"]
+__all__ = ["InRunCalibration", "check_calibrate_args", "compress_to_blocks", "full_second_moments",
+           "user_kind_names"]
 
 
 def check_calibrate_args(calibrate: Any, points: Any, cutoff: Any) -> tuple[int, int, float]:
@@ -96,30 +98,14 @@ class InRunCalibration:
     def active_plan(self) -> PartitionPlan:
         return self.chosen if self.chosen is not None else self.calibrating_plan()
 
-    # --- reading full per-element v (gathered under FSDP2) ------------------------------------
-    @staticmethod
-    def _full_vs(opt: AdamMini) -> Iterable[tuple[PlanEntry, torch.Tensor, torch.Tensor]]:
-        """(structural entry name's current entry, parameter, full per-element v) for every parameter with
-        state, in the optimizer's order (the same on every rank)."""
-        from ..distributed.state import gather_block_states
-
-        for p in opt._params_in_order():
-            state = opt.state.get(p)
-            if not state or "block_exp_avg_sq" not in state:
-                continue
-            v = state["block_exp_avg_sq"]
-            info = opt._dtensors.get(p)
-            if info is not None:
-                (v,) = gather_block_states([v], [info])
-            yield opt._entries[p], p, v
-
+    # --- the optimizer's full v (gathered under FSDP2: full_second_moments) -----------------------
     def after_step(self, opt: AdamMini) -> None:
         if self.chosen is not None:
             return
         self.steps_done += 1
         if self.steps_done in self.measure_at():
             vs = {}
-            for entry, _, v in self._full_vs(opt):
+            for entry, _, v in full_second_moments(opt):
                 if entry.name in self.keep or not candidates(entry) or v.numel() != entry.numel:
                     continue
                 vs[entry.name] = v
@@ -129,25 +115,14 @@ class InRunCalibration:
 
     def switch(self, opt: AdamMini) -> None:
         """Choose the SNR plan and compress every per-element v to its blocks (block means)."""
-        from ..distributed.dtensor import make_shard_info
-        from ..distributed.state import local_block_state
-
         chosen = apply_snr(self.structural, self.meter.calibration, self.cutoff, keep=self.keep)
         new_v: dict[torch.Tensor, torch.Tensor] = {}
-        for entry, p, v in list(self._full_vs(opt)):
+        for entry, p, v in list(full_second_moments(opt)):
             target = chosen[entry.name]
-            if target.geometry == entry.geometry:
-                continue
-            full = compress_to_blocks(v, entry.shape, target.geometry)
-            info = opt._dtensors.get(p)
-            if info is not None:
-                info = make_shard_info(p, target.geometry, entry.name)
-                full = local_block_state(full, info)
-            new_v[p] = full
+            if target.geometry != entry.geometry:
+                new_v[p] = compress_to_blocks(v, entry.shape, target.geometry)
         self.chosen = chosen
-        opt._set_plan(chosen)
-        for p, v in new_v.items():
-            opt.state[p]["block_exp_avg_sq"] = v
+        opt.set_plan(chosen, new_v)
 
     # --- state -------------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -179,10 +154,40 @@ class InRunCalibration:
             raise ValueError(f"Invalid state_dict: calibration step {steps} outside [0, {self.window}]")
         return calibration, plan, steps
 
+    def enter_saved_phase(self, opt: AdamMini, saved: Any) -> None:
+        """Put ``opt`` (whose calibration this is) into the phase, and plan, of a saved ``snr_calibration``
+        entry, before a ``torch.distributed.checkpoint`` load builds its template (see
+        :func:`blockopt.distributed.checkpoint.load`). Only an optimizer without state can change phase;
+        nothing changes on error."""
+        _, chosen, _ = self.check_state(decode_state(saved))
+        target = chosen if chosen is not None else self.calibrating_plan()
+        if target.entries == opt.plan.entries:
+            return
+        if any(opt.state.get(p) for p in opt.params_in_order()):
+            raise ValueError(
+                f"Invalid checkpoint: it was saved in calibration phase {decode_state(saved)['phase']!r}, this "
+                f"optimizer is in phase {self.phase!r} and holds state; load it into a freshly built optimizer")
+        opt.set_plan(target)
+
     def restore(self, calibration: SNRCalibration, plan: PartitionPlan | None, steps: int) -> None:
         self.meter.calibration = calibration
         self.chosen = plan
         self.steps_done = steps
+
+
+def full_second_moments(opt: AdamMini) -> Iterator[tuple[PlanEntry, torch.Tensor, torch.Tensor]]:
+    """``(plan entry, parameter, full block_exp_avg_sq)`` of every parameter of ``opt`` with state, in
+    the optimizer's order (the same on every rank); a sharded parameter's vector is gathered from all
+    ranks (collective), one parameter at a time."""
+    infos = opt.shard_infos
+    for p in opt.params_in_order():
+        state = opt.state.get(p)
+        if not state or "block_exp_avg_sq" not in state:
+            continue
+        v = state["block_exp_avg_sq"]
+        if infos.get(p) is not None:
+            (v,) = gather_block_states([v], [infos[p]])
+        yield opt.param_entries[p], p, v
 
 
 def encode_state(state: Mapping[str, Any]) -> str:

@@ -14,8 +14,7 @@ from torch import nn
 from ..kernels.blocks import Geometry
 from ..kernels.mofo import mofo_step
 from ..partition import PartitionPlan
-from .adam_mini import params_and_plan
-from .base import PlanOptimizer, check_hparams
+from .base import PlanOptimizer, check_hparams, params_and_plan
 
 __all__ = ["MoFO"]
 
