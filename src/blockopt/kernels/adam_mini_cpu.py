@@ -210,15 +210,60 @@ def fused_cpu_step(tables: FusedCpuTables, params: Sequence[torch.Tensor], grads
                    exp_avgs: Sequence[torch.Tensor], block_exp_avg_sqs: Sequence[torch.Tensor],
                    state_steps: Sequence[torch.Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
                    weight_decay: float, maximize: bool) -> None:
-    """One call of the C++ kernel for every tensor of ``tables``."""
-    module = load_cpu_kernel()
-    if module is None:
-        raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu_kernel_error()}")
-    module.adam_mini_step(
+    """One call of the C++ kernel for every tensor of ``tables``.
+
+    Eagerly the extension is called directly (no dispatcher in between). Under ``torch.compile`` the
+    call is the custom op ``torch.ops.blockopt.adam_mini_step``, one node of the graph; ``lr`` may then
+    be a 0-dim tensor (a scheduler changes its value without a recompile)."""
+    if torch.compiler.is_compiling():
+        # a fresh placeholder per parameter without int8 momentum: the op mutates ``scales``, and
+        # functionalization wants mutated list entries that do not alias each other
+        scales = [s if s.numel() else torch.empty(0) for s in tables.scales]
+        lr_t = lr if isinstance(lr, torch.Tensor) else torch.ones((), dtype=torch.float64) * lr  # see dispatch._host
+        torch.ops.blockopt.adam_mini_step(
+            list(params), list(grads), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), tables.table,
+            tables.decay, lr_t, beta1, beta2, eps, weight_decay, maximize, tables.kinds, scales, tables.seeds,
+            tables.colmaps)
+        return
+    _kernel().adam_mini_step(
         list(params), list(grads), list(exp_avgs), list(block_exp_avg_sqs), list(state_steps), tables.table,
         tables.decay, lr, beta1, beta2, eps, weight_decay, maximize, tables.kinds, tables.scales, tables.seeds,
         tables.colmaps,
     )
+
+
+def _kernel():
+    module = load_cpu_kernel()
+    if module is None:
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {cpu_kernel_error()}")
+    return module
+
+
+# The kernel as a torch.library custom op: what torch.compile records (one opaque node; Dynamo
+# cannot trace into the extension module). ``mutates_args`` names every tensor the kernel writes,
+# so functionalization (AOTAutograd) copies the results back into them; the fake implementation
+# returns nothing, as the kernel does. Types are spelled out: the schema is read from them.
+@torch.library.custom_op(
+    "blockopt::adam_mini_step", mutates_args=("params", "exp_avgs", "block_exp_avg_sqs", "state_steps", "scales"),
+    device_types="cpu")
+def _adam_mini_step_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    block_exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor], table: torch.Tensor, decay: torch.Tensor,
+    lr: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    kinds: torch.Tensor, scales: list[torch.Tensor], seeds: torch.Tensor, colmaps: list[torch.Tensor],
+) -> None:
+    _kernel().adam_mini_step(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, table, decay, lr.item(), beta1,
+                             beta2, eps, weight_decay, maximize, kinds, scales, seeds, colmaps)
+
+
+@_adam_mini_step_op.register_fake
+def _adam_mini_step_fake(
+    params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    block_exp_avg_sqs: list[torch.Tensor], state_steps: list[torch.Tensor], table: torch.Tensor, decay: torch.Tensor,
+    lr: torch.Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+    kinds: torch.Tensor, scales: list[torch.Tensor], seeds: torch.Tensor, colmaps: list[torch.Tensor],
+) -> None:
+    """Only in-place writes (declared in ``mutates_args``): no outputs, no metadata changes."""
 
 
 def adam_mini_fused_cpu(
