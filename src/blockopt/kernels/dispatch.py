@@ -114,16 +114,21 @@ def choose_route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
                  capturable: bool = False) -> Route:
     """The implementation for one tensor and its codec (``foreach``/``fused``/``capturable`` as in
     ``torch.optim``; ``momentum``: the storage format of ``m``, see :mod:`blockopt.kernels.momentum`).
-    Final: callers run what it returns."""
+    Final: callers run what it returns.
+
+    Under ``torch.compile`` CUDA tensors take ``foreach`` (Inductor generates its kernels; the Triton
+    launches are not traced), which keeps step counters and ``lr`` as tensors, as capturable does;
+    per-element blocks on the CPU take the C++ kernel (a custom op), as torch's fused AdamW is not traced."""
     name = _route_name(p, g, m, v, geometry, momentum, foreach, fused, capturable)
     return Route(name, mom.codec_for(momentum) if name in _CODEC_ROUTES else None)
 
 
 def _route_name(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, geometry: Geometry,
                 momentum: str, foreach: bool | None, fused: bool | None, capturable: bool) -> str:
+    compiling = torch.compiler.is_compiling()
     if foreach is False:
         return "reference"
-    if capturable:
+    if capturable and not compiling:
         return "capturable"
     if fused is False or v.dtype not in (torch.float32, torch.float64):
         # a bf16/fp16 second moment (state_dtype): the arithmetic runs in that dtype, which only the
@@ -132,11 +137,11 @@ def _route_name(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     if p.device.type == "cpu":
         if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
             # torch's fused AdamW keeps fp32 momentum only
-            if is_elementwise(geometry) and momentum == "fp32" and m.dtype == torch.float32:
+            if is_elementwise(geometry) and momentum == "fp32" and m.dtype == torch.float32 and not compiling:
                 return "adamw"
             if load_cpu_kernel() is not None:
                 return "fused_cpu"
-    elif p.device.type == "cuda" and triton_enabled() and triton_supports(p, m, geometry):
+    elif p.device.type == "cuda" and not compiling and triton_enabled() and triton_supports(p, m, geometry):
         return "triton"
     return "foreach"
 
@@ -283,6 +288,12 @@ def adam_mini(
 
 def _host(hyper: dict[str, Any]) -> dict[str, Any]:
     lr = hyper["lr"]
+    if torch.compiler.is_compiling():
+        # the compiled routes take lr as a tensor: a tensor lr stays one (no .item(): no graph break, no
+        # recompile when a scheduler changes it), a float becomes one by a multiplication, the form in
+        # which a symbolic float stays an input (once Dynamo has seen it change) instead of being
+        # specialized again at every value
+        return {**hyper, "lr": lr if isinstance(lr, torch.Tensor) else torch.ones((), dtype=torch.float64) * lr}
     return {**hyper, "lr": lr.item() if isinstance(lr, torch.Tensor) else lr}
 
 

@@ -29,6 +29,7 @@ from .adam_mini_layouts import check_dense, check_known, hyper, local_tensors, s
 from .adam_mini_state import block_plan
 from .base import PlanOptimizer, check_hparams, params_and_plan
 from .calibration import InRunCalibration, check_calibrate_args
+from .compiled import warn_if_not_compiled
 
 __all__ = ["AdamMini"]
 
@@ -257,6 +258,8 @@ class AdamMini(PlanOptimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._zero:
+            if torch.compiler.is_compiling():
+                self._init_group(self.param_groups[0])  # says (once) that this step is not traced whole
             self._zero_step()
         else:
             check_known(self)
@@ -323,6 +326,8 @@ class AdamMini(PlanOptimizer):
             self._prepared_cache.pop(cache_key, None)
         else:
             self._prepared(group, with_grad)
+        if cache_key[1]:  # what the compiled step cannot capture, said once
+            warn_if_not_compiled(self, self._prepared_cache.get(cache_key))
         return cache_key
 
     def _prepared(self, group: dict[str, Any], with_grad: list[torch.Tensor]) -> _Prepared:
