@@ -1,11 +1,13 @@
 """blockopt: Adam-mini and block-wise optimizers for PyTorch, with a structural partition engine."""
 
 import importlib
+import sys
 from typing import Any
 
 from . import models
 from .kernels.blocks import Geometry
 from .optim import BLOCKWISE_LR_MULTIPLIERS, AdamMini, MoFO, blockwise_block_types, blockwise_lr_groups
+from .optim.calibrate import calibrate
 from .partition import (
     BUILTIN_SNR_RULES,
     PartitionPlan,
@@ -14,9 +16,12 @@ from .partition import (
     SNRCalibration,
     SNRMeter,
     SNRRules,
-    calibrate,
     partition,
 )
+
+# ``blockopt.partition.calibrate``, where 0.1.0 defined it, still names the function. It trains a model
+# (with AdamMini when sampling), so it lives above the optimizers, which partition/ may not import.
+sys.modules[f"{__name__}.partition"].calibrate = calibrate
 
 __version__ = "0.1.0"
 

@@ -460,7 +460,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from .bench.data import get_batch, load_corpus, resolve_source, train_batches
     from .bench.errors import BenchInputError
-    from .partition import calibrate, partition
+    from .optim.calibrate import calibrate
+    from .partition import partition
     from .partition.snr import SNRRules, check_cutoff
 
     for name in ("steps", "points", "batch_size", "context"):

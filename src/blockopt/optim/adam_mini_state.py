@@ -22,7 +22,6 @@ from ..distributed.state import gather_block_states, local_block_state, local_ex
 from ..kernels import momentum as mom
 from ..partition import PlanEntry
 from ..partition.plan import canonical_name
-from .calibration import decode_state, encode_state
 
 if TYPE_CHECKING:
     from .adam_mini import AdamMini
@@ -51,7 +50,7 @@ def state_dict(opt: AdamMini, sd: dict[str, Any]) -> dict[str, Any]:
     sd["plan"] = {entries[p].name: entries[p].to_dict() for p in opt.params_in_order() if p in entries}
     if opt.calibration is not None and sd["param_groups"]:
         # in the groups, as block_plan is, so that it survives torch.distributed.checkpoint
-        sd["param_groups"][0]["snr_calibration"] = encode_state(opt.calibration.to_state())
+        sd["param_groups"][0]["snr_calibration"] = opt.calibration.encoded_state()
     return sd
 
 
@@ -74,7 +73,7 @@ def load(opt: AdamMini, state_dict: Mapping[str, Any]) -> None:
     if saved is None:
         raise ValueError("Invalid state_dict: this optimizer calibrates its blocks in the run (calibrate="
                          f"{calib.window}), but the state was saved without calibrate")
-    calibration, chosen, steps = calib.check_state(decode_state(saved))
+    calibration, chosen, steps = calib.check_state(saved)
     before = opt.plan
     # the saved phase's plan first, so that the checks compare against it; undone if anything fails
     opt.set_plan(chosen if chosen is not None else calib.calibrating_plan())

@@ -1,4 +1,8 @@
-"""``blockopt.calibrate``: measure the SNR of Adam's second moment on a model, outside a training run."""
+"""``blockopt.calibrate``: measure the SNR of Adam's second moment on a model, outside a training run.
+
+It trains the model (with ``torch.optim.AdamW``, or with :class:`~blockopt.AdamMini` when sampling),
+so it lives above the optimizers; the meters and the plan it feeds are :mod:`blockopt.partition`'s.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .plan import PartitionPlan
-from .rules import partition
-from .snr import SampledSNRMeter, SNRCalibration, SNRMeter, measure_steps
+from ..partition import PartitionPlan, partition
+from ..partition.snr import SampledSNRMeter, SNRCalibration, SNRMeter, measure_steps
+from .adam_mini import AdamMini
 
 __all__ = ["calibrate"]
 
@@ -82,8 +86,6 @@ def calibrate(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     source = {"lr": lr, "betas": list(betas), "weight_decay": weight_decay, "steps": steps}
     if sample:
-        from ..optim import AdamMini
-
         opts = dict(sample) if isinstance(sample, Mapping) else {}
         meter: SNRMeter | SampledSNRMeter = SampledSNRMeter(plan, beta2=betas[1], seed=seed, source=source, **opts)
         opt: torch.optim.Optimizer = AdamMini(named, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

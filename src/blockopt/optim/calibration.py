@@ -130,8 +130,13 @@ class InRunCalibration:
                 "steps_done": self.steps_done, "calibration": self.meter.calibration.to_dict(),
                 "plan": self.chosen.to_dict() if self.chosen is not None else None}
 
-    def check_state(self, saved: Mapping[str, Any]) -> tuple[SNRCalibration, PartitionPlan | None, int]:
-        """Validate a saved :meth:`to_state` against this calibration; nothing changes."""
+    def encoded_state(self) -> str:
+        """:meth:`to_state` as the one string a checkpoint keeps (``param_groups[0]["snr_calibration"]``)."""
+        return encode_state(self.to_state())
+
+    def check_state(self, saved: Mapping[str, Any] | str) -> tuple[SNRCalibration, PartitionPlan | None, int]:
+        """Validate a saved :meth:`to_state` (or :meth:`encoded_state`) against this calibration; nothing changes."""
+        saved = decode_state(saved)
         if not isinstance(saved, Mapping) or saved.get("phase") not in ("calibrating", "done"):
             raise ValueError("Invalid state_dict: its 'snr_calibration' entry is not one AdamMini(calibrate=...) "
                              "wrote")
@@ -159,7 +164,7 @@ class InRunCalibration:
         entry, before a ``torch.distributed.checkpoint`` load builds its template (see
         :func:`blockopt.distributed.checkpoint.load`). Only an optimizer without state can change phase;
         nothing changes on error."""
-        _, chosen, _ = self.check_state(decode_state(saved))
+        _, chosen, _ = self.check_state(saved)
         target = chosen if chosen is not None else self.calibrating_plan()
         if target.entries == opt.plan.entries:
             return

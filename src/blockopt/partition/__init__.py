@@ -1,6 +1,8 @@
-"""The partition engine: which parameter elements share one second moment."""
+"""The partition engine: which parameter elements share one second moment.
 
-from .calibrate import calibrate
+(``blockopt.calibrate``, which trains a model to measure SNRs, is :mod:`blockopt.optim.calibrate`.)
+"""
+
 from .plan import KINDS, PartitionPlan, PlanEntry
 from .rules import OVERRIDE_KINDS, partition
 from .snr import BUILTIN_SNR_RULES, SampledSNRMeter, SNRCalibration, SNRMeter, SNRRules, block_snr
@@ -16,6 +18,5 @@ __all__ = [
            "SNRRules",
            "SampledSNRMeter",
            "block_snr",
-           "calibrate",
            "partition",
 ]
