@@ -33,8 +33,6 @@ from .compiled import warn_if_not_compiled
 
 __all__ = ["AdamMini"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
 
 class AdamMini(PlanOptimizer):
     r"""Adam-mini (Zhang et al., 2024): Adam with one second-moment scalar per Hessian block.
