@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -11,6 +12,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 4e-2}
+
+#: test files whose tests are independent and slow (the Triton interpreter), with no module-scoped
+#: fixtures: under pytest-xdist (``-n auto --dist loadgroup``) their tests spread over the workers.
+#: Every other file stays on one worker, so its module-scoped fixtures run once.
+SPREAD_OVER_WORKERS = {"tests/kernels/test_triton_step.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if path not in SPREAD_OVER_WORKERS:
+            item.add_marker(pytest.mark.xdist_group(path))
 
 
 def step_through_triton(opt, monkeypatch) -> None:
