@@ -12,7 +12,7 @@ DATA=${DATA:-../shared/data/tinyshakespeare.txt}
 [ -f "$DATA" ] || DATA=/work/shared/data/tinyshakespeare.txt
 OUT=${OUT:-runs/momentum-shakespeare}
 RES=benchmarks/results/momentum_shakespeare
-nice -n 10 blockopt bench --data "$DATA" \
+blockopt bench --data "$DATA" \
   --optimizers adam-mini,adam-mini:momentum_dtype=bf16,adam-mini:momentum_dtype=int8 \
   --lrs 4e-3 --seeds 0,1,2,3,4 --steps 300 --no-plots --progress plain --checkpoint-every 0 --out "$OUT" "$@"
 mkdir -p "$RES"
