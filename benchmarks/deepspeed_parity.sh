@@ -6,9 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/results/deepspeed_parity.txt
-ver() { python -c "import $1; print($1.__version__)"; }
+ver() { python -c "import $1; print($1.__version__)" 2>/dev/null | tail -1; }
+cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
 {
-  echo "# bash benchmarks/deepspeed_parity.sh; $(nproc) cores ($(python -c 'import platform; print(platform.processor() or platform.machine())')), torch $(ver torch), deepspeed $(ver deepspeed), gloo; columns: optimizer, stage, world, largest relative difference from one process after 6 steps"
+  echo "# bash benchmarks/deepspeed_parity.sh; $(nproc) cores (${cpu:-unknown CPU}), torch $(ver torch), deepspeed $(ver deepspeed), gloo; columns: optimizer, stage, world, largest relative difference from one process after 6 steps"
   for world in 2 3 4; do
     for stage in 1 2 3; do
       for which in mini adamw; do
