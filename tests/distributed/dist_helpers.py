@@ -471,11 +471,17 @@ def _count_step_all_reduce(engine, opt, xs, rank: int, world: int) -> int:
     return calls["n"]
 
 
-def worker_deepspeed(rank: int, world: int, out: str, stages: tuple[int, ...]) -> None:
+def worker_deepspeed(rank: int, world: int, out: str, stages: tuple[int, ...], then: str = "") -> None:
     """:func:`_deepspeed_stage` for each of ``stages``, in one set of processes (one start, one import of
-    DeepSpeed per rank, whatever the number of stages)."""
+    DeepSpeed per rank, whatever the number of stages); then, in the same processes, ``"errors"``
+    (:func:`worker_deepspeed_errors`) or ``"reshard:<world>"`` (:func:`worker_deepspeed_reshard` of the
+    ZeRO-2 checkpoint that stage 2 saved at that world size)."""
     for stage in stages:
         _deepspeed_stage(rank, world, out, stage)
+    if then == "errors":
+        worker_deepspeed_errors(rank, world, out)
+    elif then.startswith("reshard:"):
+        worker_deepspeed_reshard(rank, world, out, checkpoint=f"ckpt{then.split(':')[1]}-2", tag="step5")
 
 
 def _deepspeed_stage(rank: int, world: int, out: str, stage: int) -> None:
@@ -543,20 +549,12 @@ def worker_deepspeed_errors(rank: int, world: int, out: str) -> None:
             messages[case] = None
         except Exception as e:  # noqa: BLE001 - the test reads its type and text
             messages[case] = f"{type(e).__name__}: {e}"
-    # a checkpoint at this world size, for worker_deepspeed_reshard
-    model = _ds_model()
-    cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=blockopt.AdamMini(model, **DS_KW), config=cfg)
-    attach(engine)
-    _ds_train(engine, batches()[:2], rank, world)
-    engine.save_checkpoint(str(Path(out) / "ckpt-w2"), tag="s2")
     if rank == 0:
         torch.save(messages, Path(out) / "ds-errors.pt")
 
 
-def worker_deepspeed_reshard(rank: int, world: int, out: str) -> None:
-    """Load the world-2 checkpoint of worker_deepspeed_errors at this world size."""
+def worker_deepspeed_reshard(rank: int, world: int, out: str, checkpoint: str, tag: str) -> None:
+    """Load a ZeRO-2 checkpoint saved at another world size at this world size."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
@@ -570,7 +568,7 @@ def worker_deepspeed_reshard(rank: int, world: int, out: str) -> None:
     attach(engine)
     before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
     try:
-        engine.load_checkpoint(str(Path(out) / "ckpt-w2"), tag="s2")
+        engine.load_checkpoint(str(Path(out) / checkpoint), tag=tag)
         message = None
     except Exception as e:  # noqa: BLE001 - the test reads its type and text
         message = f"{type(e).__name__}: {e}"

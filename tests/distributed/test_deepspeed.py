@@ -17,10 +17,14 @@ CASES = [(1, 3), (1, 4), (2, 3), (2, 4), (3, 3), (3, 4)]
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
     got = {}
-    for world in sorted({w for _, w in CASES}):  # one set of processes per world size runs every stage
-        spawn("worker_deepspeed", world, out, tuple(s for s, w in CASES if w == world))
+    # one set of processes per world size runs every stage; the world-4 processes then check the
+    # error messages, and the world-3 ones try to load the world-4 ZeRO-2 checkpoint
+    for world, then in ((4, "errors"), (3, "reshard:4")):
+        spawn("worker_deepspeed", world, out, tuple(s for s, w in CASES if w == world), then)
     for stage, world in CASES:
         got[(stage, world)] = torch.load(out / f"ds{world}-{stage}.pt", weights_only=False)
+    got["errors"] = torch.load(out / "ds-errors.pt", weights_only=False)
+    got["reshard"] = torch.load(out / "ds-reshard.pt", weights_only=False)
     return got
 
 
@@ -48,23 +52,21 @@ def test_checkpoint_resumes_exactly(runs, stage, world):
 def test_one_collective_per_step_whatever_the_number_of_parameters(runs):
     """AdamMini's own step adds one all_reduce (the blocks split between ranks: heads of 4 rows over
     partitions of ~1,300 elements) for the model's 11 tensors, not one per tensor."""
-    for r in runs.values():
+    for r in (runs[case] for case in CASES):
         assert r["all_reduce_in_one_step"] == (1 if r["shared_blocks"] else 0)
-    assert any(r["shared_blocks"] for r in runs.values()), {k: r["shared_blocks"] for k, r in runs.items()}
+    assert any(runs[case]["shared_blocks"] for case in CASES), {case: runs[case]["shared_blocks"] for case in CASES}
 
 
-def test_clear_errors_without_attach_with_offload_and_at_another_world_size(tmp_path):
-    spawn("worker_deepspeed_errors", 2, tmp_path)
-    messages = torch.load(tmp_path / "ds-errors.pt", weights_only=False)
+def test_clear_errors_without_attach_with_offload_and_at_another_world_size(runs):
+    messages = runs["errors"]
     no_attach, offload = messages["no attach"], messages["offload"]
     assert no_attach.startswith("ValueError") and "blockopt.integrations.deepspeed.attach(engine)" in no_attach
     assert "KeyError" not in no_attach
     assert offload.startswith("ValueError") and "offload_optimizer is not supported" in offload
 
-    spawn("worker_deepspeed_reshard", 3, tmp_path)
-    reshard = torch.load(tmp_path / "ds-reshard.pt", weights_only=False)
+    reshard = runs["reshard"]
     # loading at another world size is refused, naming both sizes (DeepSpeed checks first; AdamMini's
     # own layout check would refuse a state that got through), and leaves the optimizer as it was
-    assert reshard["message"] is not None and "world size of 2" in reshard["message"], reshard
+    assert reshard["message"] is not None and "world size of 4" in reshard["message"], reshard
     assert "current world size is 3" in reshard["message"]
     assert reshard["optimizer_untouched"]

@@ -17,7 +17,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _setup(dtype, style="gpt2"):
-    model = build_model(f"{style}-tiny", vocab_size=16, n_layers=1, d_model=16, n_heads=2, max_seq_len=8)
+    model = build_model(f"{style}-tiny", vocab_size=16, n_layers=1, d_model=16, n_heads=2, max_seq_len=8, d_ff=16)
     plan = blockopt.partition(model)
     names = [n for n, _ in model.named_parameters()]
 
@@ -188,7 +188,7 @@ def test_adam_mini_int8_momentum_through_the_triton_route_equals_the_cpu_route(m
 
     from blockopt.kernels import load_cpu_kernel
 
-    model = build_model("llama-tiny", vocab_size=40, n_layers=1, d_model=32, n_heads=4, max_seq_len=8)
+    model = build_model("llama-tiny", vocab_size=16, n_layers=1, d_model=16, n_heads=2, max_seq_len=8, d_ff=16)
     other = copy.deepcopy(model)
     kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": "int8"}
     via_cpu = blockopt.AdamMini(other, **kw)

@@ -10,9 +10,10 @@ the C++ side also increments the step counters and computes the bias
 corrections, so the Python cost per step does not grow with the work per
 parameter.
 
-The kernel is compiled with ``torch.utils.cpp_extension.load_inline`` the
-first time it is needed (about half a minute on two cores; torch caches the
-build under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+The kernel is compiled with ``torch.utils.cpp_extension.load`` into a plain
+shared library that registers ``torch.ops.blockopt_cpu.adam_mini_step``, the
+first time it is needed (about 10 s on two cores; torch caches the build under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 When no compiler is available, or ``BLOCKOPT_DISABLE_CPU_KERNEL=1`` is set,
 :func:`load_cpu_kernel` returns ``None`` and callers use the foreach path.
 """
@@ -76,18 +77,22 @@ def load_cpu_kernel():
             source = _SOURCE.read_text()
             digest = hashlib.sha1((source + repr(_CFLAGS) + repr(_LDFLAGS)).encode()).hexdigest()[:8]
             try:
-                from torch.utils.cpp_extension import load_inline
+                from torch.utils.cpp_extension import load
 
                 log.info("blockopt: building the fused CPU kernel (once; cached by torch)")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    module = load_inline(
+                    # a plain shared library that registers torch.ops.blockopt_cpu.adam_mini_step (no
+                    # Python module, so no pybind11 headers to compile)
+                    load(
                         name=f"blockopt_adam_mini_cpu_{digest}_{_cpu_tag()}",
-                        cpp_sources=[source],
+                        sources=[str(_SOURCE)],
                         extra_cflags=_CFLAGS,
                         extra_ldflags=_LDFLAGS,
+                        is_python_module=False,
                         verbose=False,
                     )
+                module = torch.ops.blockopt_cpu
             except Exception as e:  # no compiler, no headers, ...: fall back to foreach  # noqa: BLE001 - any failure to build means: no kernel
                 _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
                 log.warning("blockopt: fused CPU kernel unavailable (%s); using the foreach step", _state["error"])
@@ -212,7 +217,7 @@ def fused_cpu_step(tables: FusedCpuTables, params: Sequence[torch.Tensor], grads
                    weight_decay: float, maximize: bool) -> None:
     """One call of the C++ kernel for every tensor of ``tables``.
 
-    Eagerly the extension is called directly (no dispatcher in between). Under ``torch.compile`` the
+    Eagerly the library's op ``torch.ops.blockopt_cpu.adam_mini_step`` is called directly. Under ``torch.compile`` the
     call is the custom op ``torch.ops.blockopt.adam_mini_step``, one node of the graph; ``lr`` may then
     be a 0-dim tensor (a scheduler changes its value without a recompile)."""
     if torch.compiler.is_compiling():
