@@ -471,6 +471,21 @@ def _count_step_all_reduce(engine, opt, xs, rank: int, world: int) -> int:
     return calls["n"]
 
 
+def import_deepspeed():
+    """DeepSpeed on the CPU accelerator, without its shared-memory allreduce extension.
+
+    On first use DeepSpeed probes every op builder (compiler subprocesses) and compiles that C++ op,
+    about a minute of CPU on a cold cache and again in every fresh venv (the build is keyed by its
+    source path). These tests check AdamMini under ZeRO, not DeepSpeed's transport: with no op
+    marked compatible its collectives go through gloo (``deepspeed.comm.torch.build_shm_op``)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {}
+    return deepspeed
+
+
 def worker_deepspeed(rank: int, world: int, out: str, stages: tuple[int, ...], then: str = "") -> None:
     """:func:`_deepspeed_stage` for each of ``stages``, in one set of processes (one start, one import of
     DeepSpeed per rank, whatever the number of stages); then, in the same processes, ``"errors"``
@@ -488,8 +503,7 @@ def _deepspeed_stage(rank: int, world: int, out: str, stage: int) -> None:
     """ZeRO stage ``stage``: AdamMini and torch's AdamW for 10 steps; with AdamMini also a checkpoint at
     step 5 through engine.save_checkpoint, loaded into a fresh engine and trained to step 10; and the
     collectives AdamMini adds per step."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from blockopt.integrations.deepspeed import attach
 
@@ -528,8 +542,7 @@ def _deepspeed_stage(rank: int, world: int, out: str, stage: int) -> None:
 def worker_deepspeed_errors(rank: int, world: int, out: str) -> None:
     """What a user reads: ZeRO-2 without attach (a clear error at the first step, not a KeyError),
     and attach with optimizer offload (refused, naming it)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from blockopt.integrations.deepspeed import attach
 
@@ -555,8 +568,7 @@ def worker_deepspeed_errors(rank: int, world: int, out: str) -> None:
 
 def worker_deepspeed_reshard(rank: int, world: int, out: str, checkpoint: str, tag: str) -> None:
     """Load a ZeRO-2 checkpoint saved at another world size at this world size."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from blockopt.integrations.deepspeed import attach
 
@@ -582,8 +594,7 @@ def worker_deepspeed_saved_state(rank: int, world: int, out: str, fixture: str) 
     size; tests/fixtures/make_main_states.py) into a freshly attached AdamMini, then take a step."""
     import copy
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from blockopt.integrations.deepspeed import attach
 

@@ -16,7 +16,8 @@ pytest.importorskip("transformers", reason="transformers is not installed (pip i
 
 SCRIPT = textwrap.dedent("""
     import json
-    import torch, transformers as hf
+    import deepspeed.ops, torch, transformers as hf
+    deepspeed.ops.__compatible_ops__ = {}  # no shared-memory allreduce op to build (tests/distributed/dist_helpers.py)
     from blockopt.integrations import deepspeed as bds, hf as bhf
     torch.manual_seed(0)
     cfg = hf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,

@@ -162,6 +162,8 @@ def _build_experts(family: str, cls: type) -> nn.Module:
             size = getattr(cfg, "moe_intermediate_size", None)
             if isinstance(size, (list, tuple)) and "intermediate_size" in inspect.signature(cls.__init__).parameters:
                 kwargs["intermediate_size"] = size[0]  # one size per modality: the text experts'
+            if "layer_idx" in inspect.signature(cls.__init__).parameters:
+                kwargs["layer_idx"] = 0  # per-layer settings (e.g. bailing_hybrid's swiglu limits): the first layer's
             with torch.device("meta"):
                 return cls(cfg, **kwargs)
         except Exception as e:  # noqa: BLE001 - try the next config class of the family
