@@ -71,6 +71,10 @@ def test_state_bytes_are_measured_from_the_state(finished):
     # AdamW: exp_avg + exp_avg_sq per parameter (+ 4-byte step counters)
     assert 2 * adamw["param_bytes"] <= adamw["state_bytes"] <= 2 * adamw["param_bytes"] + 4 * 64
     assert 0.45 < mini["state_bytes"] / adamw["state_bytes"] < 0.55
+    # the peak over the run: the state has one size from the first step on for both
+    assert adamw["peak_state_bytes"] == adamw["state_bytes"] and mini["peak_state_bytes"] == mini["state_bytes"]
+    w = {x["optimizer"]: x for x in summary["winners"]}
+    assert w["adam-mini"]["vs_adamw"]["peak_state_bytes"] == mini["peak_state_bytes"] / adamw["peak_state_bytes"]
 
 
 def test_winner_is_the_lowest_final_held_out_loss(finished):
@@ -250,6 +254,10 @@ def test_adam_mini_snr_switches_inside_the_run_and_the_report_shows_its_blocks(t
     report = (out / "report.md").read_text()
     assert "## Blocks chosen from data" in report and "| query |" in report
     assert "first 3 steps" in report
+    # memory is the peak: AdamW's per-element v during the window, blocks after the switch
+    adamw = next(r for r in summary["runs"] if r["optimizer"] == "adamw")
+    assert snr["peak_state_bytes"] >= 0.95 * adamw["peak_state_bytes"] > snr["state_bytes"]
+    assert "state (peak)" in report
     # the kernel is loaded before the clock starts and reported apart
     assert all(r["kernel_load_s"] is not None for r in summary["runs"] if r["optimizer"] != "adamw")
     assert "*kernel*" in report

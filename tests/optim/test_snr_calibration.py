@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -193,7 +194,10 @@ def test_snr_plan_of_llama_tiny_halves_the_state_in_the_plan_and_in_the_tensors(
     """Real text, the bench's lr and betas, 40 steps of calibration at the default cutoff."""
     model = build_model("llama-tiny", seed=0)
     opt = blockopt.AdamMini(model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, calibrate=40)
-    _train(model, opt, _text_batches(41, batch=8, seq=64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(model, opt, _text_batches(41, batch=8, seq=64))
+    assert not [w for w in caught if "above half" in str(w.message)]  # at or under 0.55x: no warning
     plan = opt.plan
     assert opt.calibration.phase == "done"
     ratio_plan = plan.state_bytes() / plan.adamw_state_bytes()
@@ -261,3 +265,18 @@ def test_after_the_switch_the_triton_route_takes_the_snr_plan(monkeypatch):
     assert not triton_supports(col, via_triton.state[col]["exp_avg"], Geometry(1, ((col.shape[1], 1),)))
     for p, q in zip(model.parameters(), other.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_calibrated_plan_above_half_the_state_says_so_at_the_switch():
+    """No candidate passes an SNR cutoff of 1e9: every tensor keeps one value per element after the switch,
+    AdamW's state. The switch warns once, with the ratio; the run goes on."""
+    model = _model()
+    opt = _make(model, snr_cutoff=1e9)
+    batches = _text_batches(N + 2)
+    with pytest.warns(UserWarning, match=r"SNR plan keeps 1\.00x of AdamW's optimizer state, above half \(0\.55x\)"):
+        _train(model, opt, batches[:N])
+    assert opt.calibration.phase == "done"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, opt, batches[N:])  # once, at the switch only
+

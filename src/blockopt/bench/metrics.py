@@ -212,8 +212,8 @@ def aggregate(runs: Sequence[Mapping[str, Any]], optimizer_order: Sequence[str],
             "seeds": len(rs),
             "all_failed": best is None,
         }
-        for k in ("state_bytes", "tokens_per_s", "step_ms", "fwd_bwd_ms", "peak_mem_bytes", "train_time_s",
-                  "param_bytes"):
+        for k in ("state_bytes", "peak_state_bytes", "tokens_per_s", "step_ms", "fwd_bwd_ms", "peak_mem_bytes",
+                  "train_time_s", "param_bytes"):
             w[k] = _mean([r.get(k) for r in rs])
         winners.append(w)
     base = next((w for w in winners if w["optimizer"] == "adamw" and not w["all_failed"]), None)
@@ -221,6 +221,7 @@ def aggregate(runs: Sequence[Mapping[str, Any]], optimizer_order: Sequence[str],
         ratios = {}
         if base is not None:
             for k, name in (("final_val_loss", "val_loss"), ("state_bytes", "state_bytes"),
+                            ("peak_state_bytes", "peak_state_bytes"),
                             ("step_ms", "step_ms"), ("tokens_per_s", "tokens_per_s"),
                             ("peak_mem_bytes", "peak_mem")):
                 a, b = w.get(k), base.get(k)

@@ -47,8 +47,8 @@ def _steps_to(summary: Mapping[str, Any], opt: str) -> str | None:
 
 def results_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the winners table (shared by report.md and the CLI)."""
-    header = ["optimizer", "best lr", "held-out loss", "vs AdamW", "state", "vs AdamW", "opt step ms", "vs AdamW",
-              "tokens/s", "peak mem"]
+    header = ["optimizer", "best lr", "held-out loss", "vs AdamW", "state (end)", "state (peak)", "vs AdamW",
+              "opt step ms", "vs AdamW", "tokens/s", "peak mem"]
     with_steps = _steps_to(summary, "adamw") is not None
     if with_steps:
         header.insert(4, "steps to AdamW loss")
@@ -66,7 +66,8 @@ def results_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             loss,
             _ratio(r.get("val_loss"), pct=True) if w["optimizer"] != "adamw" else "",
             fmt_bytes(w["state_bytes"]),
-            _ratio(r.get("state_bytes")) if w["optimizer"] != "adamw" else "",
+            fmt_bytes(w.get("peak_state_bytes")),  # the measure of memory: the largest the state was during the run
+            _ratio(r.get("peak_state_bytes")) if w["optimizer"] != "adamw" else "",
             _f(w["step_ms"], ".2f"),
             _ratio(r.get("step_ms")) if w["optimizer"] != "adamw" else "",
             _f(w["tokens_per_s"], ",.0f"),
@@ -92,7 +93,8 @@ def side_by_side_table(summary: Mapping[str, Any]) -> tuple[list[str], list[list
         ["best lr", *[_f(w["best_lr"], ".3g") for w in ws]],
         ["held-out loss", *[("diverged/failed" if w["all_failed"] else cell(w, _f(w["final_val_loss"]), "val_loss",
                                                                                pct=True)) for w in ws]],
-        ["optimizer state", *[cell(w, fmt_bytes(w["state_bytes"]), "state_bytes") for w in ws]],
+        ["optimizer state (end)", *[cell(w, fmt_bytes(w["state_bytes"]), "state_bytes") for w in ws]],
+        ["optimizer state (peak)", *[cell(w, fmt_bytes(w.get("peak_state_bytes")), "peak_state_bytes") for w in ws]],
         ["opt step", *[cell(w, _f(w["step_ms"], ".2f") + " ms" if w["step_ms"] is not None else "-", "step_ms")
                        for w in ws]],
         ["tokens/s", *[cell(w, _f(w["tokens_per_s"], ",.0f"), "tokens_per_s") for w in ws]],
@@ -178,7 +180,8 @@ def write_plots(out: Path, summary: Mapping[str, Any], records: Sequence[Mapping
     fig = Figure(figsize=(8, 3.6))
     ws = [w for w in summary["winners"] if not w["all_failed"]]
     labels = [w["label"] for w in ws]
-    panels = (("state_bytes", "optimizer state (MiB)"), ("peak_mem_bytes", _peak_title(summary)))
+    panels = (("peak_state_bytes", "optimizer state, peak over the run (MiB)"),
+              ("peak_mem_bytes", _peak_title(summary)))
     for i, (key, title) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         vals = [(w.get(key) or 0) / 2**20 for w in ws]
@@ -353,7 +356,7 @@ def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mappin
     lines.append("## Runs")
     lines.append("")
     hdr = ["run", "status", "final held-out", "best held-out", "steps", "train s", "tokens/s", "opt step ms",
-           "fwd+bwd ms", "state", "peak mem"]
+           "fwd+bwd ms", "state (end)", "state (peak)", "peak mem"]
     body = []
     for r in summary["runs"]:
         status = r["status"]
@@ -364,7 +367,7 @@ def write_report(out: Path, summary: Mapping[str, Any], records: Sequence[Mappin
         body.append([r["run_id"], status, _f(r.get("final_val_loss")), _f(r.get("best_val_loss")),
                      str(r.get("steps", "-")), _f(r.get("train_time_s"), ".1f"), _f(r.get("tokens_per_s"), ",.0f"),
                      _f(r.get("step_ms"), ".2f"), _f(r.get("fwd_bwd_ms"), ".1f"), fmt_bytes(r.get("state_bytes")),
-                     fmt_bytes(r.get("peak_mem_bytes"))])
+                     fmt_bytes(r.get("peak_state_bytes")), fmt_bytes(r.get("peak_mem_bytes"))])
     lines.append(_md_table(hdr, body))
     lines.append("")
     lines.append("Files: `summary.json` (everything above), `metrics.jsonl` (one line per logged step), "

@@ -33,6 +33,7 @@ class RunState:
     last_train: float | None = None
     resumed_from: int | None = None  # the step of the checkpoint this run continued from
     segments: int = 0  # processes that worked on this run (1 + resumes)
+    peak_state_bytes: int = 0  # the optimizer state's bytes at their largest after any step (0: no step yet)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +79,7 @@ class RunState:
               and isinstance(self.diverged, bool)
               and all(opt_num(getattr(self, k)) for k in ("diverged_step", "last_val", "best_val", "last_train",
                                                           "resumed_from"))
-              and isinstance(self.segments, int) and not isinstance(self.segments, bool))
+              and all(isinstance(getattr(self, k), int) and not isinstance(getattr(self, k), bool)
+                      for k in ("segments", "peak_state_bytes")) and self.peak_state_bytes >= 0)
         if not ok:
             raise ValueError("run state: a field has the wrong type")

@@ -330,6 +330,9 @@ def _train_step(setup: RunSetup, state: RunState) -> tuple[float, float, torch.T
     opt.step()
     t2 = setup.opt_timer.time()
     opt.zero_grad(set_to_none=True)
+    # the state's size after every step, outside the timed part: calibration windows and plan switches
+    # change it during the run, and memory is what the run needed at its largest
+    state.peak_state_bytes = max(state.peak_state_bytes, optimizer_state_bytes(opt))
     setup.fwd_timer.add(t1 - t0)
     setup.opt_timer.add(t2 - t1)
     state.train_time_s += t2 - t0
@@ -468,7 +471,8 @@ def _run_result(setup: RunSetup, state: RunState) -> dict[str, Any]:
         "step_ms": setup.opt_timer.mean_ms(),
         "step_ms_median": setup.opt_timer.median_ms(),
         "fwd_bwd_ms": setup.fwd_timer.mean_ms(),
-        "state_bytes": optimizer_state_bytes(opt),  # under --parallel: this rank's (rank 0's) shards
+        "state_bytes": optimizer_state_bytes(opt),  # at the end; under --parallel: this rank's (rank 0's) shards
+        "peak_state_bytes": max(state.peak_state_bytes, optimizer_state_bytes(opt)),  # the largest after any step
         "param_bytes": param_bytes(inner),  # the whole model's (DTensor shapes are global)
         "params": sum(p.numel() for p in inner.parameters()),
         "peak_mem_bytes": peak,

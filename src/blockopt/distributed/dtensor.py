@@ -12,6 +12,7 @@ device counts.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -23,14 +24,16 @@ __all__ = ["check_grad", "is_dtensor", "local_tensor", "make_shard_info", "requi
 
 try:  # torch built without distributed support (some macOS / Windows wheels)
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - depends on the torch build
     dist = None  # type: ignore[assignment]
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor. ``torch.distributed.tensor`` is not imported here (it takes about half a
+    second, with Dynamo more): a DTensor can only exist once something else has imported it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None) if module is not None else None
+    return cls is not None and isinstance(t, cls)
 
 
 def require_initialized(what: str) -> None:
@@ -52,6 +55,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def make_shard_info(p: torch.Tensor, geometry: Geometry, name: str) -> ShardInfo | None:
     """Check ``p``'s placement; its :class:`ShardInfo` for ``Shard(0)`` (on the local device), ``None`` for
     ``Replicate()``."""
+    from torch.distributed.tensor import Replicate, Shard  # p is a DTensor: the module is loaded
+
     require_initialized(f"parameter {name!r}")
     mesh = p.device_mesh
     placements = tuple(p.placements)

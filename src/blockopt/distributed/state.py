@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .dtensor import Shard, is_dtensor
+from .dtensor import is_dtensor
 from .sharding import ShardInfo, chunk_rows
 
 __all__ = ["as_dtensor", "gather_block_states", "local_block_state", "local_exp_avg"]
@@ -84,6 +84,8 @@ def local_exp_avg(saved: torch.Tensor, p: torch.Tensor, shape: tuple[int, int] |
         if tuple(t.placements) != tuple(p.placements):
             t = t.redistribute(p.device_mesh, p.placements)
         return t.clone()
+    from torch.distributed.tensor import Shard  # p is a DTensor: the module is loaded
+
     local = saved.detach()
     if any(isinstance(pl, Shard) for pl in p.placements):  # Shard(0): validated when the optimizer was built
         mesh = p.device_mesh

@@ -15,6 +15,7 @@ tensor's ``v``), so every rank computes exactly what one process computes.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,7 @@ class InRunCalibration:
                 new_v[p] = compress_to_blocks(v, entry.shape, target.geometry)
         self.chosen = chosen
         opt.set_plan(chosen, new_v)
+        warn_if_above_half(chosen, "AdamMini(calibrate=...): after the switch, the SNR plan")
 
     # --- state -------------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -178,6 +180,25 @@ class InRunCalibration:
         self.meter.calibration = calibration
         self.chosen = plan
         self.steps_done = steps
+
+
+#: the largest state, as a fraction of fp32 AdamW's, that this library calls "half memory"
+HALF_MEMORY = 0.55
+
+
+def warn_if_above_half(plan: PartitionPlan, what: str) -> float:
+    """Warn (``UserWarning``) when ``plan``'s fp32 state is above :data:`HALF_MEMORY` of AdamW's: tensors
+    that no candidate fits keep one value per element. Returns the ratio."""
+    adamw = plan.adamw_state_bytes()
+    ratio = plan.state_bytes() / adamw if adamw else 0.0
+    if ratio > HALF_MEMORY:
+        per_element = [e.name for e in plan.entries if e.trainable and e.kind == "element" and e.numel > 1]
+        warnings.warn(
+            f"{what} keeps {ratio:.2f}x of AdamW's optimizer state, above half ({HALF_MEMORY}x): "
+            f"{len(per_element)} tensors keep one second moment per element (e.g. {per_element[:3]}). "
+            "A longer calibration window, a lower snr_cutoff, or snr='builtin' gives fewer; print(opt.plan) "
+            "shows each tensor's blocks", stacklevel=3)
+    return ratio
 
 
 def full_second_moments(opt: AdamMini) -> Iterator[tuple[PlanEntry, torch.Tensor, torch.Tensor]]:
