@@ -11,8 +11,7 @@
 // Step counters and bias corrections are handled here too, so Python does no per-parameter work.
 // Headers: only the Tensor class, parallel_for and the op registry. The op is registered as
 // torch.ops.blockopt_cpu.adam_mini_step and called through the dispatcher; there is no Python
-// module, so pybind11 and <torch/extension.h> are not compiled (on a 2-core Xeon that header alone
-// took 28 s of a 30 s cold build; this build takes about 9 s).
+// module, so pybind11 and <torch/extension.h>, most of the time of a cold build, are not compiled.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

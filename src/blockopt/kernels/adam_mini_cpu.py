@@ -12,7 +12,7 @@ parameter.
 
 The kernel is compiled with ``torch.utils.cpp_extension.load`` into a plain
 shared library that registers ``torch.ops.blockopt_cpu.adam_mini_step``, the
-first time it is needed (about 10 s on two cores; torch caches the build under
+first time it is needed (about 8 s on two cores; torch caches the build under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
 When no compiler is available, or ``BLOCKOPT_DISABLE_CPU_KERNEL=1`` is set,
 :func:`load_cpu_kernel` returns ``None`` and callers use the foreach path.
