@@ -27,7 +27,7 @@ from ..partition import PartitionPlan, PlanEntry
 from . import adam_mini_state
 from .adam_mini_layouts import check_dense, check_known, hyper, local_tensors, shard_tensors, zero_tensors
 from .adam_mini_state import block_plan
-from .base import PlanOptimizer, check_hparams, params_and_plan
+from .base import PlanOptimizer, check_hparams, params_and_plan, plan_options
 from .calibration import InRunCalibration, check_calibrate_args
 from .compiled import warn_if_not_compiled
 
@@ -93,6 +93,13 @@ class AdamMini(PlanOptimizer):
         state_dtype: dtype of ``exp_avg`` and the block second moments. The
             default keeps fp32 state for bf16/fp16 parameters and the
             parameter's dtype otherwise.
+        rules: how a module's plan is built: ``"official"`` (default; the
+            official release's structural rules, exact) or ``"builtin"`` (the
+            built-in SNR table, :data:`~blockopt.partition.BUILTIN_SNR_RULES`).
+        state_budget: the largest optimizer state allowed, as a fraction of
+            fp32 AdamW's, in (0.5, 1]: the least constant tensors get one second
+            moment per element until it is spent (see
+            :func:`blockopt.partition`); applied to ``plan=`` too.
 
     State per parameter: ``step`` (0-dim float32), ``exp_avg`` (shape of the
     parameter) and ``block_exp_avg_sq`` (1-D, one value per block). The plan
@@ -129,7 +136,8 @@ class AdamMini(PlanOptimizer):
         plan: PartitionPlan | None = None, foreach: bool | None = None, fused: bool | None = None,
         capturable: bool = False, maximize: bool = False, state_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | str | None = None, calibrate: int | None = None,
-        calibrate_points: int | None = None, snr_cutoff: float = 1.0,
+        calibrate_points: int | None = None, snr_cutoff: float = 1.0, rules: str = "official",
+        state_budget: float | None = None,
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (list, tuple)) else betas, "eps": eps,
                     "weight_decay": weight_decay, "foreach": foreach, "fused": fused, "capturable": capturable,
@@ -138,7 +146,7 @@ class AdamMini(PlanOptimizer):
         self.state_dtype = state_dtype
         self.momentum_format = mom.momentum_format(momentum_dtype)
         hints = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "overrides": overrides,
-                 "value_single_block": value_single_block}
+                 "value_single_block": value_single_block, **plan_options(rules, state_budget, plan, calibrate)}
         params, plan = params_and_plan(
             model_or_params, plan, hints, plan_required=True,
             missing_plan="Invalid plan: None. AdamMini needs to know each parameter's blocks: pass the model "

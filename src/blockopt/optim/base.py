@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..partition import PartitionPlan, PlanEntry, partition
+from ..partition.budget import apply_state_budget, check_state_budget
 from ..partition.plan import canonical_name
 
 __all__ = ["PlanOptimizer", "check_float", "check_hparams", "params_and_plan"]
@@ -54,6 +55,25 @@ def check_hparams(group: Mapping[str, Any]) -> None:
     check_float("weight_decay", group["weight_decay"])
 
 
+RULES = ("official", "builtin")
+
+
+def plan_options(rules: Any, state_budget: Any, plan: PartitionPlan | None, calibrate: Any) -> dict[str, Any]:
+    """The :func:`blockopt.partition` arguments that ``rules`` and ``state_budget`` add (checked; empty
+    for the defaults, so that named parameters with ``plan=`` stay accepted)."""
+    if rules not in RULES:
+        raise ValueError(f"Invalid rules: {rules!r}; allowed: {', '.join(map(repr, RULES))}")
+    budget = check_state_budget(state_budget)
+    if rules != "official" and plan is not None:
+        raise ValueError(f"Invalid rules={rules!r} with plan=: the plan already decides every block; build it with "
+                         "blockopt.partition(model, snr='builtin')")
+    if budget is not None and calibrate is not None:
+        raise ValueError("Invalid state_budget with calibrate: the calibration window keeps one second moment per "
+                         "element (AdamW's state), so no budget below 1 holds during it")
+    return {**({"snr": "builtin"} if rules == "builtin" else {}),
+            **({"state_budget": budget} if budget is not None else {})}
+
+
 def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Mapping[str, Any], *,
                     plan_required: bool, missing_plan: str) -> tuple[Any, PartitionPlan | None]:
     """The param groups and the plan of an optimizer built on a partition plan.
@@ -73,7 +93,7 @@ def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Map
             plan = partition(model_or_params, **hints)
         params: Any = [{"params": named}]
     else:
-        used = [k for k, v in hints.items() if v]
+        used = [k for k, v in hints.items() if v and not (k == "state_budget" and plan is not None)]
         if used:
             raise ValueError(
                 f"Invalid arguments {used} with named parameters: partition hints are used only when a "
@@ -85,6 +105,8 @@ def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Map
         params = model_or_params
     if plan is not None and not isinstance(plan, PartitionPlan):
         raise ValueError(f"Invalid plan: expected a blockopt.PartitionPlan, got {type(plan).__name__}")
+    if plan is not None and hints.get("state_budget") is not None and "state_budget" not in plan.options:
+        plan = apply_state_budget(plan, hints["state_budget"])  # a given plan, within the budget
     return params, plan
 
 

@@ -352,6 +352,12 @@ class PartitionPlan(Mapping[str, PlanEntry]):
             f"fp32 state: {_fmt_bytes(ours)} vs AdamW {_fmt_bytes(adamw)} "
             f"({ours / adamw if adamw else 0:.3f}x)"
         )
+        budget = self.options.get("state_budget")
+        if budget is not None:
+            bought = [e for e in self.trained if e.rule.startswith("state budget")]
+            out.append(f"state budget {budget:g}x of AdamW's: per-element second moments for {len(bought)} tensors "
+                       f"({sum(e.numel for e in bought):,} parameters)"
+                       + (f", first {bought[0].name}" if bought else ""))
         by_kind = ", ".join(f"{k} {c:,}" for k, c in sorted(self.counts().items()))
         out.append(f"blocks by kind: {by_kind}")
         for w in self.warnings:

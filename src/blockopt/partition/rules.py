@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from ..kernels.blocks import Geometry
+from .budget import apply_state_budget, check_state_budget
 from .plan import PartitionPlan, PlanEntry, canonical_name
 
 __all__ = ["OVERRIDE_KINDS", "check_patterns_matched", "compile_override_pattern", "parse_override", "partition"]
@@ -794,6 +795,7 @@ def partition(
     warn: bool = True,
     snr: Any = None,
     snr_cutoff: float = 1.0,
+    state_budget: float | None = None,
 ) -> PartitionPlan:
     """Decide, from the model's structure, which block every parameter belongs to.
 
@@ -827,6 +829,12 @@ def partition(
             rules still find roles, heads and candidates; ``overrides`` that set
             a kind still win. See ``docs/snr.md``.
         snr_cutoff: the SNR a candidate must exceed (positive; default 1.0).
+        state_budget: the largest optimizer state allowed, as a fraction of fp32
+            AdamW's, in (0.5, 1]: after the rules (and ``snr``), the tensors whose
+            blocks are least constant get one value per element until the budget
+            is spent (:func:`~blockopt.partition.budget.apply_state_budget`).
+            ``None`` (default): no budget. A budget below what the plan needs is
+            an error that gives the plan's own ratio.
 
     Returns:
         A :class:`PartitionPlan`, keyed by ``model.named_parameters()`` names.
@@ -853,6 +861,7 @@ def partition(
         raise ValueError(f"Invalid num_kv_heads: {num_kv_heads}; it must divide num_heads={num_heads}")
     if not isinstance(value_single_block, bool):
         raise ValueError(f"Invalid value_single_block: {value_single_block!r}; expected True or False")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
+    check_state_budget(state_budget)
     overrides = dict(overrides or {})
     parsed = {}
     for pattern, spec in overrides.items():
@@ -913,6 +922,8 @@ def partition(
         from .snr import apply_snr
 
         plan = apply_snr(plan, snr, snr_cutoff, keep=user_kind)
+    if state_budget is not None:
+        plan = apply_state_budget(plan, state_budget, keep=frozenset(user_kind))
     return plan
 
 
