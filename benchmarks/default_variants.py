@@ -11,6 +11,10 @@ This wrapper registers, in this process only (use `--isolate none`), Adam-mini v
   mini-group32-emb    runs of 32, with the embedding per element (runs of 16 with it would be 0.5506x)
   mini-warm           runs of 16 for the first 20 % of the steps, then the built-in table; each new
                       block's value is the mean of the runs it covers
+  mini-budget         AdamMini(model, rules="builtin", state_budget=0.55)
+  mini-budget-clip    the same plan, each element's normalised update m_hat / (sqrt(v_hat) + eps)
+                      clipped to [-1, 1] (a plain loop here; a block's mean hides its largest
+                      elements, which then take steps Adam never takes)
 
 Each is at or under 0.55x of fp32 AdamW's state from the first step (the bench records the peak).
 
@@ -27,7 +31,8 @@ import torch
 
 from blockopt.bench import optimizers as O
 from blockopt.cli import main
-from blockopt.kernels.blocks import Geometry
+from blockopt.kernels.adam_mini import _element_block_ids
+from blockopt.kernels.blocks import Geometry, block_sizes
 from blockopt.optim import AdamMini
 from blockopt.optim.calibration import compress_to_blocks
 from blockopt.partition import partition
@@ -85,6 +90,39 @@ class WarmSwitch(AdamMini):
         return loss
 
 
+class ClippedMini(torch.optim.Optimizer):
+    """Adam-mini on ``plan`` with each element's normalised update clipped to [-clip, clip]."""
+
+    def __init__(self, model, plan, *, lr, betas, eps, weight_decay, clip):
+        named = list(model.named_parameters())
+        super().__init__([{"params": [p for _, p in named], "names": [n for n, _ in named]}],
+                         {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "clip": clip})
+        self.plan = plan
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for name, p in zip(group["names"], group["params"]):
+                if p.grad is None:
+                    continue
+                e, st = self.plan[name], self.state[p]
+                if not st:
+                    ids = _element_block_ids(tuple(p.shape), e.geometry).reshape(-1)
+                    st.update(step=0, m=torch.zeros_like(p), v=torch.zeros(e.num_blocks), ids=ids,
+                              n=torch.tensor(block_sizes(tuple(p.shape), e.geometry), dtype=torch.float32))
+                st["step"] += 1
+                t, g = st["step"], p.grad
+                mean_sq = torch.zeros(e.num_blocks).index_add_(0, st["ids"], (g * g).reshape(-1)) / st["n"]
+                if e.weight_decay and group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                st["m"].lerp_(g, 1 - b1)
+                st["v"].mul_(b2).add_(mean_sq, alpha=1 - b2)
+                denom = (st["v"] / (1 - b2**t)).sqrt().add_(group["eps"])[st["ids"]].reshape(p.shape)
+                update = (st["m"] / (1 - b1**t)).div_(denom).clamp_(-group["clip"], group["clip"])
+                p.add_(update, alpha=-group["lr"])
+
+
 def _kw(hp, lr):
     return {"lr": lr, "betas": (hp.beta1, hp.beta2), "eps": hp.eps, "weight_decay": hp.weight_decay}
 
@@ -102,11 +140,16 @@ def _make(kind):
         if kind == "warm":
             return WarmSwitch(model, final=builtin_plan(model), switch_at=max(1, round(0.2 * hp.run_steps)),
                               **_kw(hp, lr))
+        if kind == "budget":
+            return AdamMini(model, rules="builtin", state_budget=0.55, **_kw(hp, lr))
+        if kind == "budget-clip":
+            return ClippedMini(model, partition(model, warn=False, snr="builtin", state_budget=0.55), clip=1.0,
+                               **_kw(hp, lr))
         raise ValueError(kind)
     return make
 
 
-for _kind in ("builtin", "builtin-emb", "group16", "group32-emb", "warm"):
+for _kind in ("builtin", "builtin-emb", "group16", "group32-emb", "warm", "budget", "budget-clip"):
     _name = f"mini-{_kind}"
     O.REGISTRY[_name] = O.OptimizerSpec(_name, f"Adam-mini ({_kind})", _make(_kind), 3e-3,
                                         f"candidate default: {_kind} (benchmarks/default_variants.py)",

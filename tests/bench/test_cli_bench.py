@@ -263,6 +263,18 @@ def test_adam_mini_snr_switches_inside_the_run_and_the_report_shows_its_blocks(t
     assert "*kernel*" in report
 
 
+def test_adam_mini_with_builtin_rules_and_a_budget_stays_within_it_at_every_step(tmp_path, corpus, cache_dir, cli):
+    out = tmp_path / "out"
+    rc, _stdout, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers",
+                                    "adamw,adam-mini:rules=builtin:state_budget=0.55"))
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    by = {r["optimizer"]: r for r in summary["runs"]}
+    mini, adamw = by["adam-mini:rules=builtin:state_budget=0.55"], by["adamw"]
+    assert 0.52 < mini["peak_state_bytes"] / adamw["peak_state_bytes"] <= 0.55
+    assert mini["peak_state_bytes"] == mini["state_bytes"]
+
+
 def test_divergence_is_recorded_not_raised(tmp_path, corpus, cache_dir, cli):
     out = tmp_path / "out"
     rc, _, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw", "--lrs", "1e-3,1e30",
@@ -359,6 +371,10 @@ def _bad_inputs(tmp: Path, corpus: Path) -> list[tuple[str, list[str], str]]:
          "expected a fraction in (0, 1) or a whole number of steps"),
         ("snr cutoff not positive", ["--optimizers", "adam-mini-snr:snr_cutoff=-1"],
          "adam-mini-snr:snr_cutoff='-1'; expected a positive number"),
+        ("unknown rules", ["--optimizers", "adam-mini:rules=mine"],
+         "adam-mini:rules='mine'; expected official or builtin"),
+        ("budget at half", ["--optimizers", "adam-mini:state_budget=0.5"],
+         "adam-mini:state_budget='0.5'; expected a number in (0.5, 1]"),
     ]
 
 
@@ -368,6 +384,7 @@ def _bad_inputs(tmp: Path, corpus: Path) -> list[tuple[str, list[str], str]]:
     "lr for unknown optimizer", "lr key without values", "two bare lr lists", "bad seeds", "bad betas", "bad steps",
     "steps not int", "context too long", "bpe vocab too small", "hf config missing", "model and hf config",
     "resume nothing", "calibration window zero", "calibration window too long", "calibration window not whole",
+    "unknown rules", "budget at half",
     "snr cutoff not positive",
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, corpus, cache_dir, cli):

@@ -51,6 +51,8 @@ class Hyper:
     momentum_dtype: str = "fp32"  # Adam-mini's first-moment storage: fp32, bf16 or int8
     calibrate: float = 0.2  # adam-mini-snr: calibration window, a fraction of the run (< 1) or steps (>= 1)
     snr_cutoff: float = 1.0  # adam-mini-snr: the SNR a candidate partition must exceed
+    rules: str = "official"  # adam-mini: how its plan is built (AdamMini(rules=...))
+    state_budget: float = 0.0  # adam-mini: AdamMini(state_budget=...); 0 means none
     run_steps: int = 0  # the run's length, set by the runner (not an option)
 
     def calibrate_steps(self) -> int:
@@ -163,11 +165,13 @@ def _adam_mini(model, lr, hp, plan, info):
 
     # the runner's plan (built from the unsharded model before any FSDP2/DDP wrapping) when it was built
     # with this variant's value_single_block; otherwise AdamMini builds its own from the model
-    if plan is not None and bool(plan.options.get("value_single_block", False)) != hp.value_single_block:
+    if plan is not None and (bool(plan.options.get("value_single_block", False)) != hp.value_single_block
+                             or hp.rules != "official"):
         plan = None
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
                     value_single_block=hp.value_single_block, plan=plan,
-                    momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype)
+                    momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype, rules=hp.rules,
+                    state_budget=hp.state_budget or None)
 
 
 def _adam_mini_snr(model, lr, hp, plan, info):
@@ -280,8 +284,9 @@ REGISTRY: dict[str, OptimizerSpec] = {
     for s in [
         OptimizerSpec("adamw", "AdamW", _adamw, 3e-3, "torch.optim.AdamW (fused=True where torch supports it)"),
         OptimizerSpec("adam-mini", "Adam-mini", _adam_mini, 3e-3,
-                      "blockopt.AdamMini (this package; momentum_dtype=bf16|int8 stores m compactly)",
-                      options=_ADAM_OPTS + ("value_single_block", "momentum_dtype")),
+                      "blockopt.AdamMini (this package; momentum_dtype=bf16|int8 stores m compactly; rules=builtin, "
+                      "state_budget=0.55)",
+                      options=_ADAM_OPTS + ("value_single_block", "momentum_dtype", "rules", "state_budget")),
         OptimizerSpec("adamw+blr", "AdamW+BLR", _adamw_blr, 1e-3,
                       "torch.optim.AdamW with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)"),
@@ -360,6 +365,19 @@ def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoi
                 raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected one of "
                                       f"{', '.join(_MOMENTUM)}")
             options[key] = value.lower()
+        elif key == "rules":
+            if value not in ("official", "builtin"):
+                raise BenchInputError(f"--optimizers: {spec.name}:rules={value!r}; expected official or builtin")
+            options[key] = value
+        elif key == "state_budget":
+            try:
+                v = float(value)
+            except ValueError:
+                v = math.nan
+            if not 0.5 < v <= 1:
+                raise BenchInputError(f"--optimizers: {spec.name}:state_budget={value!r}; expected a number in "
+                                      "(0.5, 1], the largest optimizer state as a fraction of AdamW's")
+            options[key] = v
         elif key == "value_single_block":
             if value.lower() not in _BOOL:
                 raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected true or false")
