@@ -1,8 +1,6 @@
 """blockopt: Adam-mini and block-wise optimizers for PyTorch, with a structural partition engine."""
 
-import importlib
 import sys
-from typing import Any
 
 from . import models
 from .kernels.blocks import Geometry
@@ -18,6 +16,7 @@ from .partition import (
     SNRRules,
     partition,
 )
+from .utils import lazy_submodules
 
 # ``blockopt.partition.calibrate``, where 0.1.0 defined it, still names the function. It trains a model
 # (with AdamMini when sampling), so it lives above the optimizers, which partition/ may not import.
@@ -31,14 +30,7 @@ _LAZY_SUBMODULES = frozenset({"bench", "cli", "distributed", "hessian", "integra
                               "partition", "utils"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY_SUBMODULES)
+__getattr__, __dir__ = lazy_submodules(__name__, _LAZY_SUBMODULES, globals())
 
 __all__ = [
     "BLOCKWISE_LR_MULTIPLIERS",

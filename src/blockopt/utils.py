@@ -119,3 +119,21 @@ def _config_validation_errors() -> tuple[type[BaseException], ...]:
         return ()
     return tuple(getattr(errors, n) for n in ("StrictDataclassClassValidationError",
                                               "StrictDataclassFieldValidationError") if hasattr(errors, n))
+
+
+def lazy_submodules(package: str, names: frozenset[str], namespace: dict[str, Any]) \
+        -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's module ``__getattr__`` and ``__dir__`` that import the submodules ``names`` on first use
+    (PEP 562), so that ``import package`` does not import them or their optional dependencies."""
+    import importlib
+
+    def __getattr__(name: str) -> Any:
+        if name in names:
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | names)
+
+    return __getattr__, __dir__
+

@@ -14,19 +14,11 @@ modules are attributes imported on first use, so ``import blockopt`` then
 ``blockopt.integrations.deepspeed.attach(engine)`` works.
 """
 
-import importlib
-from typing import Any
+from ..utils import lazy_submodules
 
 __all__: list[str] = []
 
 _SUBMODULES = frozenset({"deepspeed", "hf"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | _SUBMODULES)
+__getattr__, __dir__ = lazy_submodules(__name__, _SUBMODULES, globals())
