@@ -52,6 +52,8 @@ def make_optimizers(model, which, lr=1e-4):
             # (benchmarks/results/snr/<family>-tiny.rules.json, from `blockopt calibrate`), or the built-in table
             out[name] = blockopt.AdamMini(model, lr=lr, plan=blockopt.partition(model, warn=False,
                                                                                  snr=snr_rules(model, name)))
+        elif name == "adam-mini-budget":  # the built-in table within a 0.55x state budget
+            out[name] = blockopt.AdamMini(model, lr=lr, rules="builtin", state_budget=0.55)
         elif name == "adam-mini-foreach":
             out[name] = blockopt.AdamMini(model, lr=lr, fused=False)
         elif name in ("adam-mini-graph", "adamw-fused-graph"):  # CUDA only: the step replayed as a CUDA graph
