@@ -223,3 +223,21 @@ def test_fused_column_blocks_of_hf_gpt2_conv1d_equal_reference(momentum_dtype):
         elif momentum_dtype == "int8":
             same = (fast.state[p]["exp_avg"] == slow.state[q]["exp_avg"]).float().mean().item()
             assert same >= 0.999, name
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_with_a_warning_and_a_fresh_one_is_kept(tmp_path):
+    """torch waits forever while an extension's ``lock`` file exists; a killed build leaves one behind."""
+    import os
+    import time
+
+    from blockopt.kernels.adam_mini_cpu import STALE_LOCK_SECONDS, clear_stale_lock
+
+    assert not clear_stale_lock(tmp_path)  # no lock
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not clear_stale_lock(tmp_path) and lock.exists()  # a build in progress
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match=r"removing .*lock, a build lock left \d+ s ago"):
+        assert clear_stale_lock(tmp_path)
+    assert not lock.exists()

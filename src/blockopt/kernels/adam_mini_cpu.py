@@ -20,6 +20,7 @@ When no compiler is available, or ``BLOCKOPT_DISABLE_CPU_KERNEL=1`` is set,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -65,6 +66,41 @@ def _cpu_tag() -> str:
     return hashlib.sha1(model.encode()).hexdigest()[:8]
 
 
+#: a build lock older than this is left over from a build that was killed: the build takes seconds
+STALE_LOCK_SECONDS = 300.0
+
+
+def clear_stale_lock(build_dir: str | os.PathLike, max_age: float = STALE_LOCK_SECONDS) -> bool:
+    """Remove ``build_dir/lock`` when it is older than ``max_age`` seconds (warning once, naming it).
+
+    torch holds that file while it builds an extension and waits, with no timeout, while it exists: a
+    build that was killed leaves it behind, and every later load would hang. Returns whether it removed
+    one."""
+    import time
+
+    lock = Path(build_dir) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
+    if age <= max_age:
+        return False
+    warnings.warn(f"blockopt: removing {lock}, a build lock left {age:.0f} s ago by a build of the fused CPU kernel "
+                  "that did not finish (torch would wait for it forever)", stacklevel=3)
+    with contextlib.suppress(OSError):
+        lock.unlink()
+    return True
+
+
+def _build_dir(name: str) -> str | None:
+    try:  # torch's own rule for where load() builds (private; skip the check if it moves)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return _get_build_directory(name, verbose=False)
+    except Exception:  # noqa: BLE001 - only a safety check
+        return None
+
+
 def load_cpu_kernel():
     """The compiled extension module, or ``None`` when it cannot be built (see :func:`cpu_kernel_error`)."""
     with _lock:
@@ -79,13 +115,16 @@ def load_cpu_kernel():
             try:
                 from torch.utils.cpp_extension import load
 
+                name = f"blockopt_adam_mini_cpu_{digest}_{_cpu_tag()}"
+                if (build_dir := _build_dir(name)) is not None:
+                    clear_stale_lock(build_dir)
                 log.info("blockopt: building the fused CPU kernel (once; cached by torch)")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     # a plain shared library that registers torch.ops.blockopt_cpu.adam_mini_step (no
                     # Python module, so no pybind11 headers to compile)
                     load(
-                        name=f"blockopt_adam_mini_cpu_{digest}_{_cpu_tag()}",
+                        name=name,
                         sources=[str(_SOURCE)],
                         extra_cflags=_CFLAGS,
                         extra_ldflags=_LDFLAGS,
