@@ -25,6 +25,7 @@ import torch
 from ..distributed.state import gather_block_states
 from ..kernels.blocks import Geometry, block_views
 from ..partition import PartitionPlan, PlanEntry
+from ..partition.budget import state_ratio
 from ..partition.snr import SNRCalibration, SNRMeter, apply_snr, candidates, check_cutoff, measure_steps
 
 if TYPE_CHECKING:
@@ -189,8 +190,7 @@ HALF_MEMORY = 0.55
 def warn_if_above_half(plan: PartitionPlan, what: str) -> float:
     """Warn (``UserWarning``) when ``plan``'s fp32 state is above :data:`HALF_MEMORY` of AdamW's: tensors
     that no candidate fits keep one value per element. Returns the ratio."""
-    adamw = plan.adamw_state_bytes()
-    ratio = plan.state_bytes() / adamw if adamw else 0.0
+    ratio = state_ratio(plan)
     if ratio > HALF_MEMORY:
         per_element = [e.name for e in plan.entries if e.trainable and e.kind == "element" and e.numel > 1]
         warnings.warn(

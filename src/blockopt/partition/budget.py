@@ -26,7 +26,7 @@ from typing import Any
 from ..kernels.blocks import Geometry
 from .plan import PartitionPlan, PlanEntry
 
-__all__ = ["BUDGET_ROLE_ORDER", "apply_state_budget", "check_state_budget", "min_state_ratio"]
+__all__ = ["BUDGET_ROLE_ORDER", "apply_state_budget", "check_state_budget", "state_ratio"]
 
 #: the order in which rule-decided tensors get per-element second moments under a budget
 BUDGET_ROLE_ORDER = ("output", "embedding", "position_embedding", "norm", "bias", "value", "attn_out", "key",
@@ -44,8 +44,8 @@ def check_state_budget(budget: Any, argument: str = "state_budget") -> float | N
     return float(budget)
 
 
-def min_state_ratio(plan: PartitionPlan) -> float:
-    """The plan's fp32 state as a fraction of AdamW's (what a budget must at least allow)."""
+def state_ratio(plan: PartitionPlan) -> float:
+    """The plan's fp32 state as a fraction of fp32 AdamW's."""
     adamw = plan.adamw_state_bytes()
     return plan.state_bytes() / adamw if adamw else 0.0
 
@@ -72,7 +72,7 @@ def apply_state_budget(plan: PartitionPlan, budget: float, *, keep: set[str] | f
     """
     budget = check_state_budget(budget)
     n = plan.num_params
-    ratio = min_state_ratio(plan)
+    ratio = state_ratio(plan)  # what a budget must at least allow
     if ratio > budget + 1e-12:
         raise ValueError(f"Invalid state_budget: {budget!r}; this model's plan needs at least {ratio:.4f}x of "
                          f"AdamW's state ({plan.num_blocks:,} second-moment values for {n:,} parameters); "
