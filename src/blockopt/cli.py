@@ -18,7 +18,7 @@ from typing import Any
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-DEFAULT_OPTIMIZERS = "adamw,adam-mini,adam-mini-snr"  # what plain `blockopt bench` compares
+DEFAULT_OPTIMIZERS = "adamw,adam-mini,adam-mini-default"  # what plain `blockopt bench` compares
 
 
 class _UsageError(Exception):

@@ -27,7 +27,9 @@ from blockopt.models import build_model
 #: at 3 ranks), an odd vocabulary (67 rows), one column-blocked and one per-element weight
 MODEL_KW = {"n_heads": 6, "n_kv_heads": 1, "d_model": 24, "vocab_size": 67, "max_seq_len": 32}
 OVERRIDES = {r"blocks\.\d+\.mlp\.proj\.weight": "column", r"blocks\.\d+\.mlp\.fc\.weight": "element"}
-OPT_KW = {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
+# the official rules: these tests check the sharded step's exactness on blocks they choose (OVERRIDES);
+# AdamMini's default plan runs under FSDP2 in worker_snr's in-budget window
+OPT_KW = {"lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1, "rules": "official"}
 GLOBAL_BATCH, SEQ, STEPS = 12, 16, 10
 
 
@@ -339,41 +341,47 @@ def worker_compact(rank: int, world: int, out: str) -> None:
 
 # --- in-run SNR calibration under FSDP2 -------------------------------------------------------------
 SNR_KW = {"calibrate": 4, "calibrate_points": 2}
+#: the two ways of spending the window: AdamW's state (the official rules' structure), or inside the budget
+SNR_MODES = {"adamw": {"calibrate_state": "adamw", "rules": "official"},
+             "budget": {"calibrate_state": "budget", "rules": "builtin"}}
 
 
-def single_process_snr_run(n_steps: int = STEPS) -> dict[str, Any]:
+def single_process_snr_run(mode: str = "adamw", n_steps: int = STEPS) -> dict[str, Any]:
     model = tiny_model(2)
-    opt = make_optimizer(model, **SNR_KW)
+    opt = make_optimizer(model, **SNR_KW, **SNR_MODES[mode])
     train_steps(model, opt, batches()[:n_steps])
     return {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json(),
             "calibration": opt.calibration.meter.calibration.to_json()}
 
 
 def worker_snr(rank: int, world: int, out: str) -> None:
-    """FSDP2 with AdamMini(calibrate=4): 10 steps (the switch after step 4), DCP checkpoints at step 2
-    (calibrating) and step 6 (switched), each resumed in a fresh sharded model + optimizer to step 10
-    through blockopt.distributed.checkpoint (which takes the saved phase before DCP builds its template)."""
+    """FSDP2 with AdamMini(calibrate=4), both calibrate_state modes: 10 steps (the switch after step 4),
+    DCP checkpoints at step 2 (calibrating) and step 6 (switched), each resumed in a fresh sharded model +
+    optimizer to step 10 through blockopt.distributed.checkpoint (which takes the saved phase before DCP
+    builds its template)."""
     from blockopt.distributed import checkpoint as ckpt
 
     out = Path(out)
     xs = batches()
-    model = shard(tiny_model(2))
-    opt = make_optimizer(model, **SNR_KW)
+    results: dict[str, Any] = {}
+    for mode, kw in SNR_MODES.items():
+        model = shard(tiny_model(2))
+        opt = make_optimizer(model, **SNR_KW, **kw)
 
-    def on_step(i, step):
-        step()
-        if i in (1, 5):
-            ckpt.save(out / f"snr-ckpt-{i + 1}", model, opt)
+        def on_step(i, step, model=model, opt=opt, mode=mode):
+            step()
+            if i in (1, 5):
+                ckpt.save(out / f"snr-{mode}-ckpt-{i + 1}", model, opt)
 
-    train_steps(model, opt, xs, rank, world, on_step=on_step)
-    results: dict[str, Any] = {"run": {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json(),
-                                       "calibration": opt.calibration.meter.calibration.to_json()}}
-    for at in (2, 6):
-        model = shard(tiny_model(2, seed=123))
-        opt = make_optimizer(model, **SNR_KW)
-        ckpt.load(out / f"snr-ckpt-{at}", model, opt)
-        train_steps(model, opt, xs[at:], rank, world)
-        results[f"resumed-{at}"] = {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json()}
+        train_steps(model, opt, xs, rank, world, on_step=on_step)
+        results[mode] = {"run": {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json(),
+                                 "calibration": opt.calibration.meter.calibration.to_json()}}
+        for at in (2, 6):
+            model = shard(tiny_model(2, seed=123))
+            opt = make_optimizer(model, **SNR_KW, **kw)
+            ckpt.load(out / f"snr-{mode}-ckpt-{at}", model, opt)
+            train_steps(model, opt, xs[at:], rank, world)
+            results[mode][f"resumed-{at}"] = {"snapshot": snapshot(model, opt), "plan": opt.plan.to_json()}
     if rank == 0:
         torch.save(results, out / f"snr{world}.pt")
 
@@ -436,7 +444,7 @@ def _ds_train(engine, xs, rank: int, world: int) -> None:
 
 def single_process_ds_run(n_steps: int = STEPS, adamw: bool = False) -> dict[str, torch.Tensor]:
     model = _ds_model()
-    opt = torch.optim.AdamW(model.parameters(), **DS_KW) if adamw else blockopt.AdamMini(model, **DS_KW)
+    opt = torch.optim.AdamW(model.parameters(), **DS_KW) if adamw else blockopt.AdamMini(model, rules="official", **DS_KW)
     for x in batches()[:n_steps]:
         opt.zero_grad()
         logits = model(x)
@@ -514,7 +522,7 @@ def _deepspeed_stage(rank: int, world: int, out: str, stage: int) -> None:
     results: dict[str, Any] = {}
     for which in ("adamw", "adam-mini"):
         model = _ds_model()
-        opt = torch.optim.AdamW(model.parameters(), **DS_KW) if which == "adamw" else blockopt.AdamMini(model, **DS_KW)
+        opt = torch.optim.AdamW(model.parameters(), **DS_KW) if which == "adamw" else blockopt.AdamMini(model, rules="official", **DS_KW)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         if which == "adam-mini":
             attach(engine)
@@ -528,7 +536,7 @@ def _deepspeed_stage(rank: int, world: int, out: str, stage: int) -> None:
         results[which] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
     # resume: a fresh engine from other weights, the checkpoint, 5 more steps
     model = _ds_model(seed=123)
-    opt = blockopt.AdamMini(model, **DS_KW)
+    opt = blockopt.AdamMini(model, rules="official", **DS_KW)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     attach(engine)
     engine.load_checkpoint(str(out / f"ckpt{world}-{stage}"), tag="step5")
@@ -553,7 +561,7 @@ def worker_deepspeed_errors(rank: int, world: int, out: str) -> None:
                "zero_optimization": zero, "zero_allow_untested_optimizer": True,
                "zero_force_ds_cpu_optimizer": False}  # else DeepSpeed itself refuses a client optimizer
         model = _ds_model()
-        engine, *_ = deepspeed.initialize(model=model, optimizer=blockopt.AdamMini(model, **DS_KW), config=cfg)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=blockopt.AdamMini(model, rules="official", **DS_KW), config=cfg)
         try:
             if case == "offload":
                 attach(engine)
@@ -575,7 +583,7 @@ def worker_deepspeed_reshard(rank: int, world: int, out: str, checkpoint: str, t
     model = _ds_model()
     cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
-    opt = blockopt.AdamMini(model, **DS_KW)
+    opt = blockopt.AdamMini(model, rules="official", **DS_KW)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     attach(engine)
     before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
@@ -603,7 +611,7 @@ def worker_deepspeed_saved_state(rank: int, world: int, out: str, fixture: str) 
     cfg = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
     model = _ds_model()
-    opt = blockopt.AdamMini(model, **DS_KW)
+    opt = blockopt.AdamMini(model, rules="official", **DS_KW)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     attach(engine)
     opt.load_state_dict(saved["ranks"][rank])

@@ -81,7 +81,7 @@ def _hf_cosine(step: int) -> float:
 def test_trainer_trains_with_adam_mini_and_resumes(tmp_path):
     model = _model()
     args = _args(tmp_path / "a")
-    opt = bhf.adam_mini_from_training_args(model, args)
+    opt = bhf.adam_mini_from_training_args(model, args, rules="official")  # the heads, from the config
     assert opt.defaults["lr"] == LR and opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["weight_decay"] == 0.1
     # the plan, from the model's structure and config
     expected = blockopt.partition(model)
@@ -115,7 +115,7 @@ def test_trainer_trains_with_adam_mini_and_resumes(tmp_path):
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert "block_plan" in saved["param_groups"][0]
     model_b = _model()
-    opt_b = bhf.adam_mini_from_training_args(model_b, _args(tmp_path / "b"))
+    opt_b = bhf.adam_mini_from_training_args(model_b, _args(tmp_path / "b"), rules="official")
     trainer_b, rec_b = _trainer(model_b, _args(tmp_path / "b"), opt_b)
     trainer_b.train(resume_from_checkpoint=str(ckpt))
     # the optimizer state was restored before training went on
@@ -137,7 +137,7 @@ def test_trainer_builds_adam_mini_through_the_factory_hook(tmp_path):
     model = _model()
     args = _args(tmp_path, max_steps=2, save_strategy="no")
     try:
-        cls_and_kwargs = bhf.adam_mini_cls_and_kwargs(args, value_single_block=True)
+        cls_and_kwargs = bhf.adam_mini_cls_and_kwargs(args, value_single_block=True, rules="official")
     except ImportError as e:  # transformers 4.x: no optimizer factories
         pytest.skip(str(e))
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_Counting(),

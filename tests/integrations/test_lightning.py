@@ -42,7 +42,7 @@ class LitLM(L.LightningModule):
         return next_token_loss(self.model, batch)
 
     def configure_optimizers(self):
-        opt = blockopt.AdamMini(self, lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
+        opt = blockopt.AdamMini(self, rules="official", lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

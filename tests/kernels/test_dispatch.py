@@ -88,7 +88,7 @@ def test_the_optimizer_reports_the_routes_it_took():
     runs = {}
     for label, kw in (("reference", {"foreach": False}), ("foreach", {"fused": False}), ("default", {})):
         m = copy.deepcopy(model)
-        opt = blockopt.AdamMini(m, lr=1e-2, **kw)
+        opt = blockopt.AdamMini(m, rules="official", lr=1e-2, **kw)
         m(torch.randn(3, 8)).sum().backward()
         opt.step()
         runs[label] = dict(opt.routes)

@@ -45,8 +45,8 @@ def test_fused_equals_reference_fp32_after_20_steps(style, maximize):
     model = build_model(f"{style}-tiny", vocab_size=96, n_layers=2, d_model=64)
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "maximize": maximize}
-    fast = blockopt.AdamMini(model, fused=True, **kw)
-    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    fast = blockopt.AdamMini(model, rules="official", fused=True, **kw)
+    slow = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     used = [n for n, p in model.named_parameters() if fused_cpu_supports(p, p, fast.plan[n].geometry)]
     assert any(".q_proj." in n for n in used) and any(".mlp." in n for n in used)
     _random_steps([(model, fast), (ref, slow)], 20)
@@ -63,8 +63,8 @@ def test_fused_equals_reference_fp32_after_20_steps(style, maximize):
 def test_fused_handles_fused_qkv_whole_tensor_and_conv_blocks():
     model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), nn.Conv1d(32, 8, 3))
     ref = copy.deepcopy(model)
-    fast = blockopt.AdamMini(model, lr=1e-2, fused=True, overrides={r"0\.norm1\.weight": "tensor"})
-    slow = blockopt.AdamMini(ref, lr=1e-2, foreach=False, overrides={r"0\.norm1\.weight": "tensor"})
+    fast = blockopt.AdamMini(model, rules="official", lr=1e-2, fused=True, overrides={r"0\.norm1\.weight": "tensor"})
+    slow = blockopt.AdamMini(ref, rules="official", lr=1e-2, foreach=False, overrides={r"0\.norm1\.weight": "tensor"})
     assert fast.plan["0.self_attn.in_proj_weight"].kind == "fused"
     _random_steps([(model, fast), (ref, slow)], 20, scale=1e-3)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
@@ -88,9 +88,9 @@ def test_supports_only_what_it_handles():
 def test_fused_flag_errors(monkeypatch):
     model = build_model("llama-tiny", vocab_size=32, n_layers=1, d_model=32)
     with pytest.raises(ValueError, match="fused=True with foreach=False"):
-        blockopt.AdamMini(model, fused=True, foreach=False)
+        blockopt.AdamMini(model, rules="official", fused=True, foreach=False)
     with pytest.raises(ValueError, match="Invalid fused: 'yes'"):
-        blockopt.AdamMini(model, fused="yes")
+        blockopt.AdamMini(model, rules="official", fused="yes")
 
 
 @needs_compiler
@@ -125,7 +125,7 @@ def _one_step_results(model, threads, **kw):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        opt = blockopt.AdamMini(model, lr=1e-2, fused=True, **kw)
+        opt = blockopt.AdamMini(model, rules="official", lr=1e-2, fused=True, **kw)
         _random_steps([(model, opt)], 3, seed=1)
     finally:
         torch.set_num_threads(old)
@@ -148,8 +148,8 @@ def test_fused_strided_gradients_and_blocks_larger_than_a_chunk():
     model = nn.Sequential(nn.Linear(512, 256), nn.Linear(256, 8))
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "weight_decay": 0.1, "overrides": {r"0\.weight": "tensor"}}
-    fast = blockopt.AdamMini(model, fused=True, **kw)
-    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    fast = blockopt.AdamMini(model, rules="official", fused=True, **kw)
+    slow = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     g = torch.Generator().manual_seed(3)
     for _ in range(20):
         grads = [torch.randn(tuple(reversed(p.shape)) if p.dim() == 2 else p.shape, generator=g) for p in model.parameters()]
@@ -169,8 +169,8 @@ def test_cached_step_lists_follow_frozen_parameters_state_loads_and_clears():
     gradients, a loaded state, and a cleared state, exactly as the uncached reference does."""
     model = build_model("llama-tiny", vocab_size=64, n_layers=1, d_model=32)
     ref = copy.deepcopy(model)
-    fast = blockopt.AdamMini(model, lr=1e-2, fused=True)
-    slow = blockopt.AdamMini(ref, lr=1e-2, foreach=False)
+    fast = blockopt.AdamMini(model, rules="official", lr=1e-2, fused=True)
+    slow = blockopt.AdamMini(ref, rules="official", lr=1e-2, foreach=False)
     _random_steps([(model, fast), (ref, slow)], 3)
     saved = copy.deepcopy(fast.state_dict())
     # a parameter without a gradient is skipped; it moves again when its gradient returns
@@ -209,8 +209,8 @@ def test_fused_column_blocks_of_hf_gpt2_conv1d_equal_reference(momentum_dtype):
     model = transformers.GPT2LMHeadModel(cfg)
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": momentum_dtype}
-    fast = blockopt.AdamMini(model, fused=True, **kw)
-    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    fast = blockopt.AdamMini(model, rules="official", fused=True, **kw)
+    slow = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     assert fast.plan["transformer.h.0.attn.c_attn.weight"].geometry.axis == 1
     _random_steps([(model, fast), (ref, slow)], 20)
     assert fast.routes["transformer.h.0.attn.c_attn.weight"] == "fused_cpu"

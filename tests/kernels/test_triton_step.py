@@ -191,8 +191,8 @@ def test_adam_mini_int8_momentum_through_the_triton_route_equals_the_cpu_route(m
     model = build_model("llama-tiny", vocab_size=16, n_layers=1, d_model=16, n_heads=2, max_seq_len=8, d_ff=16)
     other = copy.deepcopy(model)
     kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": "int8"}
-    via_cpu = blockopt.AdamMini(other, **kw)
-    via_triton = blockopt.AdamMini(model, **kw)
+    via_cpu = blockopt.AdamMini(other, rules="official", **kw)
+    via_triton = blockopt.AdamMini(model, rules="official", **kw)
     gen = torch.Generator().manual_seed(4)
     for _ in range(6):
         for m in (model, other):

@@ -40,7 +40,7 @@ def test_every_block_of_size_one_equals_adamw(path):
     options, dtype, adamw_options, tol = _DEGENERATE[path]
     model = tiny().to(dtype)
     ref = copy.deepcopy(model)
-    opt = blockopt.AdamMini(model, lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1,
+    opt = blockopt.AdamMini(model, rules="official", lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1,
                             overrides=ALL_ELEMENTS, **options)
     assert all(e.kind == "element" for e in opt.plan.entries)
     adamw = torch.optim.AdamW(ref.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, **adamw_options)
@@ -67,8 +67,8 @@ def test_foreach_equals_reference_loop_float64(index, maximize):
     model = _float64_models()[index]
     other = copy.deepcopy(model)
     kw = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.05, "maximize": maximize}
-    fast = blockopt.AdamMini(model, foreach=True, **kw)
-    slow = blockopt.AdamMini(other, foreach=False, **kw)
+    fast = blockopt.AdamMini(model, rules="official", foreach=True, **kw)
+    slow = blockopt.AdamMini(other, rules="official", foreach=False, **kw)
     kinds = {e.kind for e in fast.plan.entries}
     assert {"head", "row", "tensor"} <= kinds or "fused" in kinds
     g = torch.Generator().manual_seed(0)
@@ -91,8 +91,8 @@ def test_hf_gpt2_conv1d_and_fused_qkv_foreach_equals_reference():
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).double()
     other = copy.deepcopy(model)
-    fast = blockopt.AdamMini(model, lr=1e-2, weight_decay=0.1)
-    slow = blockopt.AdamMini(other, lr=1e-2, weight_decay=0.1, foreach=False)
+    fast = blockopt.AdamMini(model, rules="official", lr=1e-2, weight_decay=0.1)
+    slow = blockopt.AdamMini(other, rules="official", lr=1e-2, weight_decay=0.1, foreach=False)
     assert fast.plan["transformer.h.0.attn.c_attn.weight"].kind == "fused"
     assert fast.plan["transformer.h.0.mlp.c_fc.weight"].kind == "column"
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -121,7 +121,7 @@ def test_equals_official_adam_mini_1_1_1(dtype, tol):
     for block in model.blocks:
         block.attn.k_proj.bias.requires_grad_(False)
     ref = copy.deepcopy(model)
-    ours = blockopt.AdamMini(model, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    ours = blockopt.AdamMini(model, rules="official", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     theirs = official.Adam_mini(ref.named_parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
                                 dim=64, n_heads=4, verbose=False)
     batches = token_batches(64, 20)
@@ -145,7 +145,7 @@ def test_state_of_gpt2_small_shape_is_at_most_051x_adamw():
     model = build_model("gpt2-160m", seed=None)  # GPT-2 small with an untied head; values do not matter
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    ours = blockopt.AdamMini(model)
+    ours = blockopt.AdamMini(model, rules="official")
     ours.step()
     ours_bytes = sum(t.nbytes for s in ours.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     del ours
@@ -157,7 +157,7 @@ def test_state_of_gpt2_small_shape_is_at_most_051x_adamw():
 
 def _save_load_continue(dtype):
     model = tiny("gpt2").to(dtype)
-    opt = blockopt.AdamMini(model, lr=1e-3, weight_decay=0.1)
+    opt = blockopt.AdamMini(model, rules="official", lr=1e-3, weight_decay=0.1)
     batches = token_batches(64, 10)
     train(model, opt, batches[:5])
     buf = io.BytesIO()
@@ -168,7 +168,7 @@ def _save_load_continue(dtype):
     ckpt = torch.load(buf, weights_only=True)
     resumed = tiny("gpt2").to(dtype)
     resumed.load_state_dict(ckpt["model"])
-    opt2 = blockopt.AdamMini(resumed, lr=1e-3, weight_decay=0.1)
+    opt2 = blockopt.AdamMini(resumed, rules="official", lr=1e-3, weight_decay=0.1)
     opt2.load_state_dict(ckpt["opt"])
     train(resumed, opt2, batches[5:])
     return model, opt, resumed, opt2
@@ -186,10 +186,10 @@ def test_state_dict_save_load_continue_is_bit_identical(dtype):
 
 def test_load_state_dict_from_a_different_plan_names_the_parameter_and_changes_nothing():
     model = tiny()
-    opt = blockopt.AdamMini(model)
+    opt = blockopt.AdamMini(model, rules="official")
     train(model, opt, token_batches(64, 2))
     saved = opt.state_dict()
-    other = blockopt.AdamMini(model, value_single_block=True)
+    other = blockopt.AdamMini(model, rules="official", value_single_block=True)
     train(model, other, token_batches(64, 1))
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match=r"different partition plan: parameter 'blocks\.0\.attn\.v_proj\.weight'"):
@@ -202,7 +202,7 @@ def test_load_state_dict_from_a_different_plan_names_the_parameter_and_changes_n
 
 def test_state_dict_holds_the_plan_and_groups():
     model = tiny()
-    opt = blockopt.AdamMini(model, lr=3e-4)
+    opt = blockopt.AdamMini(model, rules="official", lr=3e-4)
     sd = opt.state_dict()
     assert set(sd["plan"]) == {n for n, _ in model.named_parameters()}
     assert sd["plan"]["blocks.0.attn.q_proj.weight"]["kind"] == "head"
@@ -214,7 +214,7 @@ def test_param_groups_carry_the_plan_so_it_survives_without_the_top_level_key():
     import json
 
     model = tiny()
-    opt = blockopt.AdamMini(model)
+    opt = blockopt.AdamMini(model, rules="official")
     train(model, opt, token_batches(64, 1))
     sd = opt.state_dict()
     block_plan = sd["param_groups"][0]["block_plan"]
@@ -222,26 +222,26 @@ def test_param_groups_carry_the_plan_so_it_survives_without_the_top_level_key():
     assert blockopt.PlanEntry.from_dict(json.loads(block_plan[1])) == opt.plan.entries[1]
 
     groups_only = {"state": sd["state"], "param_groups": sd["param_groups"]}
-    other = blockopt.AdamMini(model, value_single_block=True)
+    other = blockopt.AdamMini(model, rules="official", value_single_block=True)
     with pytest.raises(ValueError, match=r"different partition plan: parameter 'blocks\.0\.attn\.v_proj\.weight'"):
         other.load_state_dict(groups_only)
-    same = blockopt.AdamMini(model)
+    same = blockopt.AdamMini(model, rules="official")
     same.load_state_dict(groups_only)
     assert torch.equal(same.state_dict()["state"][0]["exp_avg"], sd["state"][0]["exp_avg"])
 
     old_format = {**sd, "param_groups": [{k: v for k, v in g.items() if k != "block_plan"}
                                          for g in sd["param_groups"]]}
-    blockopt.AdamMini(model).load_state_dict(old_format)  # top-level "plan" only: still accepted
+    blockopt.AdamMini(model, rules="official").load_state_dict(old_format)  # top-level "plan" only: still accepted
     no_plan = {"state": sd["state"], "param_groups": old_format["param_groups"]}
     with pytest.raises(ValueError, match="it has no plan"):
-        blockopt.AdamMini(model).load_state_dict(no_plan)
+        blockopt.AdamMini(model, rules="official").load_state_dict(no_plan)
 
 
 # --- torch.optim conventions ---------------------------------------------------
 
 def test_closure_is_called_and_its_loss_returned():
     model = tiny()
-    opt = blockopt.AdamMini(model)
+    opt = blockopt.AdamMini(model, rules="official")
     x = token_batches(64, 1)[0]
     calls = []
 
@@ -260,7 +260,7 @@ def test_closure_is_called_and_its_loss_returned():
 
 def test_lr_scheduler_drives_the_group_lr():
     model = tiny()
-    opt = blockopt.AdamMini(model, lr=1e-2)
+    opt = blockopt.AdamMini(model, rules="official", lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0 if step == 1 else 1.0)
     batches = token_batches(64, 3)
     train(model, opt, batches[:1])
@@ -290,7 +290,7 @@ def test_user_param_groups_keep_their_lr_and_weight_decay():
 def test_params_without_grad_and_frozen_params_are_left_alone():
     model = tiny()
     model.blocks[0].mlp.fc.weight.requires_grad_(False)
-    opt = blockopt.AdamMini(model)
+    opt = blockopt.AdamMini(model, rules="official")
     frozen = model.blocks[0].mlp.fc.weight.clone()
     train(model, opt, token_batches(64, 2))
     assert torch.equal(frozen, model.blocks[0].mlp.fc.weight)
@@ -304,8 +304,8 @@ def test_params_without_grad_and_frozen_params_are_left_alone():
 
 def test_maximize_equals_minimising_the_negated_gradient():
     a, b = tiny(), tiny()
-    oa = blockopt.AdamMini(a, lr=1e-2, maximize=True)
-    ob = blockopt.AdamMini(b, lr=1e-2)
+    oa = blockopt.AdamMini(a, rules="official", lr=1e-2, maximize=True)
+    ob = blockopt.AdamMini(b, rules="official", lr=1e-2)
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
         for p, q in zip(a.parameters(), b.parameters()):
@@ -319,8 +319,8 @@ def test_maximize_equals_minimising_the_negated_gradient():
 def test_bf16_parameters_keep_fp32_state_and_follow_the_fp32_reference():
     model = tiny().to(torch.bfloat16)
     ref = copy.deepcopy(model)
-    opt = blockopt.AdamMini(model, lr=1e-3)
-    ref_opt = blockopt.AdamMini(ref, lr=1e-3, foreach=False)
+    opt = blockopt.AdamMini(model, rules="official", lr=1e-3)
+    ref_opt = blockopt.AdamMini(ref, rules="official", lr=1e-3, foreach=False)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         for p, q in zip(model.parameters(), ref.parameters()):
@@ -332,7 +332,7 @@ def test_bf16_parameters_keep_fp32_state_and_follow_the_fp32_reference():
         assert opt.state[p]["exp_avg"].dtype == torch.float32
         assert opt.state[p]["block_exp_avg_sq"].dtype == torch.float32
         torch.testing.assert_close(p, q, atol=1e-2, rtol=TOL[torch.bfloat16])
-    low = blockopt.AdamMini(tiny().to(torch.bfloat16), state_dtype=torch.bfloat16)
+    low = blockopt.AdamMini(tiny().to(torch.bfloat16), rules="official", state_dtype=torch.bfloat16)
     p0 = next(iter(low.param_groups[0]["params"]))
     p0.grad = torch.ones_like(p0)
     low.step()
@@ -341,7 +341,7 @@ def test_bf16_parameters_keep_fp32_state_and_follow_the_fp32_reference():
 
 def test_optimizer_survives_deepcopy():
     model = tiny()
-    opt = blockopt.AdamMini(model)
+    opt = blockopt.AdamMini(model, rules="official")
     train(model, opt, token_batches(64, 1))
     clone = copy.deepcopy(opt)
     assert clone.plan == opt.plan
@@ -355,7 +355,7 @@ def _model_kwargs(**kw):
 
 
 BAD_INPUT = [
-    # (id, kwargs for AdamMini(model, ...), exception, words the message must contain)
+    # (id, kwargs for AdamMini(model, rules="official", ...), exception, words the message must contain)
     ("negative lr", {"lr": -1.0}, ValueError, ["lr", "-1.0"]),
     ("nan lr", {"lr": math.nan}, ValueError, ["lr", "nan"]),
     ("beta1 = 1", {"betas": (1.0, 0.999)}, ValueError, ["beta", "index 0", "1.0"]),
@@ -374,7 +374,7 @@ BAD_INPUT = [
 @pytest.mark.parametrize("kwargs,exc,words", [b[1:] for b in BAD_INPUT], ids=[b[0] for b in BAD_INPUT])
 def test_bad_arguments_raise_clear_errors(kwargs, exc, words):
     with pytest.raises(exc) as info:
-        blockopt.AdamMini(tiny(), **kwargs)
+        blockopt.AdamMini(tiny(), rules="official", **kwargs)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
 
@@ -403,7 +403,7 @@ def test_unnamed_parameters_and_missing_plan_are_explained():
 def test_sparse_gradients_are_rejected_before_anything_changes():
     emb = nn.Embedding(10, 4, sparse=True)
     model = nn.Sequential(emb, nn.Linear(4, 2))
-    opt = blockopt.AdamMini(model)
+    opt = blockopt.AdamMini(model, rules="official")
     model(torch.tensor([1, 2])).sum().backward()
     before = [p.clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="sparse gradients"):
@@ -423,8 +423,8 @@ def test_non_contiguous_parameters_follow_the_reference(kind):
     a, b = Model(), Model()
     b.load_state_dict(a.state_dict())
     assert not a.w.is_contiguous()
-    fast = blockopt.AdamMini(a, lr=1e-2, overrides={"w": kind})
-    slow = blockopt.AdamMini(b, lr=1e-2, overrides={"w": kind}, foreach=False)
+    fast = blockopt.AdamMini(a, rules="official", lr=1e-2, overrides={"w": kind})
+    slow = blockopt.AdamMini(b, rules="official", lr=1e-2, overrides={"w": kind}, foreach=False)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         for p, q in zip(a.parameters(), b.parameters()):

@@ -50,7 +50,7 @@ def _pair(overrides=OVERRIDES, **kw):
     """Two identical models with an optimizer each: one to compile, one to step eagerly."""
     model = _model()
     ref = copy.deepcopy(model)
-    mk = lambda m: blockopt.AdamMini(m, overrides=overrides, weight_decay=0.1,
+    mk = lambda m: blockopt.AdamMini(m, rules="official", overrides=overrides, weight_decay=0.1,
                                      **{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     return model, mk(model), ref, mk(ref)
 
@@ -344,7 +344,7 @@ def test_fsdp2_step_warns_once_and_steps_right():
     try:
         model, opt, ref, eager = _pair(lr=3e-3)
         fully_shard(model)
-        opt = blockopt.AdamMini(model, overrides=OVERRIDES, weight_decay=0.1, lr=3e-3)
+        opt = blockopt.AdamMini(model, rules="official", overrides=OVERRIDES, weight_decay=0.1, lr=3e-3)
 
         @torch.compile(backend="eager")
         def step():
@@ -367,7 +367,7 @@ def test_fsdp2_step_warns_once_and_steps_right():
 def test_the_reasons_name_calibration_and_zero():
     """The reasons the step gives (the DeepSpeed ZeRO step needs deepspeed: its layout stands in)."""
     model = _model()
-    opt = blockopt.AdamMini(model, calibrate=3)
+    opt = blockopt.AdamMini(model, rules="official", calibrate=3)
     assert [k for k, _ in compiled.not_compiled_reasons(opt)] == ["calibrate"]
     assert "calibrate=3" in compiled.not_compiled_reasons(opt)[0][1]
     plain = blockopt.AdamMini(model)

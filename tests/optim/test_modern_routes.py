@@ -41,8 +41,8 @@ def test_expert_geometry_on_every_cpu_route_equals_the_reference_loop(route):
     if route == "fused" and load_cpu_kernel() is None:
         pytest.skip(f"the fused CPU kernel is not built: {cpu_kernel_error()}")
     model, ref = TinyMoE(), TinyMoE()
-    fast = blockopt.AdamMini(model, lr=1e-2, weight_decay=0.1, **ROUTES[route])
-    slow = blockopt.AdamMini(ref, lr=1e-2, weight_decay=0.1, foreach=False)
+    fast = blockopt.AdamMini(model, rules="official", lr=1e-2, weight_decay=0.1, **ROUTES[route])
+    slow = blockopt.AdamMini(ref, rules="official", lr=1e-2, weight_decay=0.1, foreach=False)
     _run(model, fast)
     _run(ref, slow)
     assert _routes_ran(fast) >= ({"fused_cpu"} if route == "fused" else {"foreach"})
@@ -58,8 +58,8 @@ def test_expert_geometry_on_every_cpu_route_equals_the_reference_loop(route):
 def test_compact_momentum_on_expert_geometry_equals_the_reference_loop(fmt):
     model, ref = TinyMoE(), TinyMoE()
     kw = {"lr": 1e-2, "weight_decay": 0.1, "momentum_dtype": fmt}
-    fast = blockopt.AdamMini(model, **kw)
-    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    fast = blockopt.AdamMini(model, rules="official", **kw)
+    slow = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     _run(model, fast)
     _run(ref, slow)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
@@ -101,8 +101,8 @@ def test_low_precision_state_on_fp32_parameters_equals_the_reference_on_every_ro
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "weight_decay": 0.1, "eps": 1e-3, "state_dtype": state_dtype}  # eps representable in fp16
-    fast = blockopt.AdamMini(model, **ROUTES[route], **kw)
-    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    fast = blockopt.AdamMini(model, rules="official", **ROUTES[route], **kw)
+    slow = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     g = torch.Generator().manual_seed(1)
     for _ in range(5):
         x = torch.randn(6, 8, generator=g)
@@ -134,12 +134,12 @@ def test_state_saved_with_or_without_compile_loads_into_the_other(direction):
     plain = _small()
     compiled = torch.compile(copy.deepcopy(plain))
     src, dst = (compiled, plain) if direction == "compiled to plain" else (plain, compiled)
-    opt = blockopt.AdamMini(src, lr=1e-2)
+    opt = blockopt.AdamMini(src, rules="official", lr=1e-2)
     _one_step(src, opt)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
-    other = blockopt.AdamMini(dst, lr=1e-2)
+    other = blockopt.AdamMini(dst, rules="official", lr=1e-2)
     other.load_state_dict(torch.load(buf, weights_only=True))
     for p, q in zip(src.parameters(), dst.parameters()):
         assert torch.equal(opt.state[p]["exp_avg"], other.state[q]["exp_avg"])

@@ -135,7 +135,7 @@ def test_block_fraction_one_equals_adam_mini():
     ref = copy.deepcopy(model)
     kw = {"lr": 2e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
     opt = blockopt.MoFO(model, fraction=1.0, second_moment="block", **kw)
-    mini = blockopt.AdamMini(ref, foreach=False, **kw)
+    mini = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     batches = token_batches(64, 5)
     train(model, opt, batches)
     train(ref, mini, batches)

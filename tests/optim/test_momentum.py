@@ -91,7 +91,7 @@ def test_fused_kernel_equals_the_codec_around_the_reference_loop(fmt):
     model = _model()
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": FORMATS[fmt]}
-    fast = blockopt.AdamMini(model, fused=True, **kw)
+    fast = blockopt.AdamMini(model, rules="official", fused=True, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     _steps([(model, fast), (ref, slow)], 20)
     assert "fused_cpu" in set(fast.routes.values())
@@ -121,7 +121,7 @@ def test_foreach_path_with_compact_momentum_equals_the_reference(fmt):
     model = _model()
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "weight_decay": 0.1, "momentum_dtype": FORMATS[fmt]}
-    a = blockopt.AdamMini(model, fused=False, **kw)
+    a = blockopt.AdamMini(model, rules="official", fused=False, **kw)
     b = blockopt.AdamMini(ref, foreach=False, **kw)
     _steps([(model, a), (ref, b)], 10)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
@@ -133,7 +133,7 @@ def test_state_bytes_of_gpt2_small_shape_measured_and_from_the_plan(fmt, limit):
     model = build_model("gpt2-160m", seed=None)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
-    opt = blockopt.AdamMini(model, momentum_dtype=FORMATS[fmt])
+    opt = blockopt.AdamMini(model, rules="official", momentum_dtype=FORMATS[fmt])
     opt.step()
     measured = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if k != "step")
     adamw = 8 * sum(p.numel() for p in model.parameters())  # AdamW: exp_avg + exp_avg_sq in fp32
@@ -146,7 +146,7 @@ def test_state_bytes_of_gpt2_small_shape_measured_and_from_the_plan(fmt, limit):
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_checkpoint_holds_the_compact_form_and_resumes_bit_identically(fmt):
     model = _model()
-    opt = blockopt.AdamMini(model, lr=1e-2, momentum_dtype=FORMATS[fmt])
+    opt = blockopt.AdamMini(model, rules="official", lr=1e-2, momentum_dtype=FORMATS[fmt])
     _steps([(model, opt)], 4)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
@@ -166,10 +166,10 @@ def test_checkpoint_holds_the_compact_form_and_resumes_bit_identically(fmt):
 
 def test_loading_a_state_in_another_momentum_format_is_refused_and_changes_nothing():
     model = _model()
-    opt = blockopt.AdamMini(model, lr=1e-2)
+    opt = blockopt.AdamMini(model, rules="official", lr=1e-2)
     _steps([(model, opt)], 2)
     fp32_state = opt.state_dict()
-    other = blockopt.AdamMini(model, lr=1e-2, momentum_dtype="int8")
+    other = blockopt.AdamMini(model, rules="official", lr=1e-2, momentum_dtype="int8")
     _steps([(model, other)], 1)
     before = copy.deepcopy(other.state_dict())
     with pytest.raises(ValueError, match=r"holds its first moment as torch.float32, but this optimizer stores it as"):
@@ -200,7 +200,7 @@ def test_compact_momentum_trains_like_fp32_on_a_short_run():
     losses = {}
     for fmt in (None, torch.bfloat16, "int8"):
         model = build_model("llama-tiny", vocab_size=64, n_layers=2, d_model=64)
-        opt = blockopt.AdamMini(model, lr=3e-3, momentum_dtype=fmt)
+        opt = blockopt.AdamMini(model, rules="official", lr=3e-3, momentum_dtype=fmt)
         losses[fmt] = train(model, opt, token_batches(64, 40))
     base = sum(losses[None][-5:]) / 5
     for fmt in (torch.bfloat16, "int8"):

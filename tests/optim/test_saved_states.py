@@ -21,13 +21,19 @@ from make_main_states import CALIB_KW, batches, make_model, train
 
 sys.path.pop(0)
 
+#: what AdamMini(calibrate=N) meant when the fixtures were saved (before 0.2.0): the official rules'
+#: structure and AdamW's state for the window
+BEFORE_0_2 = {"rules": "official", "calibrate_state": "adamw"}
+
 
 @pytest.mark.parametrize("phase, steps", [("calibrating", 2), ("done", 5)])
 def test_a_calibrate_state_saved_by_main_resumes_as_it_would_have(phase, steps):
     saved = torch.load(FIXTURES / "adam_mini_calibrate_state_faf71cc.pt", weights_only=True)[phase]
     model = make_model()
     model.load_state_dict(saved["model"])
-    opt = blockopt.AdamMini(model, **CALIB_KW)
+    with pytest.raises(ValueError, match="calibrate_state='adamw'"):  # today's default window is refused, clearly
+        blockopt.AdamMini(make_model(), **CALIB_KW).load_state_dict(saved["optimizer"])
+    opt = blockopt.AdamMini(model, **CALIB_KW, **BEFORE_0_2)
     opt.load_state_dict(saved["optimizer"])
     assert opt.calibration.phase == phase and opt.calibration.steps_done == min(steps, CALIB_KW["calibrate"])
     if phase == "done":
@@ -40,7 +46,7 @@ def test_a_calibrate_state_saved_by_main_resumes_as_it_would_have(phase, steps):
 
 def test_a_calibrate_state_refuses_an_optimizer_without_calibrate_and_changes_nothing():
     saved = torch.load(FIXTURES / "adam_mini_calibrate_state_faf71cc.pt", weights_only=True)["done"]
-    opt = blockopt.AdamMini(make_model(), **{k: v for k, v in CALIB_KW.items() if k != "calibrate"})
+    opt = blockopt.AdamMini(make_model(), rules="official", **{k: v for k, v in CALIB_KW.items() if k != "calibrate"})
     with pytest.raises(ValueError, match="calibrate"):
         opt.load_state_dict(saved["optimizer"])
     assert not opt.state

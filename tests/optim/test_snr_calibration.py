@@ -1,4 +1,7 @@
-"""AdamMini(calibrate=N): AdamW for N steps while measuring SNR, then the SNR plan with block-mean v."""
+"""AdamMini(calibrate=N): N steps while measuring SNR, then the SNR plan with block-mean v.
+
+calibrate_state="adamw": AdamW for the window, SNR measured on its full v; calibrate_state="budget" (the
+default): the window steps with the plan inside the state budget, SNR measured on a sample of v."""
 
 from __future__ import annotations
 
@@ -35,7 +38,17 @@ def _model(n_layers=2, **kw):
     return build_model("llama-tiny", seed=0, n_layers=n_layers, d_model=32, n_heads=4, n_kv_heads=2, **kw)
 
 
+#: the window that holds AdamW's state, on the official rules' structure (what calibrate= did before 0.2.0)
+ADAMW_WINDOW = {"calibrate_state": "adamw", "rules": "official"}
+MODES = {"adamw": ADAMW_WINDOW, "budget": {}}
+
+
 def _make(model, **kw):
+    return blockopt.AdamMini(model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                             **{"calibrate": N, "calibrate_points": 2, **ADAMW_WINDOW, **kw})
+
+
+def _make_budget(model, **kw):
     return blockopt.AdamMini(model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1,
                              **{"calibrate": N, "calibrate_points": 2, **kw})
 
@@ -107,20 +120,21 @@ def _roundtrip(obj):
     return torch.load(buf, weights_only=True)
 
 
+@pytest.mark.parametrize("mode", ["adamw", "budget"])
 @pytest.mark.parametrize("at", [3, N, N + 3], ids=["during calibration", "at the switch", "after the switch"])
-def test_resume_equals_an_uninterrupted_run_bit_for_bit(at):
+def test_resume_equals_an_uninterrupted_run_bit_for_bit(at, mode):
     batches = _text_batches(N + 6)
     model = _model()
-    opt = _make(model)
+    opt = _make(model, **MODES[mode])
     _train(model, opt, batches)
     model2 = _model()
-    opt2 = _make(model2)
+    opt2 = _make(model2, **MODES[mode])
     _train(model2, opt2, batches[:at])
     ck = _roundtrip({"model": model2.state_dict(), "optim": opt2.state_dict()})
     saved = json.loads(ck["optim"]["param_groups"][0]["snr_calibration"])
     assert saved["phase"] == ("calibrating" if at < N else "done") and saved["steps_done"] == min(at, N)
     model3 = build_model("llama-tiny", seed=7, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2)
-    opt3 = _make(model3)
+    opt3 = _make(model3, **MODES[mode])
     model3.load_state_dict(ck["model"])
     opt3.load_state_dict(ck["optim"])
     assert opt3.calibration.phase == saved["phase"]
@@ -193,7 +207,7 @@ def test_bad_calibration_arguments_are_clear_errors(kw, match):
 def test_snr_plan_of_llama_tiny_halves_the_state_in_the_plan_and_in_the_tensors():
     """Real text, the bench's lr and betas, 40 steps of calibration at the default cutoff."""
     model = build_model("llama-tiny", seed=0)
-    opt = blockopt.AdamMini(model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, calibrate=40)
+    opt = blockopt.AdamMini(model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, calibrate=40, **ADAMW_WINDOW)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train(model, opt, _text_batches(41, batch=8, seq=64))
@@ -222,13 +236,16 @@ def test_a_state_saved_by_release_0_1_0_still_loads():
     plan = blockopt.PartitionPlan.load(FIXTURES / "plan_v0_1_0.json")
     model = make_model()
     model.load_state_dict(saved["model"])
-    opt = blockopt.AdamMini(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    with pytest.raises(ValueError, match="rules='official'"):  # the default plan is not 0.1.0's
+        blockopt.AdamMini(make_model(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1).load_state_dict(
+            saved["optimizer"])
+    opt = blockopt.AdamMini(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, rules="official")
     assert opt.plan == plan
     opt.load_state_dict(saved["optimizer"])
     # and it goes on exactly as the uninterrupted 0.1.0 run would: 3 + 2 steps equal 5 steps from scratch
     train(model, opt, 2)
     ref_model = make_model()
-    ref = blockopt.AdamMini(ref_model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ref = blockopt.AdamMini(ref_model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, rules="official")
     train(ref_model, ref, 3)
     train(ref_model, ref, 2)
     assert opt.state_dict()["state"][0]["step"].item() == 5.0
@@ -280,3 +297,132 @@ def test_a_calibrated_plan_above_half_the_state_says_so_at_the_switch():
         warnings.simplefilter("error")
         _train(model, opt, batches[N:])  # once, at the switch only
 
+
+
+# --- calibrate_state="budget": the window inside the state budget ------------------------------------
+def _adamw_state_bytes(model):
+    """What torch's AdamW really allocates for ``model`` (its state after one step)."""
+    ref = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    ref.step()
+    out = optimizer_state_bytes(ref)
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_budget_window_keeps_the_state_within_the_budget_at_every_step():
+    model = _model()
+    adamw = _adamw_state_bytes(_model())
+    opt = _make_budget(model)
+    sample = opt.calibration.sample
+    assert 0 < sample.nbytes <= 0.02 * opt.plan.adamw_state_bytes()
+    ratios = []
+    for i, (x, y) in enumerate(_text_batches(N + 3), start=1):
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        held = any("snr_sample_v" in st for st in opt.state.values())
+        assert held == (i < N), i  # the sample lives in the state during the window, and is freed at the switch
+        ratios.append(optimizer_state_bytes(opt) / adamw)
+    assert max(ratios) <= 0.55, ratios
+    assert ratios[0] > ratios[-1] - 0.05  # the sample is counted
+    assert opt.plan.options["state_budget"] == 0.55 and opt.calibration.meter.calibration.source["method"] == "sampled"
+    assert any(e.snr_choice for e in opt.plan.entries) and any("state budget 0.55" in e.rule for e in opt.plan.entries)
+
+
+def test_budget_window_steps_with_the_window_plan_and_the_switch_carries_block_means():
+    from blockopt.optim.calibration import carry_block_means
+    from blockopt.partition.budget import state_ratio
+
+    batches = _text_batches(N)
+    model, ref_model = _model(), _model()
+    opt = _make_budget(model)
+    window = opt.calibration.window_plan
+    assert opt.plan is window and 0.5 < state_ratio(window) <= 0.55 - 0.02 + 1e-3
+    ref = blockopt.AdamMini(ref_model, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, plan=window)
+    for x, y in batches:
+        for m, o in ((model, opt), (ref_model, ref)):
+            m(x, y).backward()
+            o.step()
+            o.zero_grad()
+        for a, b in zip(model.parameters(), ref_model.parameters()):
+            assert torch.equal(a, b)
+    assert opt.calibration.phase == "done"
+    named = dict(ref_model.named_parameters())
+    changed = 0
+    for name, p in model.named_parameters():
+        old, new = window[name], opt.plan[name]
+        want = carry_block_means(ref.state[named[name]]["block_exp_avg_sq"], old.shape, old.geometry, new.geometry)
+        assert torch.equal(opt.state[p]["block_exp_avg_sq"], want), name
+        changed += old.geometry != new.geometry
+    assert changed >= 5
+
+
+def test_carry_block_means_is_the_mean_of_the_old_values_over_each_new_block():
+    from blockopt.kernels.blocks import block_index
+    from blockopt.optim.calibration import carry_block_means
+
+    shape = (6, 8)
+    geos = [Geometry(0, ((6, 1),)), Geometry(1, ((8, 1),)), Geometry(0, ((4, 2), (2, 1))), Geometry(-1, ((48, 1),)),
+            Geometry(-1, ((48, 48),))]
+    for old in geos:
+        v = torch.rand(old.num_blocks, dtype=torch.float32) + 0.1
+        full = v.double()[block_index(shape, old)]
+        for new in geos:
+            ids = block_index(shape, new)
+            want = torch.stack([full[ids == b].mean() for b in range(new.num_blocks)]).float()
+            assert torch.allclose(carry_block_means(v, shape, old, new), want, rtol=1e-6, atol=0), (old, new)
+
+
+def test_the_sample_holds_adamws_v_at_its_elements():
+    model = _model()
+    opt = _make_budget(model, calibrate=N + 4)
+    grads = {n: [] for n, _ in model.named_parameters()}
+    for x, y in _text_batches(N):
+        model(x, y).backward()
+        for n, p in model.named_parameters():
+            grads[n].append(p.grad.detach().clone())
+        opt.step()
+        opt.zero_grad()
+    checked = 0
+    for n, p in model.named_parameters():
+        st = opt.state[p]
+        if "snr_sample_v" not in st:
+            continue
+        idx = st["snr_sample_index"].long()
+        want = torch.zeros(idx.numel())
+        for g in grads[n]:
+            s = g.reshape(-1)[idx]
+            want.mul_(0.95).addcmul_(s, s, value=0.05)
+        assert torch.allclose(st["snr_sample_v"], want, rtol=1e-6, atol=0), n
+        checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"calibrate": 4, "state_budget": 0.51}, r"Invalid state_budget: 0.51; calibrating inside it needs"),
+    ({"calibrate": 4, "calibrate_state": "full"}, r"Invalid calibrate_state: 'full'; allowed: 'budget'"),
+    ({"calibrate": 4, "calibrate_state": "adamw", "state_budget": 0.6},
+     r"Invalid state_budget with calibrate_state='adamw'"),
+    ({"calibrate": 4, "state_budget": None}, r"Invalid state_budget=None with calibrate"),
+    ({"rules": "nope"}, r"Invalid rules: 'nope'; allowed: 'builtin', 'official'"),
+])
+def test_bad_budget_calibration_arguments_are_clear_errors(kw, match):
+    model = _model(1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        blockopt.AdamMini(model, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_state_of_one_window_mode_refuses_the_other_and_changes_nothing():
+    model = _model()
+    opt = _make(model)
+    _train(model, opt, _text_batches(3))
+    saved = opt.state_dict()
+    other = _make_budget(_model())
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="saved with calibrate_state='adamw'.*build it with calibrate_state='adamw'"):
+        other.load_state_dict(saved)
+    assert other.state_dict()["param_groups"] == before["param_groups"] and not other.state

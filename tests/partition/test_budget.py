@@ -85,7 +85,7 @@ def test_a_bad_budget_is_a_clear_error_and_changes_nothing(budget, match):
     with pytest.raises(ValueError, match=match):
         blockopt.partition(model, state_budget=budget)
     with pytest.raises(ValueError, match=match):
-        blockopt.AdamMini(model, state_budget=budget)
+        blockopt.AdamMini(model, rules="official", state_budget=budget)
     plan = blockopt.partition(model)
     with pytest.raises(ValueError, match=match):
         blockopt.AdamMini(model.named_parameters(), plan=plan, state_budget=budget)
@@ -93,9 +93,11 @@ def test_a_bad_budget_is_a_clear_error_and_changes_nothing(budget, match):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"rules": "nope"}, r"Invalid rules: 'nope'; allowed: 'official', 'builtin'"),
+    ({"rules": "nope"}, r"Invalid rules: 'nope'; allowed: 'builtin', 'official'"),
     ({"rules": "builtin", "plan": "structural"}, r"Invalid rules='builtin' with plan=: the plan already decides"),
-    ({"state_budget": 0.55, "calibrate": 10}, r"Invalid state_budget with calibrate: the calibration window keeps"),
+    ({"state_budget": 0.55, "calibrate": 10, "calibrate_state": "adamw"},
+     r"Invalid state_budget with calibrate_state='adamw': that calibration window keeps"),
+    ({"state_budget": 0.501}, r"Invalid state_budget: 0\.501; this model's plan needs at least 0\.5046x"),  # builtin
 ])
 def test_bad_rules_and_combinations_are_clear_errors(kw, match):
     model = _model()
@@ -115,9 +117,11 @@ def _steps(model, opt, n=3):
 
 
 @pytest.mark.parametrize("kw, plan_kw", [
-    ({"state_budget": 0.55}, {"state_budget": 0.55}),
-    ({"rules": "builtin"}, {"snr": "builtin"}),
-    ({"rules": "builtin", "state_budget": 0.55}, {"snr": "builtin", "state_budget": 0.55}),
+    ({}, {"snr": "builtin", "state_budget": 0.55}),  # the default
+    ({"rules": "official", "state_budget": 0.55}, {"state_budget": 0.55}),
+    ({"rules": "builtin", "state_budget": None}, {"snr": "builtin"}),
+    ({"rules": "builtin", "state_budget": 0.6}, {"snr": "builtin", "state_budget": 0.6}),
+    ({"rules": "official"}, {}),
 ])
 def test_adam_mini_with_rules_and_budget_equals_the_plan_it_names_and_measures_within_it(kw, plan_kw):
     a, b = _model(), _model()
@@ -130,7 +134,18 @@ def test_adam_mini_with_rules_and_budget_equals_the_plan_it_names_and_measures_w
         assert torch.equal(p, q)
     adamw_bytes = 8 * sum(p.numel() for p in a.parameters())
     measured = optimizer_state_bytes(opt_a)  # + one 4-byte step counter per tensor
-    assert measured <= kw.get("state_budget", 0.52) * adamw_bytes + 4 * len(opt_a.plan.entries)
+    budget = plan_kw.get("state_budget") or 0.52
+    assert measured <= budget * adamw_bytes + 4 * len(opt_a.plan.entries)
+
+
+def test_the_default_budget_gives_way_on_a_model_whose_blocks_alone_exceed_it():
+    """A model of many small tensors: the default keeps its plan and says so; an explicit budget is an error."""
+    model = torch.nn.Sequential(*[torch.nn.LayerNorm(8) for _ in range(4)], torch.nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"plan alone keeps 0\.\d+x of AdamW's optimizer state, above the default"):
+        opt = blockopt.AdamMini(model)
+    assert "state_budget" not in opt.plan.options and _ratio(opt.plan) > 0.55
+    with pytest.raises(ValueError, match=r"Invalid state_budget: 0\.55; this model's plan needs at least"):
+        blockopt.AdamMini(model, state_budget=0.55)
 
 
 def test_a_given_plan_is_brought_within_the_budget():

@@ -349,7 +349,7 @@ def test_lora_plan_counts_only_what_trains_and_says_what_is_frozen(peft_llama):
     plan = blockopt.partition(peft_llama, warn=False)
     frozen = {n for n, p in peft_llama.named_parameters() if not p.requires_grad}
     assert frozen and {e.name for e in plan.entries if not e.trainable} == frozen
-    opt = blockopt.AdamMini(peft_llama, lr=1e-3)
+    opt = blockopt.AdamMini(peft_llama, rules="official", lr=1e-3)
     x = torch.randint(0, 64, (2, 8))
     peft_llama(input_ids=x, labels=x).loss.backward()
     opt.step()

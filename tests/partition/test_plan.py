@@ -241,7 +241,7 @@ def test_state_bytes_formula_matches_real_optimizer_state():
     gen = torch.Generator().manual_seed(0)
 
     def state_bytes(opt_cls, model):
-        opt = opt_cls(model, lr=1e-3) if opt_cls is blockopt.AdamMini else opt_cls(model.parameters(), lr=1e-3)
+        opt = opt_cls(model, lr=1e-3, rules="official") if opt_cls is blockopt.AdamMini else opt_cls(model.parameters(), lr=1e-3)
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()

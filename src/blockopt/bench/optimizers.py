@@ -52,7 +52,8 @@ class Hyper:
     calibrate: float = 0.2  # adam-mini-snr: calibration window, a fraction of the run (< 1) or steps (>= 1)
     snr_cutoff: float = 1.0  # adam-mini-snr: the SNR a candidate partition must exceed
     rules: str = "official"  # adam-mini: how its plan is built (AdamMini(rules=...))
-    state_budget: float = 0.0  # adam-mini: AdamMini(state_budget=...); 0 means none
+    state_budget: float = 0.0  # adam-mini: AdamMini(state_budget=...); 0 means none (adam-mini-default: 0.55)
+    calibrate_state: str = "budget"  # adam-mini-snr: the window inside the state budget, or AdamW's state
     run_steps: int = 0  # the run's length, set by the runner (not an option)
 
     def calibrate_steps(self) -> int:
@@ -174,11 +175,29 @@ def _adam_mini(model, lr, hp, plan, info):
                     state_budget=hp.state_budget or None)
 
 
+def _adam_mini_default(model, lr, hp, plan, info):
+    from ..optim import AdamMini
+
+    # AdamMini(model): the built-in SNR table within the state budget (0.55 unless given)
+    return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
+                    momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype,
+                    state_budget=hp.state_budget or "auto")
+
+
+def _calibrate_kw(hp: Hyper) -> dict[str, Any]:
+    """AdamMini's calibration arguments of an adam-mini-snr variant (the window's plan: the built-in SNR
+    table inside the budget, or AdamW's per-element state)."""
+    budget = hp.calibrate_state == "budget"
+    return {"calibrate": hp.calibrate_steps(), "snr_cutoff": hp.snr_cutoff, "calibrate_state": hp.calibrate_state,
+            "rules": "builtin" if budget else None,
+            "state_budget": (hp.state_budget or "auto") if budget else None}
+
+
 def _adam_mini_snr(model, lr, hp, plan, info):
     from ..optim import AdamMini
 
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
-                    plan=_blr_plan(model, hp, plan), calibrate=hp.calibrate_steps(), snr_cutoff=hp.snr_cutoff)
+                    plan=_blr_plan(model, hp, plan), **_calibrate_kw(hp))
 
 
 def _adam_mini_snr_blr(model, lr, hp, plan, info):
@@ -187,7 +206,7 @@ def _adam_mini_snr_blr(model, lr, hp, plan, info):
     plan = _blr_plan(model, hp, plan)  # roles (hence multipliers) are the structural plan's; SNR changes blocks
     groups = blockwise_lr_groups(model, lr, plan=plan, weight_decay=hp.weight_decay)
     return AdamMini(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay, plan=plan,
-                    calibrate=hp.calibrate_steps(), snr_cutoff=hp.snr_cutoff)
+                    **_calibrate_kw(hp))
 
 
 def _blr_plan(model, hp, plan):
@@ -284,9 +303,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
     for s in [
         OptimizerSpec("adamw", "AdamW", _adamw, 3e-3, "torch.optim.AdamW (fused=True where torch supports it)"),
         OptimizerSpec("adam-mini", "Adam-mini", _adam_mini, 3e-3,
-                      "blockopt.AdamMini (this package; momentum_dtype=bf16|int8 stores m compactly; rules=builtin, "
-                      "state_budget=0.55)",
+                      "blockopt.AdamMini(rules='official'): the official release's blocks (momentum_dtype=bf16|int8 "
+                      "stores m compactly; rules=builtin, state_budget=0.55 change the plan)",
                       options=_ADAM_OPTS + ("value_single_block", "momentum_dtype", "rules", "state_budget")),
+        OptimizerSpec("adam-mini-default", "Adam-mini (default)", _adam_mini_default, 3e-3,
+                      "blockopt.AdamMini(model), the default: blocks from the built-in SNR table, per-element v for "
+                      "the least constant tensors while the state stays at or under 0.55x AdamW's",
+                      options=_ADAM_OPTS + ("momentum_dtype", "state_budget")),
         OptimizerSpec("adamw+blr", "AdamW+BLR", _adamw_blr, 1e-3,
                       "torch.optim.AdamW with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)"),
@@ -294,12 +317,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
                       "blockopt.AdamMini with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)", options=_ADAM_OPTS + ("value_single_block",)),
         OptimizerSpec("adam-mini-snr", "Adam-mini (SNR)", _adam_mini_snr, 3e-3,
-                      "blockopt.AdamMini(calibrate=N): AdamW's per-element v for the first 20 % of the run (past the warmup), "
-                      "then one v per block chosen from the SNR of v (SlimAdam's rule)",
-                      options=_ADAM_OPTS + ("calibrate", "snr_cutoff")),
+                      "blockopt.AdamMini(calibrate=N): the default plan within the 0.55x budget for the first 20 % of "
+                      "the run while the SNR of v is measured on a sample, then blocks chosen from it (SlimAdam's "
+                      "rule) within the budget; calibrate_state=adamw holds AdamW's v for the window instead",
+                      options=_ADAM_OPTS + ("calibrate", "snr_cutoff", "calibrate_state", "state_budget")),
         OptimizerSpec("adam-mini-snr+blr", "Adam-mini (SNR)+BLR", _adam_mini_snr_blr, 1e-3,
                       "adam-mini-snr with Blockwise LR (multipliers as adam-mini+blr; the swept lr is the norm one)",
-                      options=_ADAM_OPTS + ("calibrate", "snr_cutoff")),
+                      options=_ADAM_OPTS + ("calibrate", "snr_cutoff", "calibrate_state", "state_budget")),
         OptimizerSpec("adam-mini-official", "Adam-mini (official)", _adam_mini_official, 3e-3,
                       "the official release, adam_mini.Adam_mini 1.1.1", package="adam_mini", pip_name="adam-mini",
                       extra="official"),
@@ -365,6 +389,11 @@ def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoi
                 raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected one of "
                                       f"{', '.join(_MOMENTUM)}")
             options[key] = value.lower()
+        elif key == "calibrate_state":
+            if value not in ("budget", "adamw"):
+                raise BenchInputError(f"--optimizers: {spec.name}:calibrate_state={value!r}; expected budget (the "
+                                      "window inside the state budget) or adamw (AdamW's state for the window)")
+            options[key] = value
         elif key == "rules":
             if value not in ("official", "builtin"):
                 raise BenchInputError(f"--optimizers: {spec.name}:rules={value!r}; expected official or builtin")

@@ -520,7 +520,7 @@ def _snr_summary(opt: torch.optim.Optimizer) -> dict[str, Any]:
     plan = calib.chosen if calib.chosen is not None else calib.structural
     for e in plan.entries:
         kind = e.snr_choice or "structural"
-        slot = by_role.setdefault(rule_key(e), {})
+        slot = by_role.setdefault(rule_key(calib.structural[e.name]), {})  # the role of its structure
         slot[kind] = slot.get(kind, 0) + 1
     return {"snr_calibrate_steps": calib.window, "snr_phase": calib.phase, "snr_blocks_by_role": by_role,
             "snr_plan_blocks": plan.num_blocks}

@@ -22,7 +22,7 @@ Learning rate, betas, eps and weight decay come from the arguments
 ``weight_decay``); ``args.optim`` and ``args.optim_args`` are not used. Which
 tensors are decayed is the plan's decision (matrices and embeddings, not
 biases and norms), not the Trainer's name list. Other keyword arguments go to
-:class:`~blockopt.AdamMini` (``value_single_block=True``, ``overrides=``,
+:class:`~blockopt.AdamMini` (``rules="official"``, ``state_budget=``, ``overrides=``,
 head hints, ``foreach=``...).
 
 The Trainer's LR scheduler drives AdamMini's param groups like any
@@ -83,7 +83,7 @@ def adam_mini_from_training_args(model: nn.Module, args: Any, **kwargs: Any) -> 
     Example::
 
         >>> args = TrainingArguments("out", learning_rate=3e-4, weight_decay=0.1, report_to=[])
-        >>> opt = adam_mini_from_training_args(model, args, value_single_block=True)
+        >>> opt = adam_mini_from_training_args(model, args, state_budget=0.6)
         >>> Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None)).train()
     """
     if not isinstance(model, nn.Module):

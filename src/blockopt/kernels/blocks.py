@@ -158,6 +158,39 @@ def coordinate_block_ids(geometry: Geometry, start: int = 0, stop: int | None = 
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
+def coordinate_ids_at(geometry: Geometry, coords: torch.Tensor) -> torch.Tensor:
+    """Block id (int64) of each coordinate index in ``coords`` (any int tensor): the same arithmetic as
+    :func:`coordinate_block_ids`, for scattered indices (no table of the whole coordinate)."""
+    starts, firsts, units = [], [], []
+    seg_start = first = 0
+    for size, unit in geometry.segments:
+        starts.append(seg_start)
+        firsts.append(first)
+        units.append(unit)
+        seg_start += size
+        first += size // unit
+    coords = coords.to(torch.int64)
+    seg = torch.searchsorted(torch.tensor(starts), coords, right=True) - 1
+    return (torch.tensor(firsts)[seg]
+            + torch.div(coords - torch.tensor(starts)[seg], torch.tensor(units)[seg], rounding_mode="floor"))
+
+
+def element_block_ids(shape: tuple[int, ...], geometry: Geometry, flat: torch.Tensor) -> torch.Tensor:
+    """Block id (int64) of the elements at flat indices ``flat`` of a contiguous tensor of ``shape``
+    (:func:`block_index` at those indices, without building it)."""
+    flat = flat.to(torch.int64)
+    axis = geometry.axis
+    if axis == -1:
+        coords = flat
+    elif axis == 2:  # (slice, column), slice-major
+        _, rows, cols = shape
+        coords = torch.div(flat, rows * cols, rounding_mode="floor") * cols + flat % cols
+    else:
+        inner = math.prod(shape[axis + 1:])
+        coords = torch.div(flat, inner, rounding_mode="floor") % shape[axis]
+    return coordinate_ids_at(geometry, coords)
+
+
 @functools.lru_cache(maxsize=1024)
 def coordinate_table(geometry: Geometry) -> torch.Tensor:
     """:func:`coordinate_block_ids` of the whole coordinate, built once per geometry (cached: read

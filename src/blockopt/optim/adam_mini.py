@@ -22,13 +22,14 @@ from ..distributed.state import local_block_state
 from ..distributed.step import sharded_step
 from ..distributed.zero import FlatLayout, zero_step
 from ..kernels import momentum as mom
-from ..kernels.dispatch import Handle, PreparedStep, prepare_step, run_step, triton_enabled
+from ..kernels.dispatch import Handle, PreparedStep, prepare_step, run_step
 from ..partition import PartitionPlan, PlanEntry
 from . import adam_mini_state
 from .adam_mini_layouts import check_dense, check_known, hyper, local_tensors, shard_tensors, zero_tensors
+from .adam_mini_options import check_options
 from .adam_mini_state import block_plan
-from .base import PlanOptimizer, check_hparams, params_and_plan, plan_options
-from .calibration import InRunCalibration, check_calibrate_args
+from .base import PlanOptimizer, params_and_plan, plan_options, soft_budget
+from .calibration import InRunCalibration
 from .compiled import warn_if_not_compiled
 
 __all__ = ["AdamMini"]
@@ -43,6 +44,10 @@ class AdamMini(PlanOptimizer):
     other matrices, one token of the embeddings), so optimizer state is about
     half of AdamW's, at Adam's quality. The blocks come from a
     :class:`~blockopt.PartitionPlan` decided once, from the model's structure.
+    By default (``rules="builtin"``) each tensor is cut the way the built-in
+    SNR table says and the tensors whose blocks are least constant keep
+    per-element second moments while the state stays at or under 0.55x of
+    AdamW's; ``rules="official"`` gives the official release's blocks, exactly.
 
     Update, for each parameter with a gradient ``G`` and step ``t``::
 
@@ -93,13 +98,20 @@ class AdamMini(PlanOptimizer):
         state_dtype: dtype of ``exp_avg`` and the block second moments. The
             default keeps fp32 state for bf16/fp16 parameters and the
             parameter's dtype otherwise.
-        rules: how a module's plan is built: ``"official"`` (default; the
-            official release's structural rules, exact) or ``"builtin"`` (the
-            built-in SNR table, :data:`~blockopt.partition.BUILTIN_SNR_RULES`).
-        state_budget: the largest optimizer state allowed, as a fraction of
+        rules: how a module's plan is built: ``"builtin"`` (the default for a
+            module: the built-in SNR table,
+            :data:`~blockopt.partition.BUILTIN_SNR_RULES`, within a state budget)
+            or ``"official"`` (the official release's structural rules, exact).
+        state_budget: ``"auto"`` (default: 0.55 with the built-in rules or an
+            in-budget calibration, none otherwise), ``None``, or the largest optimizer state allowed, as a fraction of
             fp32 AdamW's, in (0.5, 1]: the least constant tensors get one second
             moment per element until it is spent (see
             :func:`blockopt.partition`); applied to ``plan=`` too.
+        calibrate, calibrate_points, snr_cutoff, calibrate_state: choose the
+            blocks from data during the first ``calibrate`` steps (see
+            :mod:`blockopt.optim.calibration`): ``calibrate_state="budget"``
+            (default) stays within the state budget and measures on a sample;
+            ``"adamw"`` holds AdamW's whole state during the window.
 
     State per parameter: ``step`` (0-dim float32), ``exp_avg`` (shape of the
     parameter) and ``block_exp_avg_sq`` (1-D, one value per block). The plan
@@ -136,26 +148,32 @@ class AdamMini(PlanOptimizer):
         plan: PartitionPlan | None = None, foreach: bool | None = None, fused: bool | None = None,
         capturable: bool = False, maximize: bool = False, state_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | str | None = None, calibrate: int | None = None,
-        calibrate_points: int | None = None, snr_cutoff: float = 1.0, rules: str = "official",
-        state_budget: float | None = None,
+        calibrate_points: int | None = None, snr_cutoff: float = 1.0, rules: str | None = None,
+        state_budget: float | str | None = "auto", calibrate_state: str = "budget",
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (list, tuple)) else betas, "eps": eps,
                     "weight_decay": weight_decay, "foreach": foreach, "fused": fused, "capturable": capturable,
                     "maximize": maximize}
-        calib_args = _check_options(defaults, state_dtype, momentum_dtype, calibrate, calibrate_points, snr_cutoff)
+        calib_args = check_options(defaults, state_dtype, momentum_dtype, calibrate, calibrate_points, snr_cutoff,
+                                    calibrate_state)
+        opts = plan_options(rules, state_budget, plan, calibrate, calibrate_state,
+                            is_module=isinstance(model_or_params, nn.Module), value_single_block=value_single_block)
         self.state_dtype = state_dtype
         self.momentum_format = mom.momentum_format(momentum_dtype)
         hints = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim, "overrides": overrides,
-                 "value_single_block": value_single_block, **plan_options(rules, state_budget, plan, calibrate)}
+                 "value_single_block": value_single_block, **opts.extra}
         params, plan = params_and_plan(
             model_or_params, plan, hints, plan_required=True,
             missing_plan="Invalid plan: None. AdamMini needs to know each parameter's blocks: pass the model "
                          "(AdamMini(model)), or named parameters with plan=blockopt.partition(model)")
-        # calibrate=N: per-element v for N steps, then the SNR plan (see blockopt.optim.calibration)
+        # calibrate=N: N steps in the window's plan, then the SNR plan (see blockopt.optim.calibration)
         self._calib: InRunCalibration | None = None
         if calib_args is not None:
-            self._calib = InRunCalibration(plan, *calib_args)
+            self._calib = InRunCalibration(plan, *calib_args, state=calibrate_state, rules=opts.rules,
+                                           budget=opts.budget, strict=opts.strict)
             plan = self._calib.active_plan()
+        elif opts.budget is not None and not opts.strict and isinstance(model_or_params, nn.Module):
+            plan = soft_budget(plan, opts.budget, "AdamMini(model)")
         self.plan = plan
         self._entries: dict[torch.Tensor, PlanEntry] = {}
         # DTensor parameters: their ShardInfo for Shard(0), None for Replicate()
@@ -416,34 +434,3 @@ class _Prepared(NamedTuple):
     @property
     def handles(self) -> list[tuple[Handle, list[int] | None, list[str]]]:
         return [(h, index, names) for (h, index), names in zip(self.step.handles, self.names)]
-
-
-def _check_options(defaults: dict[str, Any], state_dtype: Any, momentum_dtype: Any, calibrate: Any,
-                   calibrate_points: Any, snr_cutoff: Any) -> tuple[int, int, float] | None:
-    """Every option of :class:`AdamMini` checked (``ValueError`` naming it); the calibration's
-    arguments, or ``None`` without ``calibrate``."""
-    calib = None
-    capturable = defaults["capturable"]
-    if calibrate is not None:
-        calib = check_calibrate_args(calibrate, calibrate_points, snr_cutoff)
-        if capturable:
-            raise ValueError("Invalid calibrate with capturable=True: the switch to the SNR plan changes the "
-                             "state's shapes, which a recorded CUDA graph cannot follow")
-    check_hparams(defaults)
-    if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
-        raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected a floating torch.dtype or None")
-    if mom.momentum_format(momentum_dtype) != "fp32" and capturable:
-        raise ValueError(f"Invalid momentum_dtype={momentum_dtype!r} with capturable=True: the capturable "
-                         "(CUDA graph) step keeps fp32 momentum")
-    if mom.momentum_format(momentum_dtype) != "fp32" and state_dtype not in (None, torch.float32):
-        raise ValueError(f"Invalid momentum_dtype={momentum_dtype!r} with state_dtype={state_dtype}: compact "
-                         "momentum is decoded to fp32 for the update; use state_dtype=None or torch.float32")
-    for name in ("foreach", "fused", "maximize", "capturable"):
-        if defaults[name] is not None and not isinstance(defaults[name], bool):
-            raise ValueError(f"Invalid {name}: {defaults[name]!r}; expected True, False or None")
-    if defaults["fused"] and defaults["foreach"] is False:
-        raise ValueError("Invalid fused=True with foreach=False: choose one implementation")
-    if capturable and not triton_enabled():
-        raise RuntimeError("capturable=True needs the Triton step on CUDA: pip install 'blockopt[gpu]' (and "
-                           "leave BLOCKOPT_DISABLE_TRITON unset)")
-    return calib

@@ -119,10 +119,13 @@ def check_saved_plan(opt: AdamMini, saved_groups: Any, top_plan: Mapping[str, An
             else:
                 raise ValueError(f"Invalid state_dict: its plan has no entry for parameter {name!r}")
             if not old.same_blocks(entry):
+                hint = ("; before 0.2.0, AdamMini(model) used the official rules: build it with rules='official' "
+                        "to load such a state" if not old.snr_choice and "state budget" not in old.rule
+                        and (entry.snr_choice or "state budget" in entry.rule) else "")
                 raise ValueError(
                     f"state_dict was saved with a different partition plan: parameter {name!r} was "
                     f"{old.describe()} (shape {list(old.shape)}, decay {old.weight_decay}), here "
-                    f"{entry.describe()} (shape {list(entry.shape)}, decay {entry.weight_decay})"
+                    f"{entry.describe()} (shape {list(entry.shape)}, decay {entry.weight_decay}){hint}"
                 )
             id_map[pid] = p
     return id_map
@@ -149,6 +152,21 @@ def _check_saved_momentum(opt: AdamMini, entry: PlanEntry, p: torch.Tensor, s: M
             )
 
 
+def _check_saved_sample(opt: AdamMini, entry: PlanEntry, s: Mapping[str, Any]) -> None:
+    """A saved calibration sample (``snr_sample_index`` / ``snr_sample_v``) must be the one this
+    optimizer's in-budget calibration draws for the tensor."""
+    if "snr_sample_index" not in s and "snr_sample_v" not in s:
+        return
+    sample = opt.calibration.sample if opt.calibration is not None else None
+    want = sample.index.get(entry.name) if sample is not None else None
+    got, v = s.get("snr_sample_index"), s.get("snr_sample_v")
+    if want is None or got is None or v is None or not torch.equal(got.cpu().to(torch.int64), want.to(torch.int64)) \
+            or v.numel() != want.numel():
+        raise ValueError(f"Invalid state_dict: the calibration sample saved for {entry.name!r} is not the one this "
+                         "optimizer draws (another plan, calibrate_state or version); build the optimizer with the "
+                         "arguments the state was saved with")
+
+
 def _load_checked(opt: AdamMini, state_dict: Mapping[str, Any]) -> None:
     """Load a state saved by :meth:`~blockopt.AdamMini.state_dict` (or through
     ``torch.distributed.checkpoint``) after checking all of it against ``opt``'s current plan."""
@@ -165,6 +183,7 @@ def _load_checked(opt: AdamMini, state_dict: Mapping[str, Any]) -> None:
         if missing:
             raise ValueError(f"Invalid state_dict: state of {entry.name!r} lacks {sorted(missing)}")
         _check_saved_momentum(opt, entry, p, s)
+        _check_saved_sample(opt, entry, s)
         if tuple(s["exp_avg"].shape) != tuple(p.shape) or s["block_exp_avg_sq"].numel() != entry.num_blocks:
             raise ValueError(
                 f"Invalid state_dict: state of {entry.name!r} has exp_avg {list(s['exp_avg'].shape)} and "

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ..partition import PartitionPlan, PlanEntry, partition
-from ..partition.budget import apply_state_budget, check_state_budget
+from ..partition.budget import apply_state_budget, check_state_budget, state_ratio, user_kind_names
 from ..partition.plan import canonical_name
 
 __all__ = ["PlanOptimizer", "check_float", "check_hparams", "params_and_plan"]
@@ -55,23 +56,76 @@ def check_hparams(group: Mapping[str, Any]) -> None:
     check_float("weight_decay", group["weight_decay"])
 
 
-RULES = ("official", "builtin")
+RULES = ("builtin", "official")
+
+#: the state budget of the default plan (``rules="builtin"``) and of an in-budget calibration
+DEFAULT_STATE_BUDGET = 0.55
 
 
-def plan_options(rules: Any, state_budget: Any, plan: PartitionPlan | None, calibrate: Any) -> dict[str, Any]:
-    """The :func:`blockopt.partition` arguments that ``rules`` and ``state_budget`` add (checked; empty
-    for the defaults, so that named parameters with ``plan=`` stay accepted)."""
-    if rules not in RULES:
-        raise ValueError(f"Invalid rules: {rules!r}; allowed: {', '.join(map(repr, RULES))}")
-    budget = check_state_budget(state_budget)
-    if rules != "official" and plan is not None:
+class PlanOptions(NamedTuple):
+    """:func:`plan_options`' answer."""
+
+    extra: dict[str, Any]  # extra blockopt.partition arguments
+    rules: str | None  # the rules in force (None: the given plan decides)
+    budget: float | None  # the state budget (None: none)
+    strict: bool  # the budget was given: a plan that cannot fit is an error (else a warning)
+
+
+def plan_options(rules: Any, state_budget: Any, plan: PartitionPlan | None, calibrate: Any,
+                 calibrate_state: Any = "budget", *, is_module: bool = True,
+                 value_single_block: bool = False) -> PlanOptions:
+    """What ``rules`` and ``state_budget`` mean for this optimizer, checked: the extra
+    :func:`blockopt.partition` arguments (empty when ``plan`` is given, so that named parameters with
+    ``plan=`` stay accepted, with ``calibrate``, which builds its own plans, and for parameters, which need
+    ``plan=``), the rules in force,
+    the state budget and whether it was given.
+
+    Defaults: ``rules=None`` is ``"builtin"`` for a model; ``state_budget="auto"`` is
+    :data:`DEFAULT_STATE_BUDGET` with the built-in rules or an in-budget calibration, none otherwise,
+    and a model whose plan cannot fit in it keeps that plan (:func:`soft_budget` warns).
+    """
+    if rules is not None and rules not in RULES:
+        raise ValueError(f"Invalid rules: {rules!r}; allowed: {', '.join(map(repr, RULES))}, or None (the default: "
+                         "'builtin' for a model; a given plan decides for itself)")
+    if rules is not None and rules != "official" and plan is not None and calibrate is None:
         raise ValueError(f"Invalid rules={rules!r} with plan=: the plan already decides every block; build it with "
                          "blockopt.partition(model, snr='builtin')")
-    if budget is not None and calibrate is not None:
-        raise ValueError("Invalid state_budget with calibrate: the calibration window keeps one second moment per "
-                         "element (AdamW's state), so no budget below 1 holds during it")
-    return {**({"snr": "builtin"} if rules == "builtin" else {}),
-            **({"state_budget": budget} if budget is not None else {})}
+    if rules is None and plan is None:
+        rules = "builtin"
+    if value_single_block and rules == "builtin" and is_module and plan is None:
+        raise ValueError("Invalid value_single_block=True with rules='builtin' (the default): the built-in SNR table "
+                         "decides the value projection's blocks; pass rules='official' to use the official rules "
+                         "with one block per value projection")
+    in_budget = calibrate is not None and calibrate_state == "budget"
+    strict = not (isinstance(state_budget, str) and state_budget == "auto")
+    if not strict:
+        budget = DEFAULT_STATE_BUDGET if rules == "builtin" or in_budget else None
+    else:
+        budget = check_state_budget(state_budget)
+        if budget is not None and calibrate is not None and not in_budget:
+            raise ValueError("Invalid state_budget with calibrate_state='adamw': that calibration window keeps one "
+                             "second moment per element (AdamW's state), so no budget below 1 holds during it; "
+                             "use calibrate_state='budget'")
+    if budget is None and in_budget:
+        raise ValueError("Invalid state_budget=None with calibrate: an in-budget calibration needs a budget "
+                         f"(e.g. {DEFAULT_STATE_BUDGET}); or pass calibrate_state='adamw'")
+    if calibrate is not None:
+        return PlanOptions({}, rules, budget, strict)
+    extra = {**({"snr": "builtin"} if rules == "builtin" and plan is None and is_module else {}),
+             **({"state_budget": budget} if budget is not None and strict else {})}
+    return PlanOptions(extra, rules, budget, strict)
+
+
+def soft_budget(plan: PartitionPlan, budget: float, what: str) -> PartitionPlan:
+    """The default budget: spent on ``plan`` when it fits; otherwise ``plan`` as it is, with a
+    ``UserWarning`` (a model of many small tensors whose blocks alone need more)."""
+    ratio = state_ratio(plan)
+    if ratio <= budget:
+        return apply_state_budget(plan, budget, keep=frozenset(user_kind_names(plan)))
+    warnings.warn(f"{what}: this model's plan alone keeps {ratio:.3f}x of AdamW's optimizer state, above the "
+                  f"default state budget ({budget}x); it is used as it is. print(opt.plan) shows each tensor's "
+                  "blocks; rules='official' gives the official blocks", stacklevel=3)
+    return plan
 
 
 def params_and_plan(model_or_params: Any, plan: PartitionPlan | None, hints: Mapping[str, Any], *,

@@ -291,7 +291,20 @@ class SNRMeter:
         self.measure(step, vs)
 
 
-def _block_elements(shape: tuple[int, ...], geometry: Geometry, block: int) -> torch.Tensor:
+def block_ratio_mean(v: torch.Tensor, ids: torch.Tensor) -> float:
+    """The SNR of values ``v`` grouped by block ids ``ids`` (any ints): the mean over groups of
+    ``mean**2 / var`` (population variance, float64); groups of one value, or constant, are left out."""
+    v = v.to("cpu", torch.float64)
+    _, inv = torch.unique(ids.cpu(), return_inverse=True)
+    nb = int(inv.max()) + 1 if inv.numel() else 0
+    cnt = torch.zeros(nb, dtype=torch.float64).index_add_(0, inv, torch.ones_like(v))
+    mean = torch.zeros(nb, dtype=torch.float64).index_add_(0, inv, v) / cnt
+    dev = v - mean[inv]
+    var = torch.zeros(nb, dtype=torch.float64).index_add_(0, inv, dev * dev) / cnt
+    return _ratio_mean(mean, var)
+
+
+def block_elements(shape: tuple[int, ...], geometry: Geometry, block: int) -> torch.Tensor:
     """Flat indices (int64) of the elements of block ``block`` of a contiguous tensor of ``shape``."""
     axis, segments = geometry
     if axis == -1:
@@ -351,7 +364,7 @@ class SampledSNRMeter:
                 per_block = max(max_elements, (max_blocks * max_elements) // len(blocks))
                 idx, ids = [], []
                 for j, b in enumerate(blocks.tolist()):
-                    el = _block_elements(e.shape, geo, b)
+                    el = block_elements(e.shape, geo, b)
                     if el.numel() > per_block:
                         el = el[torch.randperm(el.numel(), generator=gen)[:per_block].sort().values]
                     idx.append(el)
