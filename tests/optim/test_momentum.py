@@ -92,7 +92,7 @@ def test_fused_kernel_equals_the_codec_around_the_reference_loop(fmt):
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": FORMATS[fmt]}
     fast = blockopt.AdamMini(model, rules="official", fused=True, **kw)
-    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    slow = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     _steps([(model, fast), (ref, slow)], 20)
     assert "fused_cpu" in set(fast.routes.values())
     same = total = moved = 0
@@ -122,7 +122,7 @@ def test_foreach_path_with_compact_momentum_equals_the_reference(fmt):
     ref = copy.deepcopy(model)
     kw = {"lr": 1e-2, "weight_decay": 0.1, "momentum_dtype": FORMATS[fmt]}
     a = blockopt.AdamMini(model, rules="official", fused=False, **kw)
-    b = blockopt.AdamMini(ref, foreach=False, **kw)
+    b = blockopt.AdamMini(ref, rules="official", foreach=False, **kw)
     _steps([(model, a), (ref, b)], 10)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert max_rel_diff(p, q) <= 1e-4, name
@@ -157,7 +157,7 @@ def test_checkpoint_holds_the_compact_form_and_resumes_bit_identically(fmt):
     assert (torch.int8 if fmt == "int8" else torch.bfloat16) in dtypes
     resumed = _model()
     resumed.load_state_dict(ckpt["model"])
-    opt2 = blockopt.AdamMini(resumed, lr=1e-2, momentum_dtype=FORMATS[fmt])
+    opt2 = blockopt.AdamMini(resumed, rules="official", lr=1e-2, momentum_dtype=FORMATS[fmt])
     opt2.load_state_dict(ckpt["opt"])
     _steps([(resumed, opt2)], 3, seed=9)
     for p, q in zip(model.parameters(), resumed.parameters()):

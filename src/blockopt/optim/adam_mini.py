@@ -128,13 +128,17 @@ class AdamMini(PlanOptimizer):
         >>> import torch, blockopt
         >>> model = blockopt.models.build_model("llama-tiny")       # any nn.Module
         >>> opt = blockopt.AdamMini(model, lr=3e-4, weight_decay=0.1)
-        >>> opt.plan["blocks.0.attn.q_proj.weight"].describe()      # one second moment per query head
-        'head x4'
+        >>> opt.plan["blocks.0.attn.o_proj.weight"].describe()      # one second moment per input column
+        'column x128'
         >>> print(opt.plan)             # what Adam-mini will do, parameter by parameter  # doctest: +ELLIPSIS
         parameter ...
-        38 tensors, 820,352 parameters, 4,641 second-moment values (AdamW: 820,352)
-        fp32 state: 3.1 MiB vs AdamW 6.3 MiB (0.503x)
+        38 tensors, 820,352 parameters, 80,704 second-moment values (AdamW: 820,352)
+        fp32 state: 3.4 MiB vs AdamW 6.3 MiB (0.549x)
+        state budget 0.55x of AdamW's: per-element second moments for 6 tensors (73,728 parameters), first embed.weight
         ...
+        >>> official = blockopt.AdamMini(model, rules="official")   # the official release's blocks, exactly
+        >>> official.plan["blocks.0.attn.q_proj.weight"].describe()  # one second moment per query head
+        'head x4'
         >>> tokens = torch.randint(0, 256, (2, 17))
         >>> loss = model(tokens[:, :-1], tokens[:, 1:])              # the next-token loss
         >>> loss.backward(); opt.step(); opt.zero_grad()

@@ -256,6 +256,8 @@ class InRunCalibration:
         nothing changes on error."""
         _, chosen, _ = self.check_state(saved)
         target = chosen if chosen is not None else self.calibrating_plan()
+        if chosen is not None:  # switched: a template step must not measure (nor draw the sample)
+            self.chosen = chosen
         if target.entries == opt.plan.entries:
             return
         if any(opt.state.get(p) for p in opt.params_in_order()):
