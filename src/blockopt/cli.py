@@ -163,6 +163,9 @@ def _plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--snr", metavar="FILE|builtin",
                    help="blocks from data: a calibration or rules file written by 'blockopt calibrate', or 'builtin'")
     p.add_argument("--snr-cutoff", type=float, default=1.0, metavar="X", help="SNR a candidate must exceed (default 1)")
+    p.add_argument("--state-budget", type=float, metavar="X",
+                   help="per-element second moments for the least constant tensors while the state stays at or "
+                        "under X x AdamW's (AdamMini's default plan: --snr builtin --state-budget 0.55)")
     return p
 
 
@@ -426,8 +429,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         name = args.model
     snr = _load_snr(args.snr) if args.snr is not None else None
     try:
-        plan = partition(model, warn=False, value_single_block=args.value_single_block, snr=snr, snr_cutoff=args.snr_cutoff)
+        plan = partition(model, warn=False, value_single_block=args.value_single_block, snr=snr, snr_cutoff=args.snr_cutoff,
+                         state_budget=args.state_budget)
     except ValueError as e:
+        if "state_budget" in str(e):
+            raise BenchInputError(f"--state-budget {args.state_budget:g}: {e}") from None
         if snr is None:
             raise
         raise BenchInputError(f"--snr {args.snr}: {e}") from None
