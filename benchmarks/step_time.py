@@ -41,8 +41,10 @@ def make_optimizers(model, which, lr=1e-4):
             out[name] = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
         elif name == "adamw-single":
             out[name] = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
-        elif name == "adam-mini":
+        elif name == "adam-mini":  # AdamMini(model): the built-in SNR table within a 0.55x state budget
             out[name] = blockopt.AdamMini(model, lr=lr)
+        elif name == "adam-mini-rules-official":  # the official release's blocks, on our kernels
+            out[name] = blockopt.AdamMini(model, lr=lr, rules="official")
         elif name in ("adam-mini-bf16", "adam-mini-int8"):
             out[name] = blockopt.AdamMini(model, lr=lr, momentum_dtype=torch.bfloat16 if name.endswith("bf16") else "int8")
         elif name == "adam-mini-per-segment":  # CUDA: the Triton step with a launch per tensor segment
@@ -52,8 +54,6 @@ def make_optimizers(model, which, lr=1e-4):
             # (benchmarks/results/snr/<family>-tiny.rules.json, from `blockopt calibrate`), or the built-in table
             out[name] = blockopt.AdamMini(model, lr=lr, plan=blockopt.partition(model, warn=False,
                                                                                  snr=snr_rules(model, name)))
-        elif name == "adam-mini-budget":  # the built-in table within a 0.55x state budget
-            out[name] = blockopt.AdamMini(model, lr=lr, rules="builtin", state_budget=0.55)
         elif name == "adam-mini-foreach":
             out[name] = blockopt.AdamMini(model, lr=lr, fused=False)
         elif name in ("adam-mini-graph", "adamw-fused-graph"):  # CUDA only: the step replayed as a CUDA graph
@@ -180,7 +180,8 @@ def bench_model(name, impls, rounds, steps, warmup, device):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="gpt2-20m,gpt2-160m")
-    ap.add_argument("--impls", default="adamw-foreach,adamw-fused,adam-mini-official,adam-mini-foreach,adam-mini")
+    ap.add_argument("--impls", default="adamw-foreach,adamw-fused,adam-mini-official,adam-mini-rules-official,"
+                                       "adam-mini-foreach,adam-mini")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and implementation")
     ap.add_argument("--warmup", type=int, default=2)

@@ -63,3 +63,15 @@ def test_plan_snr_file_errors(tmp_path, cli):
     assert rc == 2 and "name no tensor of this model" in err
     rc, out, err = cli(["plan", "--model", "gpt2-tiny", "--snr", "builtin", "--snr-cutoff", "2"])
     assert rc == 0 and "SNR rule" in out
+
+
+def test_plan_with_a_state_budget_prints_adam_minis_default_plan(cli):
+    import blockopt
+    from blockopt.models import build_model
+
+    rc, out, err = cli(["plan", "--model", "llama-tiny", "--snr", "builtin", "--state-budget", "0.55", "--json"])
+    assert rc == 0, err
+    default = blockopt.AdamMini(build_model("llama-tiny", seed=0)).plan
+    assert blockopt.PartitionPlan.from_json(out).entries == default.entries
+    rc, _, err = cli(["plan", "--model", "llama-tiny", "--state-budget", "0.501"])
+    assert rc == 2 and "--state-budget 0.501: Invalid state_budget: 0.501; this model's plan needs at least" in err
