@@ -1,5 +1,7 @@
 """Where does Adam-mini's parity with AdamW hold? The held-out gap to AdamW of Adam-mini (official
-rules) and of Adam-mini with blocks from data (adam-mini-snr), at three token budgets.
+rules), of AdamMini's default (the built-in SNR table within a 0.55x state budget) and of Adam-mini
+with blocks calibrated from data while holding AdamW's state for the window
+(``adam-mini-snr:calibrate_state=adamw``), at three token budgets.
 
 Adam-mini's paper reports parity at about 20 tokens per parameter; the default ``blockopt bench`` run is
 0.75. This study trains ``llama-micro`` (164k parameters, bytes, the default corpus) at about 0.75, 3
@@ -8,8 +10,12 @@ clip 1, wd 0.1, betas 0.9,0.95), each optimizer with its own lr grid (3e-3, 6e-3
 and 1, compared at the end of training: the best lr by mean final held-out loss, then the mean over
 seeds of the per-seed gap to AdamW at its best lr. Losses are deterministic for a given --threads.
 
-    python benchmarks/token_budget.py                 # ~40 min on 2 cores; writes the files below
-    python benchmarks/token_budget.py --report-only   # table and plot from finished runs
+    python benchmarks/token_budget.py                 # all optimizers, ~55 min on 2 cores
+    python benchmarks/token_budget.py --optimizers adam-mini-default --tag default   # one more, ~15 min
+    python benchmarks/token_budget.py --report-only   # table and plot from the kept summaries
+
+Each run's summaries are kept in ``benchmarks/results/token_budget/tpp-<budget>[-<tag>].summary.json``;
+the report merges every kept summary of a budget.
 
 Writes ``benchmarks/results/token_budget.json``, ``.md`` and ``docs/token_budget.png``.
 """
@@ -26,7 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL, PARAMS = "llama-micro", 164_288
 TOKENS_PER_STEP = 16 * 128
 BUDGETS = (0.75, 3.0, 12.0)  # tokens per parameter
-OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-snr")
+OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-default", "adam-mini-snr:calibrate_state=adamw")
+LABELS = {"adam-mini": ("Adam-mini (official rules)", "tab:orange"),
+          "adam-mini-default": ("AdamMini default (SNR table, budget 0.55)", "tab:blue"),
+          "adam-mini-snr:calibrate_state=adamw": ("Adam-mini, SNR blocks (AdamW's state in the window)", "tab:green")}
 LRS = "3e-3,6e-3,1.2e-2"
 SEEDS = "0,1"
 
@@ -35,13 +44,30 @@ def steps_for(tpp: float) -> int:
     return round(tpp * PARAMS / TOKENS_PER_STEP)
 
 
-def run(out: Path, threads: int) -> None:
+KEEP = ROOT / "benchmarks" / "results" / "token_budget"
+
+
+def run(out: Path, threads: int, optimizers: tuple[str, ...], tag: str) -> None:
+    KEEP.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{tag}" if tag else ""
     for tpp in BUDGETS:
+        dest = out / f"tpp-{tpp:g}{suffix}"
         cmd = ["blockopt", "bench", "--model", MODEL, "--steps", str(steps_for(tpp)), "--optimizers",
-               ",".join(OPTIMIZERS), "--lrs", LRS, "--seeds", SEEDS, "--threads", str(threads), "--no-plots",
-               "--progress", "plain", "--checkpoint-every", "0", "--out", str(out / f"tpp-{tpp:g}")]
+               ",".join(optimizers), "--lrs", LRS, "--seeds", SEEDS, "--threads", str(threads), "--no-plots",
+               "--progress", "plain", "--checkpoint-every", "0", "--out", str(dest)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
+        summary = json.loads((dest / "summary.json").read_text())
+        (KEEP / f"tpp-{tpp:g}{suffix}.summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def merged(tpp: float) -> dict:
+    """Every kept summary of budget ``tpp``, their runs together (the environment of the last)."""
+    out: dict = {"runs": []}
+    for f in sorted(KEEP.glob(f"tpp-{tpp:g}*.summary.json")):
+        s = json.loads(f.read_text())
+        out = {**s, "runs": out["runs"] + s["runs"]}
+    return out
 
 
 def best_by_optimizer(summary: dict) -> dict[str, dict]:
@@ -49,6 +75,8 @@ def best_by_optimizer(summary: dict) -> dict[str, dict]:
     out = {}
     for opt in OPTIMIZERS:
         runs = [r for r in summary["runs"] if r["optimizer"] == opt and r.get("final_val_loss") is not None]
+        if not runs:
+            continue
         by_lr: dict[float, dict[int, float]] = {}
         for r in runs:
             by_lr.setdefault(r["lr"], {})[r["seed"]] = r["final_val_loss"]
@@ -59,18 +87,15 @@ def best_by_optimizer(summary: dict) -> dict[str, dict]:
     return out
 
 
-def report(out: Path) -> dict:
+def report() -> dict:
     rows = []
-    keep = ROOT / "benchmarks" / "results" / "token_budget"
-    keep.mkdir(parents=True, exist_ok=True)
     for tpp in BUDGETS:
-        summary = json.loads((out / f"tpp-{tpp:g}" / "summary.json").read_text())
-        (keep / f"tpp-{tpp:g}.summary.json").write_text(json.dumps(summary, indent=1))
+        summary = merged(tpp)
         best = best_by_optimizer(summary)
         ref = best["adamw"]["per_seed"]
         row = {"tokens_per_param": tpp, "steps": steps_for(tpp), "tokens": steps_for(tpp) * TOKENS_PER_STEP,
                "best": best}
-        for opt in OPTIMIZERS[1:]:
+        for opt in [o for o in OPTIMIZERS[1:] if o in best]:
             gaps = [100 * (best[opt]["per_seed"][s] / ref[s] - 1) for s in ref]
             row[f"gap_{opt}"] = sum(gaps) / len(gaps)
             row[f"gaps_{opt}"] = gaps
@@ -82,20 +107,21 @@ def report(out: Path) -> dict:
     res = ROOT / "benchmarks" / "results"
     res.mkdir(parents=True, exist_ok=True)
     (res / "token_budget.json").write_text(json.dumps(result, indent=1))
+    shown = [o for o in OPTIMIZERS[1:] if all(o in r["best"] for r in rows)]
     lines = [(f"Held-out gap to AdamW, {MODEL} ({PARAMS:,} parameters), mean over seeds {SEEDS} of per-seed "
              f"gaps, each optimizer at its best lr of {LRS}; `python benchmarks/token_budget.py`, "
              f"{result['machine']}."), "",
-             "| tokens / parameter | steps | AdamW (lr) | Adam-mini (lr) | gap | Adam-mini SNR (lr) | gap |",
-             "|---|---|---|---|---|---|---|"]
+             "| tokens / parameter | steps | AdamW (lr) | " + " | ".join(f"{LABELS[o][0]} (lr) | gap" for o in shown)
+             + " |", "|---|---|---|" + "---|---|" * len(shown)]
+
     def lr(b):
         return f"{b['lr']:g}{', edge' if b['edge'] else ''}"
 
     for r in rows:
         b = r["best"]
+        cells = [f"{b[o]['mean']:.4f} ({lr(b[o])}) | {r[f'gap_{o}']:+.2f} %" if o in b else "| " for o in shown]
         lines.append(f"| {r['tokens_per_param']:g} | {r['steps']} | {b['adamw']['mean']:.4f} ({lr(b['adamw'])}) | "
-                     f"{b['adam-mini']['mean']:.4f} ({lr(b['adam-mini'])}) | {r['gap_adam-mini']:+.2f} % | "
-                     f"{b['adam-mini-snr']['mean']:.4f} ({lr(b['adam-mini-snr'])}) | "
-                     f"{r['gap_adam-mini-snr']:+.2f} % |")
+                     + " | ".join(cells) + " |")
     if any(b["edge"] for r in rows for b in r["best"].values()):
         lines += ["", "*edge*: the best lr is at the edge of the grid; the optimum may lie outside it."]
     (res / "token_budget.md").write_text("\n".join(lines) + "\n")
@@ -110,8 +136,8 @@ def report(out: Path) -> dict:
         return result
     fig, ax = plt.subplots(figsize=(6, 3.6))
     x = [r["tokens_per_param"] for r in rows]
-    for opt, label, color in (("adam-mini", "Adam-mini (official rules)", "tab:orange"),
-                              ("adam-mini-snr", "Adam-mini, blocks from SNR", "tab:green")):
+    for opt in shown:
+        label, color = LABELS[opt]
         ax.plot(x, [r[f"gap_{opt}"] for r in rows], "o-", color=color, label=label)
         for r in rows:
             ax.scatter([r["tokens_per_param"]] * len(r[f"gaps_{opt}"]), r[f"gaps_{opt}"], color=color, alpha=0.35,
@@ -135,11 +161,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "token-budget"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="a subset to run (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the kept summaries of this run")
     args = ap.parse_args()
-    out = Path(args.out)
     if not args.report_only:
-        run(out, args.threads)
-    report(out)
+        run(Path(args.out), args.threads, tuple(args.optimizers.split(",")), args.tag)
+    report()
 
 
 if __name__ == "__main__":

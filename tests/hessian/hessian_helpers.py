@@ -94,12 +94,12 @@ def tiny_conv(seed: int = 0):
 
 
 def tiny_lm(seed: int = 0, *, d_model: int = 16, n_heads: int = 2, n_layers: int = 1, vocab: int = 32,
-            batch: int = 3, seq: int = 6):
+            batch: int = 3, seq: int = 6, d_ff: int = 32):
     """The library's Llama-style decoder (SDPA attention, RoPE, RMSNorm, SwiGLU), float64."""
     from blockopt.models import build_model
 
     model = build_model("llama-tiny", vocab_size=vocab, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-                        n_kv_heads=n_heads, d_ff=32, max_seq_len=64, seed=seed).double()
+                        n_kv_heads=n_heads, d_ff=d_ff, max_seq_len=64, seed=seed).double()
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randint(0, vocab, (batch, seq + 1), generator=g)
     return model, (x[:, :-1].contiguous(), x[:, 1:].contiguous())
