@@ -22,7 +22,7 @@ from .utils import lazy_submodules
 # (with AdamMini when sampling), so it lives above the optimizers, which partition/ may not import.
 sys.modules[f"{__name__}.partition"].calibrate = calibrate
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 # Subpackages reachable as attributes (``blockopt.integrations.deepspeed.attach``) without importing
 # them, or their optional dependencies, at ``import blockopt`` time: each is imported on first use.
