@@ -51,9 +51,9 @@ def table(res: Path, setting: str, title: str) -> list[str]:
     ref = best(runs, "adamw")
     opts = [o for o in LABELS if any(r["optimizer"] == o for r in runs)]
     seeds = sorted({r["seed"] for r in runs})
-    out = [f"### {title}", "",
-           f"| optimizer | best lr | final held-out loss, seeds {' / '.join(map(str, seeds))} | mean | gap to AdamW "
-           "| state, peak vs AdamW |", "|---|---|---|---|---|---|"]
+    header = (f"| optimizer | best lr | final held-out loss, seeds {' / '.join(map(str, seeds))} | mean | "
+              "gap to AdamW | state, peak vs AdamW |")
+    out = [f"### {title}", "", header, "|---|---|---|---|---|---|"]
     for opt in opts:
         b = best(runs, opt)
         if b is None:
