@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from ..partition import PartitionPlan, PlanEntry, partition
-from ..partition.budget import apply_state_budget, check_state_budget, state_ratio, user_kind_names
+from ..partition.budget import apply_state_budget, check_state_budget, state_ratio
 from ..partition.plan import canonical_name
+from ..partition.rules import user_kind_names
 
 __all__ = ["PlanOptimizer", "check_float", "check_hparams", "params_and_plan"]
 

@@ -34,7 +34,8 @@ import torch
 from ..distributed.state import gather_block_states
 from ..kernels.blocks import Geometry, block_views
 from ..partition import PartitionPlan, PlanEntry
-from ..partition.budget import apply_state_budget, state_ratio, user_kind_names
+from ..partition.budget import apply_state_budget, state_ratio
+from ..partition.rules import user_kind_names
 from ..partition.snr import SNRCalibration, SNRMeter, apply_snr, candidates, measure_steps, snr_entry
 from .snr_sample import SNRSample
 

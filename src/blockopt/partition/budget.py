@@ -26,7 +26,7 @@ from typing import Any
 from ..kernels.blocks import Geometry
 from .plan import PartitionPlan, PlanEntry
 
-__all__ = ["BUDGET_ROLE_ORDER", "apply_state_budget", "check_state_budget", "state_ratio", "user_kind_names"]
+__all__ = ["BUDGET_ROLE_ORDER", "apply_state_budget", "check_state_budget", "state_ratio"]
 
 #: the order in which rule-decided tensors get per-element second moments under a budget
 BUDGET_ROLE_ORDER = ("output", "embedding", "position_embedding", "norm", "bias", "value", "attn_out", "key",
@@ -90,16 +90,3 @@ def apply_state_budget(plan: PartitionPlan, budget: float, *, keep: set[str] | f
                               rule=f"state budget {budget:g}: per element ({why}; was {e.describe()})")
     out = plan.replace_entries(new)
     return replace(out, options={**out.options, "state_budget": budget})
-
-
-def user_kind_names(plan: PartitionPlan) -> set[str]:
-    """Names whose blocks an ``overrides`` entry with a ``kind`` decided (recorded in ``plan.options``)."""
-    from .rules import compile_override_pattern, parse_override
-
-    out: set[str] = set()
-    for pattern, spec in dict(plan.options.get("overrides") or {}).items():
-        if "kind" not in parse_override(pattern, spec):
-            continue
-        regex = compile_override_pattern(pattern)
-        out.update(e.name for e in plan.entries if any(regex.fullmatch(n) for n in (e.name, *e.aliases)))
-    return out

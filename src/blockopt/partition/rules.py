@@ -60,7 +60,7 @@ from ..kernels.blocks import Geometry
 from .budget import apply_state_budget, check_state_budget
 from .plan import PartitionPlan, PlanEntry, canonical_name
 
-__all__ = ["OVERRIDE_KINDS", "check_patterns_matched", "compile_override_pattern", "parse_override", "partition"]
+__all__ = ["OVERRIDE_KINDS", "check_patterns_matched", "compile_override_pattern", "parse_override", "partition", "user_kind_names"]
 
 #: kinds accepted by ``overrides``
 OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head", "stacked_row", "stacked_column")
@@ -943,3 +943,14 @@ def _unknown_message(items: list[str], shown: int = 6) -> str:
 
 def _json_spec(spec: Any) -> Any:
     return spec if isinstance(spec, (str, int, float, bool, type(None))) else dict(spec)
+
+
+def user_kind_names(plan: PartitionPlan) -> set[str]:
+    """Names whose blocks an ``overrides`` entry with a ``kind`` decided (recorded in ``plan.options``)."""
+    out: set[str] = set()
+    for pattern, spec in dict(plan.options.get("overrides") or {}).items():
+        if "kind" not in parse_override(pattern, spec):
+            continue
+        regex = compile_override_pattern(pattern)
+        out.update(e.name for e in plan.entries if any(regex.fullmatch(n) for n in (e.name, *e.aliases)))
+    return out
