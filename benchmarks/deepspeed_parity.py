@@ -24,7 +24,7 @@ def mk():
     return build_model("llama-tiny", n_layers=1, n_heads=6, n_kv_heads=1, d_model=24, vocab_size=67, max_seq_len=32)
 model = mk()
 kw = {"lr": 1e-3, "eps": 1e-5, "weight_decay": 0.1}
-opt = blockopt.AdamMini(model, **kw) if which == "mini" else torch.optim.AdamW(model.parameters(), **kw)
+opt = blockopt.AdamMini(model, rules="official", **kw) if which == "mini" else torch.optim.AdamW(model.parameters(), **kw)
 world = int(os.environ["WORLD_SIZE"]); rank = int(os.environ["RANK"])
 cfg = {"train_micro_batch_size_per_gpu": 12 // world, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
 engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
@@ -40,7 +40,7 @@ for x in xs:
     engine.step()
 # single process reference
 ref = mk()
-ro = blockopt.AdamMini(ref, **kw) if which == "mini" else torch.optim.AdamW(ref.parameters(), **kw)
+ro = blockopt.AdamMini(ref, rules="official", **kw) if which == "mini" else torch.optim.AdamW(ref.parameters(), **kw)
 for x in xs:
     ro.zero_grad()
     F.cross_entropy(ref(x).reshape(-1, 67), x.reshape(-1)).backward()

@@ -22,7 +22,7 @@ def main() -> None:
     del adamw
     print(f"gpt2-160m, {sum(p.numel() for p in model.parameters()):,} parameters; fp32 AdamW state {adamw_bytes:,} bytes")
     for label, md in (("fp32", None), ("bf16", torch.bfloat16), ("int8", "int8")):
-        opt = blockopt.AdamMini(model, momentum_dtype=md)
+        opt = blockopt.AdamMini(model, rules="official", momentum_dtype=md)
         opt.step()
         measured = sum(t.nbytes for s in opt.state.values() for k, t in s.items() if k != "step")
         planned = opt.plan.state_bytes(momentum_dtype=md)
