@@ -29,7 +29,7 @@ import torch
 from ..distributed.dtensor import is_dtensor, local_tensor
 from ..kernels.blocks import element_block_ids
 from ..partition import PartitionPlan
-from ..partition.snr import block_elements, block_ratio_mean, candidates
+from ..partition.snr import block_ratio_mean, candidates, draw_block_sample
 
 __all__ = ["SAMPLE_SHARE", "SNRSample"]
 
@@ -65,18 +65,8 @@ class SNRSample:
             k = math.floor(k * scale)
             if k < 4:  # too few to tell blocks apart: the candidate is not measured
                 continue
-            nb = geo.num_blocks
-            n_blocks = min(nb, max_blocks, max(2, k // 16))
-            blocks = (torch.arange(nb) if nb <= n_blocks
-                      else torch.randperm(nb, generator=gen)[:n_blocks].sort().values)
-            per_block = max(2, k // len(blocks))
-            picked = []
-            for b in blocks.tolist():
-                el = block_elements(e.shape, geo, b)
-                if el.numel() > per_block:
-                    el = el[torch.randperm(el.numel(), generator=gen)[:per_block].sort().values]
-                picked.append(el)
-            idx = torch.cat(picked)
+            n_blocks = min(geo.num_blocks, max_blocks, max(2, k // 16))
+            idx = torch.cat(draw_block_sample(e.shape, geo, n_blocks, max(2, k // n_blocks), gen))
             self.layout.setdefault(e.name, []).append((label, geo, idx.numel()))
             self.index[e.name] = torch.cat([self.index.get(e.name, idx[:0]), idx])
         for name, idx in self.index.items():

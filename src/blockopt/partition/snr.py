@@ -304,6 +304,22 @@ def block_ratio_mean(v: torch.Tensor, ids: torch.Tensor) -> float:
     return _ratio_mean(mean, var)
 
 
+def draw_block_sample(shape: tuple[int, ...], geometry: Geometry, n_blocks: int, per_block: int,
+                      gen: torch.Generator) -> list[torch.Tensor]:
+    """Flat indices of a random sample of a tensor's blocks: ``n_blocks`` blocks (all of them when there
+    are no more), and of each at most ``per_block`` elements, drawn with ``gen``; one tensor per block,
+    in block order."""
+    nb = geometry.num_blocks
+    blocks = torch.arange(nb) if nb <= n_blocks else torch.randperm(nb, generator=gen)[:n_blocks].sort().values
+    out = []
+    for b in blocks.tolist():
+        el = block_elements(shape, geometry, b)
+        if el.numel() > per_block:
+            el = el[torch.randperm(el.numel(), generator=gen)[:per_block].sort().values]
+        out.append(el)
+    return out
+
+
 def block_elements(shape: tuple[int, ...], geometry: Geometry, block: int) -> torch.Tensor:
     """Flat indices (int64) of the elements of block ``block`` of a contiguous tensor of ``shape``."""
     axis, segments = geometry
@@ -356,19 +372,12 @@ class SampledSNRMeter:
                 continue
             chosen: list[tuple[str, torch.Tensor, torch.Tensor, int]] = []
             for label, geo in cands.items():
-                nb = geo.num_blocks
-                blocks = (torch.arange(nb) if nb <= max_blocks
-                          else torch.randperm(nb, generator=gen)[:max_blocks].sort().values)
                 # a candidate's budget is max_blocks x max_elements values: few large blocks (a whole
                 # tensor) get more elements each
-                per_block = max(max_elements, (max_blocks * max_elements) // len(blocks))
-                idx, ids = [], []
-                for j, b in enumerate(blocks.tolist()):
-                    el = block_elements(e.shape, geo, b)
-                    if el.numel() > per_block:
-                        el = el[torch.randperm(el.numel(), generator=gen)[:per_block].sort().values]
-                    idx.append(el)
-                    ids.append(torch.full((el.numel(),), j, dtype=torch.int64))
+                n_blocks = min(geo.num_blocks, max_blocks)
+                idx = draw_block_sample(e.shape, geo, n_blocks, max(max_elements, (max_blocks * max_elements)
+                                                                    // n_blocks), gen)
+                ids = [torch.full((el.numel(),), j, dtype=torch.int64) for j, el in enumerate(idx)]
                 chosen.append((label, torch.cat(idx), torch.cat(ids), len(idx)))
             union, inverse = torch.unique(torch.cat([c[1] for c in chosen]), return_inverse=True)
             self._index[e.name] = union
