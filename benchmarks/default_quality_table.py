@@ -17,7 +17,8 @@ SETTINGS = (("A", "llama-tiny, default corpus, 300 steps"),
             ("C", "gpt2-tiny, default corpus, 300 steps"),
             ("D", "llama-tiny, default corpus, 1,200 steps (lr 3e-3 only)"))
 LABELS = {"adamw": "AdamW", "adam-mini": "Adam-mini (official rules)",
-          "adam-mini-default": "**AdamMini default** (built-in SNR table, budget 0.55)",
+          "adam-mini-default": "**AdamMini default** (built-in SNR table, matrices factored, budget 0.55)",
+          "adam-mini-default:rules=blocks": "AdamMini(rules='blocks') (the same, blocks only)",
           "adam-mini-snr": "Adam-mini, SNR blocks calibrated inside the budget"}
 
 

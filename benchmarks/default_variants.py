@@ -123,6 +123,65 @@ class ClippedMini(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
 
 
+class FactoredMini(torch.optim.Optimizer):
+    """Adam's m per element; v per ``plan`` block, except that the 2-D tensors named in ``factored``
+    keep a row and a column EMA of g^2 and use their rank-1 product (Adafactor's estimate,
+    v_ij = R_i C_j / mean(R)): r + c values per matrix."""
+
+    def __init__(self, model, plan, factored, *, lr, betas, eps, weight_decay):
+        named = list(model.named_parameters())
+        super().__init__([{"params": [p for _, p in named], "names": [n for n, _ in named]}],
+                         {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.plan, self.factored = plan, set(factored)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for name, p in zip(group["names"], group["params"]):
+                if p.grad is None:
+                    continue
+                e, st = self.plan[name], self.state[p]
+                fact = name in self.factored
+                if not st:
+                    st.update(step=0, m=torch.zeros_like(p))
+                    if fact:
+                        st.update(r=torch.zeros(p.shape[0]), c=torch.zeros(p.shape[1]))
+                    else:
+                        ids = _element_block_ids(tuple(p.shape), e.geometry).reshape(-1)
+                        st.update(v=torch.zeros(e.num_blocks), ids=ids,
+                                  n=torch.tensor(block_sizes(tuple(p.shape), e.geometry), dtype=torch.float32))
+                st["step"] += 1
+                t, g = st["step"], p.grad
+                g2 = g * g
+                if e.weight_decay and group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                st["m"].lerp_(g, 1 - b1)
+                if fact:
+                    st["r"].mul_(b2).add_(g2.mean(1), alpha=1 - b2)
+                    st["c"].mul_(b2).add_(g2.mean(0), alpha=1 - b2)
+                    v = torch.outer(st["r"], st["c"]).div_(st["r"].mean().clamp_min(1e-30))
+                else:
+                    mean_sq = torch.zeros(e.num_blocks).index_add_(0, st["ids"], g2.reshape(-1)) / st["n"]
+                    st["v"].mul_(b2).add_(mean_sq, alpha=1 - b2)
+                    v = st["v"][st["ids"]].reshape(p.shape)
+                denom = (v / (1 - b2**t)).sqrt_().add_(group["eps"])
+                p.addcdiv_(st["m"], denom, value=-group["lr"] / (1 - b1**t))
+
+
+def _factored_plan(model, which):
+    plan = partition(model, warn=False, snr="builtin", state_budget=0.55 if which != "all" else None)
+    names = []
+    for e in plan.entries:
+        if len(e.shape) != 2 or e.role == "embedding":
+            continue
+        if which == "all" or e.num_blocks != e.numel:  # skip what the budget made per element
+            names.append(e.name)
+    if which == "all":
+        plan = _embedding_per_element(plan)
+    return plan, names
+
+
 def _kw(hp, lr):
     return {"lr": lr, "betas": (hp.beta1, hp.beta2), "eps": hp.eps, "weight_decay": hp.weight_decay}
 
@@ -145,11 +204,18 @@ def _make(kind):
         if kind == "budget-clip":
             return ClippedMini(model, partition(model, warn=False, snr="builtin", state_budget=0.55), clip=1.0,
                                **_kw(hp, lr))
+        if kind == "budget-loop":  # the plain loop with nothing factored: must match mini-budget
+            return FactoredMini(model, partition(model, warn=False, snr="builtin", state_budget=0.55), (),
+                                **_kw(hp, lr))
+        if kind in ("factored", "factored-all"):
+            plan, names = _factored_plan(model, "all" if kind == "factored-all" else "budget")
+            return FactoredMini(model, plan, names, **_kw(hp, lr))
         raise ValueError(kind)
     return make
 
 
-for _kind in ("builtin", "builtin-emb", "group16", "group32-emb", "warm", "budget", "budget-clip"):
+for _kind in ("builtin", "builtin-emb", "group16", "group32-emb", "warm", "budget", "budget-clip", "budget-loop", "factored",
+              "factored-all"):
     _name = f"mini-{_kind}"
     O.REGISTRY[_name] = O.OptimizerSpec(_name, f"Adam-mini ({_kind})", _make(_kind), 3e-3,
                                         f"candidate default: {_kind} (benchmarks/default_variants.py)",

@@ -97,3 +97,18 @@ def test_replicated_dtensor_parameters_use_the_plain_step(world1):
     for name in want:
         for key in ("param", "exp_avg", "block_exp_avg_sq"):
             assert max_rel_diff(got[name][key], want[name][key]) <= 1e-12, (name, key)
+
+
+def test_the_default_plan_factored_matrices_are_refused_on_dtensors_with_the_argument_that_works(world1):
+    """AdamMini(model)'s factored matrices have no sharded step yet: a clear error at construction, naming
+    rules='blocks', and nothing changes; rules='blocks' then trains."""
+    model = shard(tiny_model())
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"Invalid plan for '.+\.weight': its second moment is factored \(the default "
+                                         r"for matrices\), which is not supported yet when the parameter is a DTensor "
+                                         r"\(FSDP2\); build the optimizer with rules='blocks'"):
+        blockopt.AdamMini(model, lr=1e-3)
+    assert all(torch.equal(a, p.detach().full_tensor()) for a, p in zip(before, model.parameters()))
+    opt = blockopt.AdamMini(model, lr=1e-3, rules="blocks")
+    assert not any(e.kind == "factored" for e in opt.plan.entries)
+    train_steps(model, opt, batches()[:1])

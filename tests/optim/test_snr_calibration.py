@@ -406,7 +406,7 @@ def test_the_sample_holds_adamws_v_at_its_elements():
     ({"calibrate": 4, "calibrate_state": "adamw", "state_budget": 0.6},
      r"Invalid state_budget with calibrate_state='adamw'"),
     ({"calibrate": 4, "state_budget": None}, r"Invalid state_budget=None with calibrate"),
-    ({"rules": "nope"}, r"Invalid rules: 'nope'; allowed: 'builtin', 'official'"),
+    ({"rules": "nope"}, r"Invalid rules: 'nope'; allowed: 'builtin', 'blocks', 'official'"),
 ])
 def test_bad_budget_calibration_arguments_are_clear_errors(kw, match):
     model = _model(1)

@@ -93,11 +93,12 @@ def test_a_bad_budget_is_a_clear_error_and_changes_nothing(budget, match):
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"rules": "nope"}, r"Invalid rules: 'nope'; allowed: 'builtin', 'official'"),
+    ({"rules": "nope"}, r"Invalid rules: 'nope'; allowed: 'builtin', 'blocks', 'official'"),
     ({"rules": "builtin", "plan": "structural"}, r"Invalid rules='builtin' with plan=: the plan already decides"),
     ({"state_budget": 0.55, "calibrate": 10, "calibrate_state": "adamw"},
      r"Invalid state_budget with calibrate_state='adamw': that calibration window keeps"),
-    ({"state_budget": 0.501}, r"Invalid state_budget: 0\.501; this model's plan needs at least 0\.5046x"),  # builtin
+    ({"state_budget": 0.501}, r"Invalid state_budget: 0\.501; this model's plan needs at least 0\.5068x"),  # builtin
+    ({"state_budget": 0.501, "rules": "blocks"}, r"Invalid state_budget: 0\.501; this model's plan needs at least 0\.5046x"),
 ])
 def test_bad_rules_and_combinations_are_clear_errors(kw, match):
     model = _model()
@@ -117,10 +118,11 @@ def _steps(model, opt, n=3):
 
 
 @pytest.mark.parametrize("kw, plan_kw", [
-    ({}, {"snr": "builtin", "state_budget": 0.55}),  # the default
+    ({}, {"snr": "builtin", "factored": True, "state_budget": 0.55}),  # the default
+    ({"rules": "blocks"}, {"snr": "builtin", "state_budget": 0.55}),
     ({"rules": "official", "state_budget": 0.55}, {"state_budget": 0.55}),
-    ({"rules": "builtin", "state_budget": None}, {"snr": "builtin"}),
-    ({"rules": "builtin", "state_budget": 0.6}, {"snr": "builtin", "state_budget": 0.6}),
+    ({"rules": "builtin", "state_budget": None}, {"snr": "builtin", "factored": True}),
+    ({"rules": "builtin", "state_budget": 0.6}, {"snr": "builtin", "factored": True, "state_budget": 0.6}),
     ({"rules": "official"}, {}),
 ])
 def test_adam_mini_with_rules_and_budget_equals_the_plan_it_names_and_measures_within_it(kw, plan_kw):

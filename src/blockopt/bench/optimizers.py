@@ -178,10 +178,11 @@ def _adam_mini(model, lr, hp, plan, info):
 def _adam_mini_default(model, lr, hp, plan, info):
     from ..optim import AdamMini
 
-    # AdamMini(model): the built-in SNR table within the state budget (0.55 unless given)
+    # AdamMini(model): the built-in SNR table, matrices factored, within the state budget (0.55 unless
+    # given); adam-mini-default:rules=blocks is the same without factoring
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
                     momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype,
-                    state_budget=hp.state_budget or "auto")
+                    state_budget=hp.state_budget or "auto", rules=None if hp.rules == "official" else hp.rules)
 
 
 def _calibrate_kw(hp: Hyper) -> dict[str, Any]:
@@ -307,9 +308,10 @@ REGISTRY: dict[str, OptimizerSpec] = {
                       "stores m compactly; rules=builtin, state_budget=0.55 change the plan)",
                       options=_ADAM_OPTS + ("value_single_block", "momentum_dtype", "rules", "state_budget")),
         OptimizerSpec("adam-mini-default", "Adam-mini (default)", _adam_mini_default, 3e-3,
-                      "blockopt.AdamMini(model), the default: blocks from the built-in SNR table, per-element v for "
-                      "the least constant tensors while the state stays at or under 0.55x AdamW's",
-                      options=_ADAM_OPTS + ("momentum_dtype", "state_budget")),
+                      "blockopt.AdamMini(model), the default: the built-in SNR table with every matrix's v factored "
+                      "(one value per row and per column), per-element v for the least constant tensors while "
+                      "the state stays at or under 0.55x AdamW's (rules=blocks: blocks only)",
+                      options=_ADAM_OPTS + ("momentum_dtype", "state_budget", "rules")),
         OptimizerSpec("adamw+blr", "AdamW+BLR", _adamw_blr, 1e-3,
                       "torch.optim.AdamW with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)"),
@@ -395,8 +397,11 @@ def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoi
                                       "window inside the state budget) or adamw (AdamW's state for the window)")
             options[key] = value
         elif key == "rules":
-            if value not in ("official", "builtin"):
-                raise BenchInputError(f"--optimizers: {spec.name}:rules={value!r}; expected official or builtin")
+            allowed = ("builtin", "blocks") if spec.name == "adam-mini-default" else ("official", "builtin", "blocks")
+            if value not in allowed:
+                raise BenchInputError(f"--optimizers: {spec.name}:rules={value!r}; expected {' or '.join(allowed)}"
+                                      + (" (the official rules are the adam-mini row)" if "official" not in allowed
+                                         else ""))
             options[key] = value
         elif key == "state_budget":
             try:

@@ -19,6 +19,13 @@ One step for every parameter (``docs/algorithms.md``, section 1)::
     v_b <- b2 * v_b + (1 - b2) * mean_{i in b} G_i**2           # every block b
     W_i <- W_i - lr / (1 - b1**t) * m_i / (sqrt(v_b) / sqrt(1 - b2**t) + eps)
 
+A factored matrix (``geometry.axis == FACTORED``) keeps ``v = [R; C]``, one value per row and one
+per column, each an EMA of the mean of ``G**2`` along its row or column. An element's denominator is
+``sqrt(R_i / (1 - b2**t)) * s_j + eps``, where ``s_j = sqrt(C_j / mean(C))`` is the column shape of
+the EMAs *before* this step's update (1 while they are all zero): the row EMA carries the scale and
+its bias correction, the column EMA a normalised shape, one step old, so that the fused kernels
+update a matrix in one pass (``docs/algorithms.md``).
+
 :func:`adam_mini_reference` is the plain loop the tests trust; it finds blocks
 with an index map built independently of the views that
 :func:`adam_mini_foreach` uses, and of :func:`~blockopt.kernels.blocks.coordinate_block_ids` (its own
@@ -36,9 +43,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .blocks import Geometry, block_sizes, block_views, is_elementwise
+from .blocks import Geometry, block_sizes, block_views, is_elementwise, is_factored
 
-__all__ = ["adam_mini_foreach", "adam_mini_reference", "adam_mini_update", "block_statistics", "geometry_appliers"]
+__all__ = ["adam_mini_foreach", "adam_mini_reference", "adam_mini_update", "block_statistics", "factored_rows",
+           "factored_statistic", "geometry_appliers"]
 
 #: ``apply(w, m, denom, step_size)``: ``w -= step_size * m / denom[block]``, in place
 Applier = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
@@ -73,6 +81,11 @@ def adam_mini_reference(
         # under torch.compile the counter stays a tensor (no .item(): no graph break)
         step = step_t if _compiling() else step_t.item()
 
+        if is_factored(geometry):
+            _factored_reference(w, g, m, v, step, wd_on, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                weight_decay=weight_decay)
+            p.copy_(w)
+            continue
         ids = _element_block_ids(tuple(p.shape), geometry).reshape(-1).to(p.device)
         num_blocks = v.numel()
         # block sums in float64 (the ground truth should be the most accurate path): squares summed
@@ -94,6 +107,25 @@ def adam_mini_reference(
         else:
             w.addcdiv_(m, per_element_denom, value=-lr / bias_correction1)
         p.copy_(w)
+
+
+def _factored_reference(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step, wd_on: bool, *,
+                        lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+    """One factored matrix, written out in float64: the column shape from the EMAs before the step,
+    the row EMA, the update, then the column EMA."""
+    rows = w.shape[0]
+    sq = g.to(torch.float64) ** 2
+    c_old = v[rows:].to(torch.float64)
+    c_mean = c_old.mean()
+    shape = (c_old / c_mean).sqrt() if c_mean > 0 else torch.ones_like(c_old)
+    if wd_on and weight_decay != 0:
+        w.mul_(1 - lr * weight_decay)
+    m.lerp_(g, 1 - beta1)
+    v[:rows] = (beta2 * v[:rows].to(torch.float64) + (1 - beta2) * sq.sum(dim=1) / sq.shape[1]).to(v.dtype)
+    row = (v[:rows].to(torch.float64) / (1 - beta2**step)).sqrt()
+    denom = row[:, None] * shape[None, :] + eps
+    w.sub_((m.to(torch.float64) / denom * (lr / (1 - beta1**step))).to(w.dtype))
+    v[rows:] = (beta2 * c_old + (1 - beta2) * sq.sum(dim=0) / sq.shape[0]).to(v.dtype)
 
 
 def _block_sq_sums(g64: torch.Tensor, geometry: Geometry, num_blocks: int) -> torch.Tensor:
@@ -169,7 +201,7 @@ def _apply_update(
     ``addcdiv`` with the per-block denominator broadcast over each block: the
     same arithmetic as torch's AdamW, so size-1 blocks reproduce it exactly.
     """
-    if is_elementwise(geometry):
+    if is_elementwise(geometry) or is_factored(geometry):  # a factored denominator is already [rows, cols]
         w.addcdiv_(m, denom.view(w.shape), value=-step_size)
         return
     if _needs_contiguous(w, geometry):  # runs of flat elements have no view in a strided tensor
@@ -187,11 +219,33 @@ def _apply_update(
         start += n
 
 
+def factored_statistic(g: torch.Tensor) -> torch.Tensor:
+    """A matrix's factored statistic: the mean of ``g**2`` along each row, then along each column
+    (``rows + cols`` values)."""
+    rows, cols = g.shape
+    return torch.cat([torch.linalg.vector_norm(g, 2, dim=1).square_().div_(cols),
+                      torch.linalg.vector_norm(g, 2, dim=0).square_().div_(rows)])
+
+
 def block_statistics(grads: Sequence[torch.Tensor], geometries: Sequence[Geometry]) -> list[torch.Tensor | None]:
     """The second-moment statistic of each gradient: the mean of ``g**2`` over every block (1-D,
-    one value per block), or ``None`` for per-element blocks (their update uses ``g * g`` itself)."""
-    return [None if is_elementwise(geometry) else _block_mean_sq(block_views(_readable(g, geometry), geometry))
+    one value per block), ``None`` for per-element blocks (their update uses ``g * g`` itself), or the
+    row and column means of a factored matrix (:func:`factored_statistic`)."""
+    return [None if is_elementwise(geometry) else factored_statistic(g) if is_factored(geometry)
+            else _block_mean_sq(block_views(_readable(g, geometry), geometry))
             for g, geometry in zip(grads, geometries, strict=True)]
+
+
+def factored_rows(geometries: Sequence[Geometry]) -> list[int]:
+    """For :func:`adam_mini_update`: the row count of each factored matrix, 0 for block geometries."""
+    return [g.segments[0][0] if is_factored(g) else 0 for g in geometries]
+
+
+def _column_shape(v: torch.Tensor, rows: int) -> torch.Tensor:
+    """``sqrt(C / mean(C))`` of a factored matrix's column EMAs (ones while they are all zero)."""
+    c = v[rows:]
+    mean = c.mean()
+    return torch.where(mean > 0, c / mean.clamp_min(torch.finfo(c.dtype).tiny), torch.ones_like(c)).sqrt_()
 
 
 def geometry_appliers(geometries: Sequence[Geometry]) -> list[Applier]:
@@ -216,6 +270,7 @@ def adam_mini_update(
     weight_decay: float,
     maximize: bool,
     direction: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    factored: Sequence[int] | None = None,
 ) -> None:
     """The update, given each tensor's second-moment statistic: the one place (with the reference
     loop) that the Adam-mini arithmetic is written in Python.
@@ -226,6 +281,9 @@ def adam_mini_update(
     FSDP2. ``appliers[i](w, m, denom, step_size)`` writes ``w -= step_size * m / denom`` with the
     per-block ``denom`` broadcast over the tensor's layout (block views, or a shard's layout).
     ``direction`` (MoFO) maps the updated first moment to the direction the step takes.
+    ``factored[i]`` (:func:`factored_rows`) is the row count of a factored matrix, whose statistic
+    is its row then column means, whose denominator uses the column EMAs before this step, and whose
+    applier receives the ``[rows, cols]`` denominator.
     Multi-tensor (``torch._foreach_*``) operations for the element-wise work.
     """
     if not params:
@@ -251,6 +309,8 @@ def adam_mini_update(
             torch._foreach_mul_(decayed, 1 - lr * weight_decay)
 
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    # factored matrices: their column shape from the EMAs before this step
+    shapes = {i: _column_shape(vs[i], rows) for i, rows in enumerate(factored or ()) if rows}
     torch._foreach_mul_(vs, beta2)
     # per-element blocks: v += (1 - b2) * g * g, as AdamW does it
     elem = [i for i, st in enumerate(statistics) if st is None]
@@ -263,8 +323,10 @@ def adam_mini_update(
                             alpha=1 - beta2)
 
     # denom_b = sqrt(v_b) / sqrt(1 - b2**t) + eps, one per block
-    denoms = torch._foreach_sqrt(vs)
+    denoms = list(torch._foreach_sqrt(vs))
     torch._foreach_div_(denoms, [(1 - beta2**s) ** 0.5 for s in steps])
+    for i, shape in shapes.items():  # [rows, cols]: sqrt(R / bc2) times the column shape
+        denoms[i] = torch.outer(denoms[i][:factored[i]], shape)
     torch._foreach_add_(denoms, eps)
     if compiling:  # the step size as a tensor, folded into the denominators
         torch._foreach_div_(denoms, [(lr / (1 - beta1**s)).to(d.dtype) for s, d in zip(steps, denoms)])
@@ -300,4 +362,4 @@ def adam_mini_foreach(
     stats = block_statistics(grads, geometries)
     adam_mini_update(params, grads, exp_avgs, block_exp_avg_sqs, state_steps, stats, decay,
                      geometry_appliers(geometries), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                     weight_decay=weight_decay, maximize=maximize)
+                     weight_decay=weight_decay, maximize=maximize, factored=factored_rows(geometries))

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -307,6 +308,81 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
   }
 }
 
+// Factored second moment of a 2-D parameter (v = [R; C]: one value per row, then one per column). One
+// pass: each row's g*g is summed (float lanes in tiles, added in double; the squares also go into the
+// column sums, float tiles of 32 rows added in double), its EMA R_r updated, and the row's m and p
+// updated with step_size / (sqrt(R_r / bc2) * shape_c + eps), where shape_c = sqrt(C_c / mean(C))
+// comes from the column EMAs as they were before this step (1 while they are all zero). The column
+// EMAs take this step's sums at the end. Memory traffic is that of row blocks, ~20 bytes per parameter.
+template <int Kind>  // momentum kind: 0 fp32, 1 bf16, 2 int8
+inline void factorwise(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
+                       int64_t rows, int64_t cols, const Scalars& s, const Hyper& h) {
+  void* mv = mo.data;
+  const uint32_t seed = mo.seed;
+  float* __restrict vc = v + rows;
+  std::vector<float> shape_v(cols), tile(cols), rowscale(Kind == 2 ? cols : 0);
+  std::vector<double> colsum(cols, 0.0);
+  float* __restrict sh = shape_v.data();
+  float* __restrict ts = tile.data();
+  double* __restrict cs = colsum.data();
+  double csum = 0.0;
+  for (int64_t c = 0; c < cols; ++c) csum += (double)vc[c];
+  const float cmean = (float)(csum / (double)cols);
+  for (int64_t c = 0; c < cols; ++c) sh[c] = cmean > 0.0f ? std::sqrt(vc[c] / cmean) : 1.0f;
+  const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
+  std::fill(tile.begin(), tile.end(), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict gr = g + r * cols;
+    float* __restrict pr = p + r * cols;
+    double acc = 0.0;
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = std::min(cols, c0 + kTile);
+      float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t c = c0; c < c1; ++c) {
+        const float q = gr[c] * gr[c];
+        ts[c] += q;
+        part += q;
+      }
+      acc += (double)part;
+    }
+    const float vr = h.b2 * v[r] + h.omb2 * (float)(acc / (double)cols);
+    v[r] = vr;
+    const float a = std::sqrt(vr) / s.bc2_sqrt;
+    if (Kind == 2) {
+      float* __restrict sc = rowscale.data();
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) sc[c] = step / (a * sh[c] + eps);
+      int8_row<true>(pr, gr, (int8_t*)mv + r * cols, mo.scale + r * mo.groups, cols, mo.groups, r * cols, 0.0f, sc,
+                     h, decay, seed);
+    } else if (Kind == 1) {
+      uint16_t* __restrict mr = (uint16_t*)mv + r * cols;
+      const int64_t base = r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float m0 = bf16_load(mr[c]);
+        const float mm = std::fma(w1, sg * gr[c] - m0, m0);
+        mr[c] = bf16_store_sr(mm, hash_at(seed, base + c));
+        pr[c] = pr[c] * decay - (step / (a * sh[c] + eps)) * mm;
+      }
+    } else {
+      float* __restrict mr = (float*)mv + r * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
+        mr[c] = mm;
+        pr[c] = pr[c] * decay - (step / (a * sh[c] + eps)) * mm;
+      }
+    }
+    if ((r + 1) % 32 == 0 || r + 1 == rows) {  // column sums: float tiles of 32 rows, added in double
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) cs[c] += (double)ts[c];
+      std::fill(tile.begin(), tile.end(), 0.0f);
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) vc[c] = h.b2 * vc[c] + h.omb2 * (float)(cs[c] / (double)rows);
+}
+
 }  // namespace
 
 // items: int64 [C, 6] = (param index, element offset, blocks, block size, v offset, first element
@@ -318,6 +394,8 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
 // Column blocks: an item with block size 0 covers a whole 2-D parameter (or one slice of a stacked
 // [S, in, out] one); colmaps[i] (int32, one
 // entry per column) gives each column's block (other entries of colmaps are ignored).
+// Factored second moments: an item with block size -1 covers a whole 2-D parameter whose v holds
+// rows + cols values (rows first).
 void adam_mini_step(at::TensorList params, at::TensorList grads,
                     at::TensorList exp_avgs, at::TensorList vs,
                     at::TensorList steps, const at::Tensor& items, const at::Tensor& decay,
@@ -360,7 +438,12 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
   for (int64_t c = 0; c < C; ++c) {
     const Item& x = it[c];
     TORCH_CHECK(x.param >= 0 && (size_t)x.param < P, "adam_mini_step: bad item");
-    if (x.block_size == 0) {
+    if (x.block_size == -1) {
+      const at::Tensor& pp = params[x.param];
+      TORCH_CHECK(pp.dim() == 2 && x.offset == 0 && x.blocks == pp.size(0) + pp.size(1) &&
+                      vs[x.param].numel() == x.blocks,
+                  "adam_mini_step: a factored item needs a whole 2-D parameter and rows + cols second moments");
+    } else if (x.block_size == 0) {
       const at::Tensor& cm = colmaps[x.param];
       const at::Tensor& pp = params[x.param];
       // a 2-D parameter, or one slice of a stacked 3-D one ([S, in, out]: the item starts at its slice)
@@ -408,7 +491,7 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
 
   const Item& last = it[C - 1];
   const at::Tensor& lp = params[last.param];
-  const int64_t total = last.start + (last.block_size ? last.blocks * last.block_size : lp.size(-2) * lp.size(-1));
+  const int64_t total = last.start + (last.block_size > 0 ? last.blocks * last.block_size : lp.size(-2) * lp.size(-1));
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
   std::vector<int64_t> starts(C);
   for (int64_t c = 0; c < C; ++c) starts[c] = it[c].start;
@@ -425,7 +508,16 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
         float* p = Pp[i] + x.offset;
         const float* g = Gp[i] + x.offset;
         float* v = Vp[i] + x.v_offset;
-        if (x.block_size == 0) {
+        if (x.block_size == -1) {
+          const int64_t rows = params[i].size(0), cols = params[i].size(1);
+          if (mo.kind == 2) {
+            factorwise<2>(p, g, mo, v, rows, cols, sc[i], h);
+          } else if (mo.kind == 1) {
+            factorwise<1>(p, g, mo, v, rows, cols, sc[i], h);
+          } else {
+            factorwise<0>(p, g, mo, v, rows, cols, sc[i], h);
+          }
+        } else if (x.block_size == 0) {
           const int64_t rows = params[i].size(-2), cols = params[i].size(-1);
           const int32_t* cm = colmaps[i].data_ptr<int32_t>();
           if (mo.kind == 2) {

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .blocks import Geometry, coordinate_block_ids
+from .blocks import FACTORED, Geometry, coordinate_block_ids
 
 __all__ = ["adam_mini_fused_cpu", "column_map", "cpu_kernel_error", "fused_cpu_supports", "load_cpu_kernel", "step_table"]
 
@@ -148,16 +148,19 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
     """Whether the fused kernel handles this parameter (the gradient is checked at step time).
 
     ``exp_avg`` may be fp32, bf16 or int8 (:mod:`blockopt.kernels.momentum`); int8 codes need
-    blocks made of whole rows (rows, heads, whole tensors) or columns of a tensor with two or more dims.
+    blocks made of whole rows (rows, heads, whole tensors), columns of a tensor with two or more dims, or
+    a factored matrix.
     """
     axis, segments = geometry
     if exp_avg.dtype == torch.int8:  # codes are grouped along rows: blocks of whole rows, or columns
-        rows_only = axis in (0, 1) or (axis == -1 and segments[0][1] == segments[0][0])
+        rows_only = axis in (0, 1, FACTORED) or (axis == -1 and segments[0][1] == segments[0][0])
         if p.dim() < 2 or not rows_only:
             return False
     if axis == 1 and p.dim() != 2:  # column blocks: 2-D tensors stored [in, out]
         return False
     if axis == 2 and (len(segments) != 1 or exp_avg.dtype == torch.int8):  # stacked columns: one segment
+        return False
+    if axis == FACTORED and p.dim() != 2:
         return False
     return (
         p.device.type == "cpu"
@@ -165,7 +168,7 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
         and exp_avg.dtype in (torch.float32, torch.bfloat16, torch.int8)
         and p.is_contiguous()
         and exp_avg.is_contiguous()
-        and axis in (-1, 0, 1, 2)
+        and axis in (-1, 0, 1, 2, FACTORED)
         and type(p) in (torch.nn.Parameter, torch.Tensor)  # not DTensor or other subclasses
     )
 
@@ -176,6 +179,8 @@ def _chunks_of(shape: tuple[int, ...], geometry: Geometry) -> tuple[tuple[int, i
     blocks are one run of block size 0 (the kernel walks the whole tensor)."""
     numel = math.prod(shape)
     axis, segments = geometry
+    if axis == FACTORED:  # one item of block size -1: the whole matrix, rows + cols second moments
+        return ((0, geometry.num_blocks, -1, 0),)
     if axis == 1:
         return ((0, geometry.num_blocks, 0, 0),)
     if axis == 2:  # stacked [S, in, out]: one column item per slice
@@ -204,7 +209,7 @@ def _table(key: tuple[tuple[tuple[int, ...], Geometry], ...]) -> torch.Tensor:
     for i, (shape, geometry) in enumerate(key):
         for off, nb, bs, voff in _chunks_of(shape, geometry):
             rows.append((i, off, nb, bs, voff, start))
-            start += nb * bs if bs else shape[-2] * shape[-1]
+            start += nb * bs if bs > 0 else shape[-2] * shape[-1]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
 
 

@@ -15,6 +15,12 @@ A geometry is plain data, ``(axis, segments)``:
   everything along the other dimensions) form one block. A fused QKV weight
   is three segments, e.g. ``((H*dh, dh), (Hkv*dh, dh), (Hkv*dh, 1))``.
 
+A **factored** geometry, ``(3, ((rows, 1), (cols, 1)))`` (:data:`FACTORED`), is not a cut into blocks:
+a 2-D tensor keeps one second moment per row and one per column (``rows + cols`` values, rows first),
+and an element's second moment is their rank-1 product, ``v_ij = R_i * C_j / mean(R)`` (Adafactor's
+estimate, with Adam's first moment kept whole). The functions below that map elements to blocks refuse
+it; the step functions handle it (:mod:`blockopt.kernels.adam_mini`).
+
 Per-element blocks are ``(-1, ((numel, 1),))`` and one block for the whole
 tensor is ``(-1, ((numel, numel),))``. Stacked experts stored ``[E, out, in]``
 get one block per expert and output neuron as ``(-1, ((numel, in),))`` (runs of
@@ -43,6 +49,28 @@ class Geometry(NamedTuple):
         return sum(size // unit for size, unit in self.segments)
 
 
+#: the ``axis`` of a factored geometry (row and column second moments, see above)
+FACTORED = 3
+
+
+def factored_geometry(shape: tuple[int, ...]) -> Geometry:
+    """The factored geometry of a 2-D tensor of ``shape``: ``rows + cols`` second-moment values."""
+    if len(shape) != 2:
+        raise ValueError(f"a factored second moment needs a 2-D tensor, got shape {list(shape)}")
+    return Geometry(FACTORED, ((int(shape[0]), 1), (int(shape[1]), 1)))
+
+
+def is_factored(geometry: Geometry) -> bool:
+    """Row and column second moments whose product stands for each element's (not blocks)."""
+    return geometry.axis == FACTORED
+
+
+def _refuse_factored(geometry: Geometry, what: str) -> None:
+    if geometry.axis == FACTORED:
+        raise ValueError(f"a factored second moment has no blocks: {what} needs a block geometry "
+                         "(plans built with factored=False, e.g. AdamMini(model, rules='blocks'))")
+
+
 def is_elementwise(geometry: Geometry) -> bool:
     """One block per element (``v`` is AdamW's)."""
     return geometry.axis == -1 and geometry.segments[0][1] == 1
@@ -51,8 +79,13 @@ def is_elementwise(geometry: Geometry) -> bool:
 def check_geometry(shape: tuple[int, ...], geometry: Geometry) -> None:
     """Raise ``ValueError`` if ``geometry`` does not tile a tensor of ``shape``."""
     axis, segments = geometry
-    if axis not in (-1, 0, 1, 2):
-        raise ValueError(f"Invalid geometry axis: {axis}; allowed: -1, 0, 1, 2")
+    if axis not in (-1, 0, 1, 2, FACTORED):
+        raise ValueError(f"Invalid geometry axis: {axis}; allowed: -1, 0, 1, 2, {FACTORED} (factored)")
+    if axis == FACTORED:
+        if len(shape) != 2 or tuple(segments) != ((shape[0], 1), (shape[1], 1)):
+            raise ValueError(f"geometry axis {FACTORED} (factored) needs a 2-D tensor and the segments "
+                             f"((rows, 1), (cols, 1)); got shape {list(shape)} and segments {list(segments)}")
+        return
     if axis == -1:
         length = math.prod(shape)
     elif axis == 2:
@@ -112,6 +145,7 @@ def block_views(t: torch.Tensor, geometry: Geometry) -> list[torch.Tensor]:
     (``[nb, unit * rest]`` when contiguous, ``[nb, unit, *rest]`` otherwise), so
     pair views of two tensors with ``reshape`` to a common shape.
     """
+    _refuse_factored(geometry, "block_views")
     axis, segments = geometry
     if axis == 2:  # one view per slice (and segment): [blocks, unit, rows]
         moved = t.movedim(2, 1)
@@ -146,6 +180,7 @@ def coordinate_block_ids(geometry: Geometry, start: int = 0, stop: int | None = 
     (:mod:`blockopt.distributed.zero`), the fused kernel's column maps and the SNR sampler all call
     it (the reference step keeps an independent copy on purpose, as a check).
     """
+    _refuse_factored(geometry, "coordinate_block_ids")
     stop = sum(size for size, _ in geometry.segments) if stop is None else stop
     parts = []
     first = seg_start = 0
@@ -178,6 +213,7 @@ def coordinate_ids_at(geometry: Geometry, coords: torch.Tensor) -> torch.Tensor:
 def element_block_ids(shape: tuple[int, ...], geometry: Geometry, flat: torch.Tensor) -> torch.Tensor:
     """Block id (int64) of the elements at flat indices ``flat`` of a contiguous tensor of ``shape``
     (:func:`block_index` at those indices, without building it)."""
+    _refuse_factored(geometry, "element_block_ids")
     flat = flat.to(torch.int64)
     axis = geometry.axis
     if axis == -1:
@@ -236,6 +272,7 @@ def block_index(shape: tuple[int, ...], geometry: Geometry) -> torch.Tensor:
 
 def block_sizes(shape: tuple[int, ...], geometry: Geometry) -> list[int]:
     """Number of elements of every block, in block order (plain arithmetic on the shape)."""
+    _refuse_factored(geometry, "block_sizes")
     axis, segments = geometry
     if axis == -1:
         ((size, unit),) = segments

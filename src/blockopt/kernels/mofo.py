@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .adam_mini import adam_mini_update, block_statistics, geometry_appliers
+from .adam_mini import adam_mini_update, block_statistics, factored_rows, geometry_appliers
 from .blocks import Geometry
 
 __all__ = ["mofo_mask", "mofo_step", "num_moved"]
@@ -90,7 +90,8 @@ def mofo_step(
             return m if mask is None else torch.where(mask, m, 0)
 
         adam_mini_update([p], [g], [m], [v], [step_t], [stat], [wd_on], [apply], lr=lr, beta1=beta1,
-                         beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=False, direction=direction)
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=False, direction=direction,
+                         factored=factored_rows([geometry]) if geometry is not None else None)
 
 
 def _apply_elementwise(w: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float) -> None:

@@ -23,6 +23,7 @@ from ..distributed.step import sharded_step
 from ..distributed.zero import FlatLayout, zero_step
 from ..kernels import momentum as mom
 from ..kernels.dispatch import Handle, PreparedStep, prepare_step, run_step
+from ..kernels.blocks import is_factored
 from ..partition import PartitionPlan, PlanEntry
 from . import adam_mini_state
 from .adam_mini_layouts import check_dense, check_known, hyper, local_tensors, shard_tensors, zero_tensors
@@ -200,6 +201,12 @@ class AdamMini(PlanOptimizer):
         for name, p in zip(names, group["params"]):
             entry = self.entry_for(name, p)
             entries[p] = entry
+            if is_factored(entry.geometry) and (is_dtensor(p) or group["capturable"]):
+                where = "a DTensor (FSDP2)" if is_dtensor(p) else "stepped with capturable=True"
+                raise ValueError(f"Invalid plan for {name!r}: its second moment is factored (the default for matrices), "
+                                 f"which is not supported yet when the parameter is {where}; build the optimizer "
+                                 "with rules='blocks' (the same built-in table and budget, blocks only) or "
+                                 "rules='official'")
             if is_dtensor(p):
                 if group["capturable"]:
                     raise ValueError(f"Invalid capturable=True: parameter {name!r} is a DTensor (FSDP2); "
@@ -236,6 +243,12 @@ class AdamMini(PlanOptimizer):
         """Step DeepSpeed ZeRO's flat partitions ``(param group index, flat tensor, layout)`` from now
         on, reducing shared blocks on process ``group``: what
         :func:`blockopt.integrations.deepspeed.attach` calls."""
+        factored = [e.name for e in self._entries.values() if is_factored(e.geometry)]
+        if factored:
+            raise ValueError(f"Invalid plan for DeepSpeed ZeRO: {len(factored)} parameter(s) (first {factored[0]!r}) "
+                             "have factored second moments (the default for matrices), which ZeRO's flat partitions "
+                             "do not support yet; build the optimizer with rules='blocks' (the same built-in table "
+                             "and budget, blocks only) or rules='official'")
         if self._calib is not None:
             raise ValueError("Invalid calibrate with DeepSpeed ZeRO: the in-run SNR calibration needs each "
                              "parameter's full second moment; calibrate first (blockopt.calibrate) and pass the plan")

@@ -57,7 +57,11 @@ def check_hparams(group: Mapping[str, Any]) -> None:
     check_float("weight_decay", group["weight_decay"])
 
 
-RULES = ("builtin", "official")
+#: ``rules=``: "builtin" (the default: the built-in SNR table, matrices factored, within a state budget),
+#: "blocks" (the same table and budget, blocks only: what FSDP2 and ZeRO step), "official" (the official
+#: release's structural rules)
+RULES = ("builtin", "blocks", "official")
+BUILTIN_TABLE_RULES = ("builtin", "blocks")
 
 #: the state budget of the default plan (``rules="builtin"``) and of an in-budget calibration
 DEFAULT_STATE_BUDGET = 0.55
@@ -93,14 +97,14 @@ def plan_options(rules: Any, state_budget: Any, plan: PartitionPlan | None, cali
                          "blockopt.partition(model, snr='builtin')")
     if rules is None and plan is None:
         rules = "builtin"
-    if value_single_block and rules == "builtin" and is_module and plan is None:
-        raise ValueError("Invalid value_single_block=True with rules='builtin' (the default): the built-in SNR table "
+    if value_single_block and rules in BUILTIN_TABLE_RULES and is_module and plan is None:
+        raise ValueError(f"Invalid value_single_block=True with rules={rules!r}: the built-in SNR table "
                          "decides the value projection's blocks; pass rules='official' to use the official rules "
                          "with one block per value projection")
     in_budget = calibrate is not None and calibrate_state == "budget"
     strict = not (isinstance(state_budget, str) and state_budget == "auto")
     if not strict:
-        budget = DEFAULT_STATE_BUDGET if rules == "builtin" or in_budget else None
+        budget = DEFAULT_STATE_BUDGET if rules in BUILTIN_TABLE_RULES or in_budget else None
     else:
         budget = check_state_budget(state_budget)
         if budget is not None and calibrate is not None and not in_budget:
@@ -112,7 +116,8 @@ def plan_options(rules: Any, state_budget: Any, plan: PartitionPlan | None, cali
                          f"(e.g. {DEFAULT_STATE_BUDGET}); or pass calibrate_state='adamw'")
     if calibrate is not None:
         return PlanOptions({}, rules, budget, strict)
-    extra = {**({"snr": "builtin"} if rules == "builtin" and plan is None and is_module else {}),
+    table = rules in BUILTIN_TABLE_RULES and plan is None and is_module
+    extra = {**({"snr": "builtin"} if table else {}), **({"factored": True} if table and rules == "builtin" else {}),
              **({"state_budget": budget} if budget is not None and strict else {})}
     return PlanOptions(extra, rules, budget, strict)
 

@@ -111,7 +111,7 @@ def _element_entry(e: PlanEntry, window: int) -> PlanEntry:
 class InRunCalibration:
     """The calibration phase of one optimizer: the window's plan, the measurements, the switch.
 
-    ``structural`` gives every tensor's candidates; ``rules`` (``"builtin"``, ``"official"``, or
+    ``structural`` gives every tensor's candidates; ``rules`` (``"builtin"`` or ``"blocks"``: the built-in table, blocks only; ``"official"``; or
     ``None`` for a given plan) and ``budget`` the window's plan when ``state`` is ``"budget"``.
     """
 
@@ -134,7 +134,8 @@ class InRunCalibration:
     def _window_plan(self, rules: str | None) -> PartitionPlan:
         """The plan the window steps with: ``rules``' plan inside the budget less the sample's share."""
         assert self.budget is not None and self.sample is not None
-        base = apply_snr(self.structural, "builtin", keep=self.keep) if rules == "builtin" else self.structural
+        base = apply_snr(self.structural, "builtin", keep=self.keep) if rules in ("builtin", "blocks") \
+            else self.structural
         share = self.sample.nbytes / self.structural.adamw_state_bytes()
         need = state_ratio(base)
         room = math.floor((self.budget - share) * 1000) / 1000

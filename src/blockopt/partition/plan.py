@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..kernels.blocks import Geometry, check_geometry
+from ..kernels.blocks import FACTORED, Geometry, check_geometry
 from ..utils import fmt_bytes as _fmt_bytes
 
 __all__ = ["KINDS", "PartitionPlan", "PlanEntry", "canonical_name"]
@@ -27,8 +27,11 @@ def canonical_name(name: str) -> str:
 
 #: the kinds an entry can have; "fused" is a weight holding several parts; "group" is runs of
 #: consecutive elements; "stacked_row" / "stacked_column" are one block per slice of dim 0 and
-#: output neuron of stacked matrices (mixture-of-experts weights ``[E, out, in]`` / ``[E, in, out]``)
-KINDS = ("element", "tensor", "row", "column", "head", "fused", "group", "stacked_row", "stacked_column")
+#: output neuron of stacked matrices (mixture-of-experts weights ``[E, out, in]`` / ``[E, in, out]``);
+#: "factored" is not blocks: a matrix's row and column second moments, whose product stands for each
+#: element's (see :mod:`blockopt.kernels.blocks`)
+KINDS = ("element", "tensor", "row", "column", "head", "fused", "group", "stacked_row", "stacked_column",
+         "factored")
 
 _PLAN_FORMAT = 1
 
@@ -99,6 +102,8 @@ class PlanEntry:
     @property
     def kind(self) -> str:
         axis, segments = self.geometry
+        if axis == FACTORED:
+            return "factored"
         if axis == -1:
             ((size, unit),) = segments
             if unit == size:
@@ -124,6 +129,8 @@ class PlanEntry:
             return f"{kind} {self.shape[0]}x{self.num_blocks // self.shape[0]}"
         if kind == "group":
             return f"group of {self.numel // self.num_blocks} x{self.num_blocks}"
+        if kind == "factored":
+            return f"factored {self.shape[0]}+{self.shape[1]}"
         if kind != "fused":
             return f"{kind} x{self.num_blocks}"
         axis, segments = self.geometry

@@ -56,14 +56,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..kernels.blocks import Geometry
+from ..kernels.blocks import Geometry, factored_geometry
 from .budget import apply_state_budget, check_state_budget
+from .factored import factor_matrices
 from .plan import PartitionPlan, PlanEntry, canonical_name
 
 __all__ = ["OVERRIDE_KINDS", "check_patterns_matched", "compile_override_pattern", "parse_override", "partition", "user_kind_names"]
 
 #: kinds accepted by ``overrides``
-OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head", "stacked_row", "stacked_column")
+OVERRIDE_KINDS = ("element", "tensor", "row", "column", "head", "stacked_row", "stacked_column", "factored")
 
 _HEAD_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head", "nhead", "num_q_heads")
 _KV_ATTRS = ("num_kv_heads", "num_key_value_heads", "n_kv_heads", "n_kv_head", "num_query_groups")
@@ -749,6 +750,11 @@ def _apply_override(pattern: str, spec: dict[str, Any], d: _Decision, shape: tup
                                  f"([E, out, in] or [E, in, out]), but {pname!r} has shape {list(shape)}")
             geom = (Geometry(-1, ((math.prod(shape), shape[2]),)) if kind == "stacked_row"
                     else Geometry(2, ((shape[0] * shape[2], 1),)))
+        elif kind == "factored":
+            if len(shape) != 2:
+                raise ValueError(f"Invalid overrides[{pattern!r}]: kind 'factored' needs a 2-D tensor, but {pname!r} "
+                                 f"has shape {list(shape)}")
+            geom = factored_geometry(shape)
         elif kind in ("row", "column", "head"):
             axis = 1 if kind == "column" else spec.get("axis", 0)
             if len(shape) <= axis:
@@ -796,6 +802,7 @@ def partition(
     snr: Any = None,
     snr_cutoff: float = 1.0,
     state_budget: float | None = None,
+    factored: bool = False,
 ) -> PartitionPlan:
     """Decide, from the model's structure, which block every parameter belongs to.
 
@@ -835,6 +842,11 @@ def partition(
             is spent (:func:`~blockopt.partition.budget.apply_state_budget`).
             ``None`` (default): no budget. A budget below what the plan needs is
             an error that gives the plan's own ratio.
+        factored: after the rules (and ``snr``), before the budget, give every matrix
+            except embeddings a factored second moment: one value per row and one
+            per column, whose product stands for each element's
+            (:func:`~blockopt.partition.factored.factor_matrices`). Part of
+            :class:`~blockopt.AdamMini`'s default plan.
 
     Returns:
         A :class:`PartitionPlan`, keyed by ``model.named_parameters()`` names.
@@ -862,6 +874,8 @@ def partition(
     if not isinstance(value_single_block, bool):
         raise ValueError(f"Invalid value_single_block: {value_single_block!r}; expected True or False")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     check_state_budget(state_budget)
+    if not isinstance(factored, bool):
+        raise ValueError(f"Invalid factored: {factored!r}; expected True or False")  # noqa: TRY004 - bad input is a ValueError naming the argument (house rule)
     overrides = dict(overrides or {})
     parsed = {}
     for pattern, spec in overrides.items():
@@ -922,6 +936,8 @@ def partition(
         from .snr import apply_snr
 
         plan = apply_snr(plan, snr, snr_cutoff, keep=user_kind)
+    if factored:
+        plan = factor_matrices(plan, keep=frozenset(user_kind))
     if state_budget is not None:
         plan = apply_state_budget(plan, state_budget, keep=frozenset(user_kind))
     return plan
