@@ -165,7 +165,10 @@ def _plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--snr-cutoff", type=float, default=1.0, metavar="X", help="SNR a candidate must exceed (default 1)")
     p.add_argument("--state-budget", type=float, metavar="X",
                    help="per-element second moments for the least constant tensors while the state stays at or "
-                        "under X x AdamW's (AdamMini's default plan: --snr builtin --state-budget 0.55)")
+                        "under X x AdamW's (AdamMini's default plan: --snr builtin --factored --state-budget 0.55)")
+    p.add_argument("--factored", action="store_true",
+                   help="one second moment per row and per column for every matrix but the embeddings (before the "
+                        "budget)")
     return p
 
 
@@ -430,7 +433,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     snr = _load_snr(args.snr) if args.snr is not None else None
     try:
         plan = partition(model, warn=False, value_single_block=args.value_single_block, snr=snr, snr_cutoff=args.snr_cutoff,
-                         state_budget=args.state_budget)
+                         state_budget=args.state_budget, factored=args.factored)
     except ValueError as e:
         if "state_budget" in str(e):
             raise BenchInputError(f"--state-budget {args.state_budget:g}: {e}") from None

@@ -129,3 +129,20 @@ def test_mofo_steps_a_factored_plan_as_adam_mini_does_at_fraction_one():
     _train(b, mofo, 3)
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_state_saved_with_the_blocks_default_is_refused_by_the_new_default_and_loads_into_rules_blocks():
+    model = _model()
+    old = blockopt.AdamMini(model, lr=1e-3, rules="blocks")
+    _train(model, old, 1)
+    saved = copy.deepcopy(old.state_dict())
+    new = blockopt.AdamMini(model, lr=1e-3)
+    before = copy.deepcopy(new.state_dict())
+    with pytest.raises(ValueError, match=r"was row x128 .*here factored 128\+128 .*AdamMini\(model\) factors matrices "
+                                         r"since 0\.2\.0: a state saved with the built-in table's blocks loads into "
+                                         r"rules='blocks'"):
+        new.load_state_dict(saved)
+    assert new.state_dict()["state"] == before["state"]
+    again = blockopt.AdamMini(model, lr=1e-3, rules="blocks")
+    again.load_state_dict(saved)
+    assert len(again.state) == len(old.state)

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO with :class:`~blockopt.AdamMini` as the client optimizer.
 
     model = ...
-    opt = blockopt.AdamMini(model, lr=1e-3, weight_decay=0.1)        # the plan of the whole model
+    opt = blockopt.AdamMini(model, lr=1e-3, weight_decay=0.1, rules="blocks")  # the plan of the whole model
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     blockopt.integrations.deepspeed.attach(engine)                   # map the plan onto ZeRO's partitions
 

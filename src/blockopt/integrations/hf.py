@@ -60,7 +60,10 @@ def adam_mini_kwargs(args: Any, **kwargs: Any) -> dict[str, Any]:
 
     ``kwargs`` may not repeat what the arguments set (``lr``, ``betas``,
     ``eps``, ``weight_decay``): set those in ``TrainingArguments``, so that
-    what the Trainer logs and what the optimizer uses cannot differ.
+    what the Trainer logs and what the optimizer uses cannot differ. When the
+    Trainer shards (``args.deepspeed`` or ``args.fsdp``) and neither ``rules``
+    nor ``plan`` is given, ``rules="blocks"``: factored matrices (the default's)
+    have no sharded step yet.
     """
     transformers = _transformers()
     if not isinstance(args, transformers.TrainingArguments):
@@ -69,6 +72,8 @@ def adam_mini_kwargs(args: Any, **kwargs: Any) -> dict[str, Any]:
     if clash:
         where = ", ".join(f"{k} -> TrainingArguments.{_FROM_ARGS[k]}" for k in clash)
         raise ValueError(f"Invalid keyword arguments {clash}: they are read from args; set them there ({where})")
+    if (getattr(args, "deepspeed", None) or getattr(args, "fsdp", None)) and not {"rules", "plan"} & set(kwargs):
+        kwargs = {**kwargs, "rules": "blocks"}
     return dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                 weight_decay=args.weight_decay, **kwargs)
 

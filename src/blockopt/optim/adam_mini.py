@@ -23,11 +23,10 @@ from ..distributed.step import sharded_step
 from ..distributed.zero import FlatLayout, zero_step
 from ..kernels import momentum as mom
 from ..kernels.dispatch import Handle, PreparedStep, prepare_step, run_step
-from ..kernels.blocks import is_factored
 from ..partition import PartitionPlan, PlanEntry
 from . import adam_mini_state
 from .adam_mini_layouts import check_dense, check_known, hyper, local_tensors, shard_tensors, zero_tensors
-from .adam_mini_options import check_options
+from .adam_mini_options import check_factored, check_factored_zero, check_options
 from .adam_mini_state import block_plan
 from .base import PlanOptimizer, params_and_plan, plan_options, soft_budget
 from .calibration import InRunCalibration
@@ -46,9 +45,12 @@ class AdamMini(PlanOptimizer):
     half of AdamW's, at Adam's quality. The blocks come from a
     :class:`~blockopt.PartitionPlan` decided once, from the model's structure.
     By default (``rules="builtin"``) each tensor is cut the way the built-in
-    SNR table says and the tensors whose blocks are least constant keep
+    SNR table says, every matrix but the embedding keeps a factored second
+    moment (one value per row and one per column, whose product stands for each
+    element's), and the tensors whose blocks are least constant keep
     per-element second moments while the state stays at or under 0.55x of
-    AdamW's; ``rules="official"`` gives the official release's blocks, exactly.
+    AdamW's; ``rules="blocks"`` is the same without factoring (what FSDP2 and
+    ZeRO step), ``rules="official"`` the official release's blocks, exactly.
 
     Update, for each parameter with a gradient ``G`` and step ``t``::
 
@@ -101,8 +103,9 @@ class AdamMini(PlanOptimizer):
             parameter's dtype otherwise.
         rules: how a module's plan is built: ``"builtin"`` (the default for a
             module: the built-in SNR table,
-            :data:`~blockopt.partition.BUILTIN_SNR_RULES`, within a state budget)
-            or ``"official"`` (the official release's structural rules, exact).
+            :data:`~blockopt.partition.BUILTIN_SNR_RULES`, matrices factored,
+            within a state budget), ``"blocks"`` (the same, blocks only) or
+            ``"official"`` (the official release's structural rules, exact).
         state_budget: ``"auto"`` (default: 0.55 with the built-in rules or an
             in-budget calibration, none otherwise), ``None``, or the largest optimizer state allowed, as a fraction of
             fp32 AdamW's, in (0.5, 1]: the least constant tensors get one second
@@ -129,13 +132,13 @@ class AdamMini(PlanOptimizer):
         >>> import torch, blockopt
         >>> model = blockopt.models.build_model("llama-tiny")       # any nn.Module
         >>> opt = blockopt.AdamMini(model, lr=3e-4, weight_decay=0.1)
-        >>> opt.plan["blocks.0.attn.o_proj.weight"].describe()      # one second moment per input column
-        'column x128'
+        >>> opt.plan["blocks.0.attn.o_proj.weight"].describe()      # one second moment per row and per column
+        'factored 128+128'
         >>> print(opt.plan)             # what Adam-mini will do, parameter by parameter  # doctest: +ELLIPSIS
         parameter ...
-        38 tensors, 820,352 parameters, 80,704 second-moment values (AdamW: 820,352)
-        fp32 state: 3.4 MiB vs AdamW 6.3 MiB (0.549x)
-        state budget 0.55x of AdamW's: per-element second moments for 6 tensors (73,728 parameters), first embed.weight
+        38 tensors, 820,352 parameters, 75,648 second-moment values (AdamW: 820,352)
+        fp32 state: 3.4 MiB vs AdamW 6.3 MiB (0.546x)
+        state budget 0.55x of AdamW's: per-element second moments for 5 tensors (65,536 parameters), first embed.weight
         ...
         >>> official = blockopt.AdamMini(model, rules="official")   # the official release's blocks, exactly
         >>> official.plan["blocks.0.attn.q_proj.weight"].describe()  # one second moment per query head
@@ -201,12 +204,7 @@ class AdamMini(PlanOptimizer):
         for name, p in zip(names, group["params"]):
             entry = self.entry_for(name, p)
             entries[p] = entry
-            if is_factored(entry.geometry) and (is_dtensor(p) or group["capturable"]):
-                where = "a DTensor (FSDP2)" if is_dtensor(p) else "stepped with capturable=True"
-                raise ValueError(f"Invalid plan for {name!r}: its second moment is factored (the default for matrices), "
-                                 f"which is not supported yet when the parameter is {where}; build the optimizer "
-                                 "with rules='blocks' (the same built-in table and budget, blocks only) or "
-                                 "rules='official'")
+            check_factored(entry, name, dtensor=is_dtensor(p), capturable=group["capturable"])
             if is_dtensor(p):
                 if group["capturable"]:
                     raise ValueError(f"Invalid capturable=True: parameter {name!r} is a DTensor (FSDP2); "
@@ -243,12 +241,7 @@ class AdamMini(PlanOptimizer):
         """Step DeepSpeed ZeRO's flat partitions ``(param group index, flat tensor, layout)`` from now
         on, reducing shared blocks on process ``group``: what
         :func:`blockopt.integrations.deepspeed.attach` calls."""
-        factored = [e.name for e in self._entries.values() if is_factored(e.geometry)]
-        if factored:
-            raise ValueError(f"Invalid plan for DeepSpeed ZeRO: {len(factored)} parameter(s) (first {factored[0]!r}) "
-                             "have factored second moments (the default for matrices), which ZeRO's flat partitions "
-                             "do not support yet; build the optimizer with rules='blocks' (the same built-in table "
-                             "and budget, blocks only) or rules='official'")
+        check_factored_zero(self._entries.values())
         if self._calib is not None:
             raise ValueError("Invalid calibrate with DeepSpeed ZeRO: the in-run SNR calibration needs each "
                              "parameter's full second moment; calibrate first (blockopt.calibrate) and pass the plan")

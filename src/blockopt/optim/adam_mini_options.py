@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from ..kernels import momentum as mom
+from ..kernels.blocks import is_factored
 from ..kernels.dispatch import triton_enabled
+from ..partition import PlanEntry
 from ..partition.snr import check_cutoff
 from .base import check_hparams
 
-__all__ = ["CALIBRATE_STATES", "check_calibrate_args", "check_options"]
+__all__ = ["CALIBRATE_STATES", "check_calibrate_args", "check_factored", "check_factored_zero", "check_options"]
 
 
 #: how the calibration window keeps its second moments: inside the state budget, or AdamW's whole state
@@ -61,3 +64,24 @@ def check_options(defaults: dict[str, Any], state_dtype: Any, momentum_dtype: An
         raise RuntimeError("capturable=True needs the Triton step on CUDA: pip install 'blockopt[gpu]' (and "
                            "leave BLOCKOPT_DISABLE_TRITON unset)")
     return calib
+
+
+_BLOCKS_INSTEAD = ("build the optimizer with rules='blocks' (the same built-in table and budget, blocks only) or "
+                   "rules='official'")
+
+
+def check_factored(entry: PlanEntry, name: str | None, *, dtensor: bool, capturable: bool) -> None:
+    """A factored entry has no sharded (FSDP2) or capturable step yet: ``ValueError`` naming the way out."""
+    if is_factored(entry.geometry) and (dtensor or capturable):
+        where = "a DTensor (FSDP2)" if dtensor else "stepped with capturable=True"
+        raise ValueError(f"Invalid plan for {name!r}: its second moment is factored (the default for matrices), "
+                         f"which is not supported yet when the parameter is {where}; {_BLOCKS_INSTEAD}")
+
+
+def check_factored_zero(entries: Iterable[PlanEntry]) -> None:
+    """DeepSpeed ZeRO's flat partitions have no factored step yet: ``ValueError`` naming the way out."""
+    factored = [e.name for e in entries if is_factored(e.geometry)]
+    if factored:
+        raise ValueError(f"Invalid plan for DeepSpeed ZeRO: {len(factored)} parameter(s) (first {factored[0]!r}) "
+                         "have factored second moments (the default for matrices), which ZeRO's flat partitions "
+                         f"do not support yet; {_BLOCKS_INSTEAD}")

@@ -122,6 +122,9 @@ def check_saved_plan(opt: AdamMini, saved_groups: Any, top_plan: Mapping[str, An
                 hint = ("; before 0.2.0, AdamMini(model) used the official rules: build it with rules='official' "
                         "to load such a state" if not old.snr_choice and "state budget" not in old.rule
                         and (entry.snr_choice or "state budget" in entry.rule) else "")
+                if not hint and entry.kind == "factored" and old.snr_choice:
+                    hint = ("; AdamMini(model) factors matrices since 0.2.0: a state saved with the built-in table's "
+                            "blocks loads into rules='blocks'")
                 raise ValueError(
                     f"state_dict was saved with a different partition plan: parameter {name!r} was "
                     f"{old.describe()} (shape {list(old.shape)}, decay {old.weight_decay}), here "
