@@ -35,12 +35,15 @@ def main() -> None:
     args = ap.parse_args()
     from matplotlib.figure import Figure
 
-    files = sorted(Path(args.folder).glob("*.summary.json"), reverse=True)
+    # one panel per warmup: warmup30.summary.json and warmup30-default.summary.json share one
+    panels: dict[str, dict] = {}
+    for f in sorted(Path(args.folder).glob("*.summary.json")):
+        runs = panels.setdefault(f.name.split(".")[0].split("-")[0], {"runs": []})["runs"]
+        runs += json.loads(f.read_text())["runs"]
     fig = Figure(figsize=(10, 4))
-    for i, f in enumerate(files):
-        name = f.name.split(".")[0]
-        table = _table(json.loads(f.read_text()))
-        ax = fig.add_subplot(1, len(files), i + 1)
+    for i, (name, summary) in enumerate(sorted(panels.items(), reverse=True)):
+        table = _table(summary)
+        ax = fig.add_subplot(1, len(panels), i + 1)
         print(f"\n{name}\n")
         lrs = sorted({lr for t in table.values() for lr in t})
         print("| optimizer | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")

@@ -1,5 +1,6 @@
 """Where does Adam-mini's parity with AdamW hold? The held-out gap to AdamW of Adam-mini (official
-rules), of AdamMini's default (the built-in SNR table within a 0.55x state budget) and of Adam-mini
+rules), of AdamMini's default (the built-in SNR table, matrices factored, within a 0.55x state budget),
+of the same without factoring (``adam-mini-default:rules=blocks``) and of Adam-mini
 with blocks calibrated from data while holding AdamW's state for the window
 (``adam-mini-snr:calibrate_state=adamw``), at three token budgets.
 
@@ -32,9 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL, PARAMS = "llama-micro", 164_288
 TOKENS_PER_STEP = 16 * 128
 BUDGETS = (0.75, 3.0, 12.0)  # tokens per parameter
-OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-default", "adam-mini-snr:calibrate_state=adamw")
+OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-default", "adam-mini-default:rules=blocks",
+              "adam-mini-snr:calibrate_state=adamw")
 LABELS = {"adam-mini": ("Adam-mini (official rules)", "tab:orange"),
-          "adam-mini-default": ("AdamMini default (SNR table, budget 0.55)", "tab:blue"),
+          "adam-mini-default": ("AdamMini default (SNR table, matrices factored, budget 0.55)", "tab:blue"),
+          "adam-mini-default:rules=blocks": ("AdamMini(rules='blocks') (the same, blocks only)", "tab:purple"),
           "adam-mini-snr:calibrate_state=adamw": ("Adam-mini, SNR blocks (AdamW's state in the window)", "tab:green")}
 LRS = "3e-3,6e-3,1.2e-2"
 SEEDS = "0,1"

@@ -69,7 +69,7 @@ def test_plan_with_a_state_budget_prints_adam_minis_default_plan(cli):
     import blockopt
     from blockopt.models import build_model
 
-    rc, out, err = cli(["plan", "--model", "llama-tiny", "--snr", "builtin", "--state-budget", "0.55", "--json"])
+    rc, out, err = cli(["plan", "--model", "llama-tiny", "--snr", "builtin", "--factored", "--state-budget", "0.55", "--json"])
     assert rc == 0, err
     default = blockopt.AdamMini(build_model("llama-tiny", seed=0)).plan
     assert blockopt.PartitionPlan.from_json(out).entries == default.entries

@@ -98,7 +98,7 @@ def test_all_zero_gradients_leave_the_matrix_to_weight_decay_alone():
     w, _ = _case(dtype=torch.float32)
     zeros = [torch.zeros_like(w)] * 3
     for step in (adam_mini_foreach, adam_mini_reference):
-        got, m, v = _run(step, w, zeros, factored_geometry(w.shape), HP)
+        got, _m, v = _run(step, w, zeros, factored_geometry(w.shape), HP)
         assert torch.isfinite(got).all() and not v.any()
         assert max_rel_diff(got, w * (1 - HP["lr"] * HP["weight_decay"]) ** 3) <= TOL[torch.float32]
 
