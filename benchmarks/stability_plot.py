@@ -11,12 +11,17 @@ import json
 import math
 from pathlib import Path
 
+# the plot's names, by the bench's optimizer key (the labels the bench writes differ by release)
+LABELS = {"adamw": "AdamW", "adam-mini": "Adam-mini, official rules",
+          "adam-mini-default": "AdamMini's default (matrices factored, budget 0.55)",
+          "adam-mini-default:rules=blocks": "AdamMini(rules='blocks') (blocks only, budget 0.55)"}
+
 
 def _table(summary):
     """{optimizer label: {lr: (mean final loss or None, diverged seeds, seeds)}}"""
     out: dict[str, dict[float, tuple[float | None, int, int]]] = {}
     for r in summary["runs"]:
-        row = out.setdefault(r["label"], {}).setdefault(r["lr"], [])
+        row = out.setdefault(LABELS.get(r["optimizer"], r["label"]), {}).setdefault(r["lr"], [])
         row.append(r)
     table = {}
     for label, by_lr in out.items():
@@ -43,6 +48,8 @@ def main() -> None:
     fig = Figure(figsize=(10, 4))
     for i, (name, summary) in enumerate(sorted(panels.items(), reverse=True)):
         table = _table(summary)
+        order = [v for v in LABELS.values() if v in table] + [k for k in table if k not in LABELS.values()]
+        table = {k: table[k] for k in order}
         ax = fig.add_subplot(1, len(panels), i + 1)
         print(f"\n{name}\n")
         lrs = sorted({lr for t in table.values() for lr in t})

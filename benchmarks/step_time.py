@@ -41,10 +41,12 @@ def make_optimizers(model, which, lr=1e-4):
             out[name] = torch.optim.AdamW(model.parameters(), lr=lr, fused=True)
         elif name == "adamw-single":
             out[name] = torch.optim.AdamW(model.parameters(), lr=lr, foreach=False)
-        elif name == "adam-mini":  # AdamMini(model): the built-in SNR table within a 0.55x state budget
+        elif name == "adam-mini":  # AdamMini(model): SNR table, matrices factored, 0.55x state budget
             out[name] = blockopt.AdamMini(model, lr=lr)
         elif name == "adam-mini-rules-official":  # the official release's blocks, on our kernels
             out[name] = blockopt.AdamMini(model, lr=lr, rules="official")
+        elif name == "adam-mini-rules-blocks":  # the default without factored matrices
+            out[name] = blockopt.AdamMini(model, lr=lr, rules="blocks")
         elif name in ("adam-mini-bf16", "adam-mini-int8"):
             out[name] = blockopt.AdamMini(model, lr=lr, momentum_dtype=torch.bfloat16 if name.endswith("bf16") else "int8")
         elif name == "adam-mini-per-segment":  # CUDA: the Triton step with a launch per tensor segment

@@ -127,7 +127,7 @@ def _random_steps(pairs, steps, seed=0):
 
 
 @needs_compiler
-@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16, "int8"])
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 def test_fused_cpu_kernel_equals_reference_on_the_default_plan(momentum_dtype, style):
     model = build_model(f"{style}-tiny", vocab_size=96, n_layers=2, d_model=64)
@@ -141,11 +141,42 @@ def test_fused_cpu_kernel_equals_reference_on_the_default_plan(momentum_dtype, s
     assert {fast.routes[n] for n in factored} == {"fused_cpu"}  # no silent fallback
     assert set(slow.routes.values()) == {"reference"}
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        tol = 1e-4 if momentum_dtype == "int8" else TOL[torch.float32]  # int8: a rare code differs (sqrt rounding)
-        assert max_rel_diff(p, q) <= tol, name
-        assert max_rel_diff(fast.state[p]["block_exp_avg_sq"], slow.state[q]["block_exp_avg_sq"]) <= tol, name
+        assert max_rel_diff(p, q) <= TOL[torch.float32], name
+        assert max_rel_diff(fast.state[p]["block_exp_avg_sq"], slow.state[q]["block_exp_avg_sq"]) <= TOL[torch.float32]
         if momentum_dtype == torch.bfloat16:
             assert torch.equal(fast.state[p]["exp_avg"], slow.state[q]["exp_avg"]), name
+
+
+@needs_compiler
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_fused_cpu_kernel_equals_reference_with_int8_momentum_step_by_step(style):
+    # An int8 code whose value sits at a rounding boundary can come out one unit apart (the kernel and
+    # the reference round sqrt in a different order), and a flipped code then grows over later steps;
+    # so each step starts both from the reference's state, and one step's results are compared.
+    model = build_model(f"{style}-tiny", vocab_size=96, n_layers=2, d_model=64)
+    ref = copy.deepcopy(model)
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": "int8"}
+    fast = blockopt.AdamMini(model, fused=True, **kw)
+    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    factored = [e.name for e in fast.plan.entries if e.kind == "factored"]
+    flipped = 0
+    for _ in range(12):
+        _random_steps([(model, fast), (ref, slow)], 1, seed=_)
+        assert {fast.routes[n] for n in factored} == {"fused_cpu"}
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            a, b = fast.state[p]["exp_avg"], slow.state[q]["exp_avg"]
+            codes = (a.int() - b.int()).abs()
+            assert codes.max() <= 1 and int((codes > 0).sum()) <= 2, name
+            flipped += int((codes > 0).sum())
+            assert max_rel_diff(p, q) <= 1e-3 if codes.any() else max_rel_diff(p, q) <= TOL[torch.float32], name
+            assert max_rel_diff(fast.state[p]["block_exp_avg_sq"], slow.state[q]["block_exp_avg_sq"]) <= 1e-5, name
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), ref.parameters()):
+                p.copy_(q)
+        fast.load_state_dict(slow.state_dict())
+        for group in fast.param_groups:  # as torch.optim does, the loaded groups carry the saved route flags
+            group.update(fused=True, foreach=None)
+    assert flipped <= 4
 
 
 @needs_compiler
@@ -164,3 +195,26 @@ def test_fused_cpu_factored_step_does_not_depend_on_the_thread_split():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@needs_compiler
+@pytest.mark.parametrize("momentum_dtype", [None, torch.bfloat16])
+def test_a_large_factored_matrix_is_split_into_row_items_and_still_equals_the_reference(momentum_dtype):
+    from blockopt.kernels.adam_mini_cpu import FACTORED_CHUNK_ELEMENTS, step_table
+
+    rows, cols = 2 * FACTORED_CHUNK_ELEMENTS // 256 + 37, 256  # three items, the last 37 rows long
+    table = step_table([(rows, cols)], [factored_geometry((rows, cols))])
+    assert table[:, 3].tolist() == [-1] * 3 and table[:, 2].tolist() == [2048, 2048, 37]
+    assert table[:, 1].tolist() == [0, 2048 * cols, 4096 * cols] and table[:, 5].tolist() == table[:, 1].tolist()
+    model = torch.nn.Linear(cols, rows, bias=False)
+    ref = copy.deepcopy(model)
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "momentum_dtype": momentum_dtype, "overrides": {"weight": "factored"}}
+    fast = blockopt.AdamMini(model, fused=True, **kw)
+    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    _random_steps([(model, fast), (ref, slow)], 4)
+    assert fast.routes["weight"] == "fused_cpu"
+    assert max_rel_diff(model.weight, ref.weight) <= TOL[torch.float32]
+    # the column EMAs sum every item's rows (a lost item would leave its rows' squares out)
+    v, w = fast.state[model.weight]["block_exp_avg_sq"], slow.state[ref.weight]["block_exp_avg_sq"]
+    assert max_rel_diff(v[rows:], w[rows:]) <= TOL[torch.float32]
+    assert max_rel_diff(v[:rows], w[:rows]) <= TOL[torch.float32]

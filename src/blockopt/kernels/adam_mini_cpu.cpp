@@ -308,79 +308,149 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
   }
 }
 
-// Factored second moment of a 2-D parameter (v = [R; C]: one value per row, then one per column). One
-// pass: each row's g*g is summed (float lanes in tiles, added in double; the squares also go into the
-// column sums, float tiles of 32 rows added in double), its EMA R_r updated, and the row's m and p
-// updated with step_size / (sqrt(R_r / bc2) * shape_c + eps), where shape_c = sqrt(C_c / mean(C))
-// comes from the column EMAs as they were before this step (1 while they are all zero). The column
-// EMAs take this step's sums at the end. Memory traffic is that of row blocks, ~20 bytes per parameter.
+// One row of a factored matrix: m and p updated with step_size / (a * shape_c + eps). Series: the
+// division is replaced by (step / a) * inv_c * (1 - y + y*y), y = (eps / a) * inv_c, inv_c = 1 / shape_c,
+// used only where y <= 2^-8 for every column (the dropped term, y^3, is below fp32's rounding).
+template <int Kind, bool Series>
+inline void factored_row(float* __restrict pr, const float* __restrict gr, const Momentum& mo, int64_t r,
+                         int64_t cols, const float* __restrict sh, const float* __restrict inv, float a,
+                         float* __restrict rowscale, const Scalars& s, const Hyper& h) {
+  const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
+  const float ra = Series ? step / a : 0.0f, e = Series ? h.eps / a : 0.0f;
+#define BLOCKOPT_FACTORED_SCALE(c)                                                        \
+  (Series ? ra * inv[c] * (1.0f - e * inv[c] + (e * inv[c]) * (e * inv[c])) : step / (a * sh[c] + eps))
+  if (Kind == 2) {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) rowscale[c] = BLOCKOPT_FACTORED_SCALE(c);
+    int8_row<true>(pr, gr, (int8_t*)mo.data + r * cols, mo.scale + r * mo.groups, cols, mo.groups, r * cols, 0.0f,
+                   rowscale, h, decay, mo.seed);
+  } else if (Kind == 1) {
+    uint16_t* __restrict mr = (uint16_t*)mo.data + r * cols;
+    const int64_t base = r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const float m0 = bf16_load(mr[c]);
+      const float mm = std::fma(w1, sg * gr[c] - m0, m0);
+      mr[c] = bf16_store_sr(mm, hash_at(mo.seed, base + c));
+      pr[c] = pr[c] * decay - BLOCKOPT_FACTORED_SCALE(c) * mm;
+    }
+  } else {
+    float* __restrict mr = (float*)mo.data + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
+      mr[c] = mm;
+      pr[c] = pr[c] * decay - BLOCKOPT_FACTORED_SCALE(c) * mm;
+    }
+  }
+#undef BLOCKOPT_FACTORED_SCALE
+}
+
+// fp32 momentum, software-pipelined as in `blockwise`: the loop that updates row r also sums the
+// squares of row gn (row r + 1; nullptr for the last row), tiled as in sum_sq, and returns that sum.
+template <bool Series>
+inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr, const float* __restrict gn,
+                                float* __restrict mr, int64_t cols, const float* __restrict sh,
+                                const float* __restrict inv, float a, const Scalars& s, const Hyper& h) {
+  const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
+  const float ra = Series ? step / a : 0.0f, e = Series ? h.eps / a : 0.0f;
+  double next = 0.0;
+  for (int64_t t = 0; t < cols; t += kTile) {
+    const int64_t end = std::min(cols, t + kTile);
+    float part = 0.0f;
+    if (gn != nullptr) {
+#pragma omp simd reduction(+ : part)
+      for (int64_t c = t; c < end; ++c) {
+        part += gn[c] * gn[c];
+        const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
+        mr[c] = mm;
+        const float sc = Series ? ra * inv[c] * (1.0f - e * inv[c] + (e * inv[c]) * (e * inv[c]))
+                                : step / (a * sh[c] + eps);
+        pr[c] = pr[c] * decay - sc * mm;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = t; c < end; ++c) {
+        const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
+        mr[c] = mm;
+        const float sc = Series ? ra * inv[c] * (1.0f - e * inv[c] + (e * inv[c]) * (e * inv[c]))
+                                : step / (a * sh[c] + eps);
+        pr[c] = pr[c] * decay - sc * mm;
+      }
+    }
+    next += (double)part;
+  }
+  return next;
+}
+
+// Factored second moment of a 2-D parameter (v = [R; C]: one value per row, then one per column), rows
+// r0 to r0 + nr of it (one work item; r0 is a multiple of 32). Each row's g*g is summed (float lanes
+// in tiles, added in double), its EMA R_r updated, and the row's m and p updated with
+// step_size / (sqrt(R_r / bc2) * shape_c + eps), where shape_c = sqrt(C_c / mean(C)) comes from the
+// column EMAs as they were before this step (1 while they are all zero). After every 4 rows, their
+// squares (still in cache) go into the column sums in one sweep (float tiles of 32 rows, added in
+// double into `colsum`, the item's own); the column EMAs take the sums of all items after the step.
+// Memory traffic is that of row blocks, ~20 bytes per parameter.
 template <int Kind>  // momentum kind: 0 fp32, 1 bf16, 2 int8
 inline void factorwise(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
-                       int64_t rows, int64_t cols, const Scalars& s, const Hyper& h) {
-  void* mv = mo.data;
-  const uint32_t seed = mo.seed;
-  float* __restrict vc = v + rows;
-  std::vector<float> shape_v(cols), tile(cols), rowscale(Kind == 2 ? cols : 0);
-  std::vector<double> colsum(cols, 0.0);
+                       int64_t rows, int64_t cols, int64_t r0, int64_t nr, double* __restrict cs,
+                       const Scalars& s, const Hyper& h) {
+  const float* __restrict vc = v + rows;
+  std::vector<float> shape_v(cols), inv_v(cols), tile(cols, 0.0f), rowscale(Kind == 2 ? cols : 0);
   float* __restrict sh = shape_v.data();
+  float* __restrict inv = inv_v.data();
   float* __restrict ts = tile.data();
-  double* __restrict cs = colsum.data();
   double csum = 0.0;
   for (int64_t c = 0; c < cols; ++c) csum += (double)vc[c];
   const float cmean = (float)(csum / (double)cols);
-  for (int64_t c = 0; c < cols; ++c) sh[c] = cmean > 0.0f ? std::sqrt(vc[c] / cmean) : 1.0f;
-  const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
-  std::fill(tile.begin(), tile.end(), 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
+  float inv_max = 0.0f;
+  for (int64_t c = 0; c < cols; ++c) {
+    sh[c] = cmean > 0.0f ? std::sqrt(vc[c] / cmean) : 1.0f;
+    inv[c] = 1.0f / sh[c];  // inf where a column's EMA is 0: then the row divides
+    inv_max = std::max(inv_max, inv[c]);
+  }
+  const int64_t r1 = r0 + nr;
+  double acc = sum_sq(g + r0 * cols, cols);
+  for (int64_t r = r0; r < r1; ++r) {
     const float* __restrict gr = g + r * cols;
     float* __restrict pr = p + r * cols;
-    double acc = 0.0;
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t c1 = std::min(cols, c0 + kTile);
-      float part = 0.0f;
-#pragma omp simd reduction(+ : part)
-      for (int64_t c = c0; c < c1; ++c) {
-        const float q = gr[c] * gr[c];
-        ts[c] += q;
-        part += q;
-      }
-      acc += (double)part;
-    }
+    if (Kind != 0 && r > r0) acc = sum_sq(gr, cols);
     const float vr = h.b2 * v[r] + h.omb2 * (float)(acc / (double)cols);
     v[r] = vr;
     const float a = std::sqrt(vr) / s.bc2_sqrt;
-    if (Kind == 2) {
-      float* __restrict sc = rowscale.data();
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) sc[c] = step / (a * sh[c] + eps);
-      int8_row<true>(pr, gr, (int8_t*)mv + r * cols, mo.scale + r * mo.groups, cols, mo.groups, r * cols, 0.0f, sc,
-                     h, decay, seed);
-    } else if (Kind == 1) {
-      uint16_t* __restrict mr = (uint16_t*)mv + r * cols;
-      const int64_t base = r * cols;
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float m0 = bf16_load(mr[c]);
-        const float mm = std::fma(w1, sg * gr[c] - m0, m0);
-        mr[c] = bf16_store_sr(mm, hash_at(seed, base + c));
-        pr[c] = pr[c] * decay - (step / (a * sh[c] + eps)) * mm;
-      }
+    const bool series = a > 0.0f && (h.eps / a) * inv_max <= 0.00390625f;
+    if (Kind == 0) {  // the next row's sum comes with this row's update
+      const float* gn = r + 1 < r1 ? gr + cols : nullptr;
+      float* mr = (float*)mo.data + r * cols;
+      acc = series ? factored_row_fp32<true>(pr, gr, gn, mr, cols, sh, inv, a, s, h)
+                   : factored_row_fp32<false>(pr, gr, gn, mr, cols, sh, inv, a, s, h);
+    } else if (series) {
+      factored_row<Kind, true>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
     } else {
-      float* __restrict mr = (float*)mv + r * cols;
+      factored_row<Kind, false>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
+    }
+    if ((r - r0 + 1) % 4 == 0) {  // the last 4 rows' squares (still in cache) into the column tile, in one sweep
+      const float* __restrict g0 = g + (r - 3) * cols;
+      const float* __restrict g1 = g0 + cols;
+      const float* __restrict g2 = g1 + cols;
+      const float* __restrict g3 = g2 + cols;
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
-        mr[c] = mm;
-        pr[c] = pr[c] * decay - (step / (a * sh[c] + eps)) * mm;
+      for (int64_t c = 0; c < cols; ++c) ts[c] += (g0[c] * g0[c] + g1[c] * g1[c]) + (g2[c] * g2[c] + g3[c] * g3[c]);
+    } else if (r + 1 == r1) {
+      for (int64_t q = r - (r - r0) % 4; q <= r; ++q) {
+        const float* __restrict gq = g + q * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) ts[c] += gq[c] * gq[c];
       }
     }
-    if ((r + 1) % 32 == 0 || r + 1 == rows) {  // column sums: float tiles of 32 rows, added in double
+    if ((r - r0 + 1) % 32 == 0 || r + 1 == r1) {  // column sums: float tiles of 32 rows, added in double
 #pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) cs[c] += (double)ts[c];
-      std::fill(tile.begin(), tile.end(), 0.0f);
+      for (int64_t c = 0; c < cols; ++c) {
+        cs[c] += (double)ts[c];
+        ts[c] = 0.0f;
+      }
     }
   }
-  for (int64_t c = 0; c < cols; ++c) vc[c] = h.b2 * vc[c] + h.omb2 * (float)(cs[c] / (double)rows);
 }
 
 }  // namespace
@@ -394,8 +464,9 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
 // Column blocks: an item with block size 0 covers a whole 2-D parameter (or one slice of a stacked
 // [S, in, out] one); colmaps[i] (int32, one
 // entry per column) gives each column's block (other entries of colmaps are ignored).
-// Factored second moments: an item with block size -1 covers a whole 2-D parameter whose v holds
-// rows + cols values (rows first).
+// Factored second moments: an item with block size -1 covers rows offset / cols to + blocks (from a
+// multiple of 32) of a 2-D parameter whose v holds rows + cols values (rows first); items of one
+// parameter are consecutive and in row order.
 void adam_mini_step(at::TensorList params, at::TensorList grads,
                     at::TensorList exp_avgs, at::TensorList vs,
                     at::TensorList steps, const at::Tensor& items, const at::Tensor& decay,
@@ -438,11 +509,14 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
   for (int64_t c = 0; c < C; ++c) {
     const Item& x = it[c];
     TORCH_CHECK(x.param >= 0 && (size_t)x.param < P, "adam_mini_step: bad item");
-    if (x.block_size == -1) {
+    if (x.block_size == -1) {  // rows offset / cols to + blocks of a factored matrix
       const at::Tensor& pp = params[x.param];
-      TORCH_CHECK(pp.dim() == 2 && x.offset == 0 && x.blocks == pp.size(0) + pp.size(1) &&
-                      vs[x.param].numel() == x.blocks,
-                  "adam_mini_step: a factored item needs a whole 2-D parameter and rows + cols second moments");
+      TORCH_CHECK(pp.dim() == 2 && pp.size(1) > 0 && x.offset % pp.size(1) == 0 &&
+                      (x.offset / pp.size(1)) % 32 == 0 && x.blocks > 0 &&
+                      x.offset / pp.size(1) + x.blocks <= pp.size(0) && x.v_offset == 0 &&
+                      vs[x.param].numel() == pp.size(0) + pp.size(1),
+                  "adam_mini_step: a factored item needs rows of a 2-D parameter (from a multiple of 32) and "
+                  "rows + cols second moments");
     } else if (x.block_size == 0) {
       const at::Tensor& cm = colmaps[x.param];
       const at::Tensor& pp = params[x.param];
@@ -491,7 +565,14 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
 
   const Item& last = it[C - 1];
   const at::Tensor& lp = params[last.param];
-  const int64_t total = last.start + (last.block_size > 0 ? last.blocks * last.block_size : lp.size(-2) * lp.size(-1));
+  const int64_t total = last.start + (last.block_size > 0    ? last.blocks * last.block_size
+                                      : last.block_size == -1 ? last.blocks * lp.size(1)
+                                                              : lp.size(-2) * lp.size(-1));
+  // each factored item's column sums, added into the column EMAs after the parallel step
+  std::vector<std::vector<double>> colsums(C);
+  for (int64_t c = 0; c < C; ++c) {
+    if (it[c].block_size == -1) colsums[c].assign(params[it[c].param].size(1), 0.0);
+  }
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
   std::vector<int64_t> starts(C);
   for (int64_t c = 0; c < C; ++c) starts[c] = it[c].start;
@@ -508,14 +589,15 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
         float* p = Pp[i] + x.offset;
         const float* g = Gp[i] + x.offset;
         float* v = Vp[i] + x.v_offset;
-        if (x.block_size == -1) {
-          const int64_t rows = params[i].size(0), cols = params[i].size(1);
+        if (x.block_size == -1) {  // whole-tensor pointers: the item's rows are r0 to r0 + blocks
+          const int64_t rows = params[i].size(0), cols = params[i].size(1), r0 = x.offset / cols;
+          double* cs = colsums[c].data();
           if (mo.kind == 2) {
-            factorwise<2>(p, g, mo, v, rows, cols, sc[i], h);
+            factorwise<2>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
           } else if (mo.kind == 1) {
-            factorwise<1>(p, g, mo, v, rows, cols, sc[i], h);
+            factorwise<1>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
           } else {
-            factorwise<0>(p, g, mo, v, rows, cols, sc[i], h);
+            factorwise<0>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
           }
         } else if (x.block_size == 0) {
           const int64_t rows = params[i].size(-2), cols = params[i].size(-1);
@@ -541,6 +623,18 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
       }
     }
   });
+  // factored matrices: their items' column sums (in item order), then the column EMAs
+  std::vector<double> total_cs;
+  for (int64_t c = 0; c < C; ++c) {
+    if (it[c].block_size != -1) continue;
+    const int64_t i = it[c].param, rows = params[i].size(0), cols = params[i].size(1);
+    if (it[c].offset == 0) total_cs.assign(cols, 0.0);
+    for (int64_t k = 0; k < cols; ++k) total_cs[k] += colsums[c][k];
+    if (it[c].offset / cols + it[c].blocks == rows) {  // the matrix's last item
+      float* vc = Vp[i] + rows;
+      for (int64_t k = 0; k < cols; ++k) vc[k] = h.b2 * vc[k] + h.omb2 * (float)(total_cs[k] / (double)rows);
+    }
+  }
 }
 
 TORCH_LIBRARY(blockopt_cpu, m) {

@@ -47,6 +47,8 @@ _state: dict[str, object] = {}
 
 #: elements per unit of parallel work (whole blocks are never split)
 CHUNK_ELEMENTS = 1 << 17
+#: elements per work item of a factored matrix (whole runs of 32 rows; each item sums its columns)
+FACTORED_CHUNK_ELEMENTS = 1 << 19
 # -fopenmp: at::parallel_for is a header template, so it is only parallel when the extension itself
 # is built with OpenMP; the runtime is the libgomp.so.1 that torch has already loaded (same soname).
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -179,8 +181,10 @@ def _chunks_of(shape: tuple[int, ...], geometry: Geometry) -> tuple[tuple[int, i
     blocks are one run of block size 0 (the kernel walks the whole tensor)."""
     numel = math.prod(shape)
     axis, segments = geometry
-    if axis == FACTORED:  # one item of block size -1: the whole matrix, rows + cols second moments
-        return ((0, geometry.num_blocks, -1, 0),)
+    if axis == FACTORED:  # items of block size -1: runs of rows (from multiples of 32), rows + cols v
+        rows, cols = shape
+        per = 32 * max(1, FACTORED_CHUNK_ELEMENTS // (32 * max(cols, 1)))
+        return tuple((r0 * cols, min(per, rows - r0), -1, 0) for r0 in range(0, rows, per))
     if axis == 1:
         return ((0, geometry.num_blocks, 0, 0),)
     if axis == 2:  # stacked [S, in, out]: one column item per slice
@@ -209,7 +213,7 @@ def _table(key: tuple[tuple[tuple[int, ...], Geometry], ...]) -> torch.Tensor:
     for i, (shape, geometry) in enumerate(key):
         for off, nb, bs, voff in _chunks_of(shape, geometry):
             rows.append((i, off, nb, bs, voff, start))
-            start += nb * bs if bs > 0 else shape[-2] * shape[-1]
+            start += nb * bs if bs > 0 else nb * shape[-1] if bs == -1 else shape[-2] * shape[-1]
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 6)
 
 
