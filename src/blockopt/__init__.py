@@ -4,7 +4,15 @@ import sys
 
 from . import models
 from .kernels.blocks import Geometry
-from .optim import BLOCKWISE_LR_MULTIPLIERS, AdamMini, MoFO, blockwise_block_types, blockwise_lr_groups
+from .optim import (
+    BLOCKWISE_LR_MULTIPLIERS,
+    AdamMini,
+    BackwardStep,
+    MoFO,
+    blockwise_block_types,
+    blockwise_lr_groups,
+    step_in_backward,
+)
 from .optim.calibrate import calibrate
 from .partition import (
     BUILTIN_SNR_RULES,
@@ -36,6 +44,7 @@ __all__ = [
     "BLOCKWISE_LR_MULTIPLIERS",
     "BUILTIN_SNR_RULES",
     "AdamMini",
+    "BackwardStep",
     "Geometry",
     "MoFO",
     "PartitionPlan",
@@ -50,4 +59,5 @@ __all__ = [
     "calibrate",
     "models",
     "partition",
+    "step_in_backward",
 ]

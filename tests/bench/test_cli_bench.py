@@ -275,6 +275,20 @@ def test_adam_mini_with_builtin_rules_and_a_budget_stays_within_it_at_every_step
     assert mini["peak_state_bytes"] == mini["state_bytes"]
 
 
+def test_step_in_backward_runs_as_an_option_with_its_own_row(tmp_path, corpus, cache_dir, cli):
+    out = tmp_path / "out"
+    rc, _stdout, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers",
+                                     "adam-mini-default,adam-mini-default:step_in_backward=true"))
+    assert rc == 0, err
+    by = {r["optimizer"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    plain, inb = by["adam-mini-default"], by["adam-mini-default:step_in_backward=true"]
+    assert inb["status"] == "ok" and math.isfinite(inb["final_val_loss"])
+    assert inb["peak_state_bytes"] == plain["peak_state_bytes"]
+    rc, _, err = cli(tiny_args(corpus, cache_dir, tmp_path / "o2", "--optimizers",
+                               "adam-mini-default:step_in_backward=maybe"))
+    assert rc == 2 and "step_in_backward='maybe'; expected true or false" in err
+
+
 def test_divergence_is_recorded_not_raised(tmp_path, corpus, cache_dir, cli):
     out = tmp_path / "out"
     rc, _, err = cli(tiny_args(corpus, cache_dir, out, "--optimizers", "adamw", "--lrs", "1e-3,1e30",

@@ -54,6 +54,7 @@ class Hyper:
     rules: str = "official"  # adam-mini: how its plan is built (AdamMini(rules=...))
     state_budget: float = 0.0  # adam-mini: AdamMini(state_budget=...); 0 means none (adam-mini-default: 0.55)
     calibrate_state: str = "budget"  # adam-mini-snr: the window inside the state budget, or AdamW's state
+    step_in_backward: bool = False  # adam-mini(-default): blockopt.step_in_backward (clip by the previous norm)
     run_steps: int = 0  # the run's length, set by the runner (not an option)
 
     def calibrate_steps(self) -> int:
@@ -306,12 +307,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("adam-mini", "Adam-mini", _adam_mini, 3e-3,
                       "blockopt.AdamMini(rules='official'): the official release's blocks (momentum_dtype=bf16|int8 "
                       "stores m compactly; rules=builtin, state_budget=0.55 change the plan)",
-                      options=_ADAM_OPTS + ("value_single_block", "momentum_dtype", "rules", "state_budget")),
+                      options=_ADAM_OPTS + ("value_single_block", "momentum_dtype", "rules", "state_budget",
+                                            "step_in_backward")),
         OptimizerSpec("adam-mini-default", "Adam-mini (default)", _adam_mini_default, 3e-3,
                       "blockopt.AdamMini(model), the default: the built-in SNR table with every matrix's v factored "
                       "(one value per row and per column), per-element v for the least constant tensors while "
                       "the state stays at or under 0.55x AdamW's (rules=blocks: blocks only)",
-                      options=_ADAM_OPTS + ("momentum_dtype", "state_budget", "rules")),
+                      options=_ADAM_OPTS + ("momentum_dtype", "state_budget", "rules", "step_in_backward")),
         OptimizerSpec("adamw+blr", "AdamW+BLR", _adamw_blr, 1e-3,
                       "torch.optim.AdamW with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)"),
@@ -412,7 +414,7 @@ def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoi
                 raise BenchInputError(f"--optimizers: {spec.name}:state_budget={value!r}; expected a number in "
                                       "(0.5, 1], the largest optimizer state as a fraction of AdamW's")
             options[key] = v
-        elif key == "value_single_block":
+        elif key in ("value_single_block", "step_in_backward"):
             if value.lower() not in _BOOL:
                 raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected true or false")
             options[key] = _BOOL[value.lower()]

@@ -274,6 +274,12 @@ def _build(job: RunJob, device: torch.device) -> tuple[nn.Module, nn.Module, tor
         model = launch.wrap_model(model, job.parallel)
     inner = launch.unwrap(model) if job.parallel != "none" else model
     opt = build_optimizer(choice, inner, job.run.lr, job.hyper, plan=plan, info=job.model.info())
+    if choice.hyper(job.hyper).step_in_backward:  # one process only (prepare_sweep refuses --parallel)
+        from ..optim import step_in_backward
+
+        # the bench clips by the global norm, which this mode cannot hold: the previous step's norm instead
+        clip = job.grad_clip if job.grad_clip > 0 else None
+        step_in_backward(opt, clip="previous" if clip else None, max_norm=clip)
     return model, inner, opt
 
 
@@ -322,13 +328,18 @@ def _train_step(setup: RunSetup, state: RunState) -> tuple[float, float, torch.T
     with autocast(setup.device, job.dtype):
         loss = job.model.loss(setup.model, x, y)
     loss.backward()
-    if job.grad_clip > 0:
+    in_backward = getattr(opt, "_backward", None)  # step_in_backward: stepped (and clipped) in backward
+    if in_backward is not None:
+        gnorm = None
+    elif job.grad_clip > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(setup.params, job.grad_clip)
     else:
         gnorm = torch.nn.utils.get_total_norm([p.grad for p in setup.params if p.grad is not None])
     t1 = setup.fwd_timer.time()
     opt.step()
     t2 = setup.opt_timer.time()
+    if in_backward is not None:
+        gnorm = torch.tensor(in_backward.previous_norm or 0.0)
     opt.zero_grad(set_to_none=True)
     # the state's size after every step, outside the timed part: calibration windows and plan switches
     # change it during the run, and memory is what the run needed at its largest

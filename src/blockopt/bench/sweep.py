@@ -395,11 +395,11 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
             raise BenchInputError(f"--optimizers: {c.key!r} is given twice")
         choices.append(c)
     if cfg.parallel != "none":
-        bad = [c.key for c in choices if c.spec.name not in PARALLEL_OPTIMIZERS]
+        bad = [c.key for c in choices if c.spec.name not in PARALLEL_OPTIMIZERS or c.options.get("step_in_backward")]
         if bad:
             raise BenchInputError(
                 f"--optimizers: {', '.join(bad)} cannot run with --parallel {cfg.parallel}; "
-                f"data-parallel runs support {', '.join(PARALLEL_OPTIMIZERS)}"
+                f"data-parallel runs support {', '.join(PARALLEL_OPTIMIZERS)} (without step_in_backward)"
             )
         ckpt = 0  # opt.state_dict() is collective under FSDP2: no periodic checkpoints (and no --resume)
     lr_grids = parse_lrs(cfg.lrs, choices)

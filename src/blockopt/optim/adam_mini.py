@@ -191,6 +191,7 @@ class AdamMini(PlanOptimizer):
         self._zero_group: Any = None
         # the local layout's prepared steps (see _prepared); _state_epoch invalidates them
         self._prepared_cache: dict[tuple[int, bool], _Prepared] = {}  # (id(group), compiling) -> lists
+        self._backward = None  # the hooks of blockopt.step_in_backward, while they are on
         self._state_epoch = 0
         #: parameter name -> the implementation that stepped it last (see blockopt.kernels.dispatch)
         self.routes: dict[str, str] = {}
@@ -287,6 +288,8 @@ class AdamMini(PlanOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        if getattr(self, "_backward", None) is not None:  # blockopt.step_in_backward: stepped in backward
+            return self._backward.on_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -364,10 +367,11 @@ class AdamMini(PlanOptimizer):
             warn_if_not_compiled(self, self._prepared_cache.get(cache_key))
         return cache_key
 
-    def _prepared(self, group: dict[str, Any], with_grad: list[torch.Tensor]) -> _Prepared:
+    def _prepared(self, group: dict[str, Any], with_grad: list[torch.Tensor], slot: Any = None) -> _Prepared:
         key = (tuple(map(id, with_grad)), group["foreach"], group["fused"], group["capturable"], self._state_epoch,
                len(self.state))
-        cached = self._prepared_cache.get((id(group), torch.compiler.is_compiling()))
+        slot = (id(group), torch.compiler.is_compiling()) if slot is None else slot  # step_in_backward: per tensor
+        cached = self._prepared_cache.get(slot)
         if cached is not None and cached.key == key:
             return cached
         tensors, entries = local_tensors(self, group, with_grad)
@@ -378,7 +382,7 @@ class AdamMini(PlanOptimizer):
         for (handle, _), ns in zip(step.handles, names):
             self.routes.update(dict.fromkeys(ns, handle.route))
         prepared = _Prepared(key, step, names, with_grad)
-        self._prepared_cache[(id(group), torch.compiler.is_compiling())] = prepared
+        self._prepared_cache[slot] = prepared
         return prepared
 
     def _zero_step(self) -> None:
