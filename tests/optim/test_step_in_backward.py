@@ -45,7 +45,11 @@ def test_step_in_backward_equals_the_normal_step_bit_for_bit(kw):
     handle = blockopt.step_in_backward(opt)
     batches = token_batches(96, 6)
     _train(model, opt, batches)
-    _train(ref, ref_opt, batches)
+    _train(ref, ref_opt, batches[:-1])
+    _loss(ref, batches[-1]).backward()  # the last step's global norm, measured in backward as well
+    norm = torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()])
+    assert handle.previous_norm == pytest.approx(float(norm), rel=1e-5)
+    ref_opt.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), name
         assert p.grad is None  # freed in backward

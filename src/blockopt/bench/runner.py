@@ -339,7 +339,7 @@ def _train_step(setup: RunSetup, state: RunState) -> tuple[float, float, torch.T
     opt.step()
     t2 = setup.opt_timer.time()
     if in_backward is not None:
-        gnorm = torch.tensor(in_backward.previous_norm or 0.0)
+        gnorm = torch.tensor(in_backward.previous_norm)  # this step's, measured in backward
     opt.zero_grad(set_to_none=True)
     # the state's size after every step, outside the timed part: calibration windows and plan switches
     # change it during the run, and memory is what the run needed at its largest

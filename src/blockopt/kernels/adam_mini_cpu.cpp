@@ -308,23 +308,30 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
   }
 }
 
-// One row of a factored matrix: m and p updated with step_size / (a * shape_c + eps). Series: the
+// A factored matrix's step for one element of a row: step_size / (a * shape_c + eps). Series: the
 // division is replaced by (step / a) * inv_c * (1 - y + y*y), y = (eps / a) * inv_c, inv_c = 1 / shape_c,
-// used only where y <= 2^-8 for every column (the dropped term, y^3, is below fp32's rounding).
+// used only where y <= 2^-8 for every column (the dropped term, y^3, is below fp32's rounding);
+// ra = step / a and e = eps / a are the row's.
+template <bool Series>
+inline float factored_scale(float shc, float invc, float step, float a, float eps, float ra, float e) {
+  return Series ? ra * invc * (1.0f - e * invc + (e * invc) * (e * invc)) : step / (a * shc + eps);
+}
+
+// One row of a factored matrix with compact momentum (bf16 or int8): m and p updated with each
+// column's factored_scale.
 template <int Kind, bool Series>
 inline void factored_row(float* __restrict pr, const float* __restrict gr, const Momentum& mo, int64_t r,
                          int64_t cols, const float* __restrict sh, const float* __restrict inv, float a,
                          float* __restrict rowscale, const Scalars& s, const Hyper& h) {
+  static_assert(Kind == 1 || Kind == 2, "fp32 momentum: factored_row_fp32");
   const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
-  const float ra = Series ? step / a : 0.0f, e = Series ? h.eps / a : 0.0f;
-#define BLOCKOPT_FACTORED_SCALE(c)                                                        \
-  (Series ? ra * inv[c] * (1.0f - e * inv[c] + (e * inv[c]) * (e * inv[c])) : step / (a * sh[c] + eps))
+  const float ra = Series ? step / a : 0.0f, e = Series ? eps / a : 0.0f;
   if (Kind == 2) {
 #pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) rowscale[c] = BLOCKOPT_FACTORED_SCALE(c);
+    for (int64_t c = 0; c < cols; ++c) rowscale[c] = factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e);
     int8_row<true>(pr, gr, (int8_t*)mo.data + r * cols, mo.scale + r * mo.groups, cols, mo.groups, r * cols, 0.0f,
                    rowscale, h, decay, mo.seed);
-  } else if (Kind == 1) {
+  } else {
     uint16_t* __restrict mr = (uint16_t*)mo.data + r * cols;
     const int64_t base = r * cols;
 #pragma omp simd
@@ -332,18 +339,9 @@ inline void factored_row(float* __restrict pr, const float* __restrict gr, const
       const float m0 = bf16_load(mr[c]);
       const float mm = std::fma(w1, sg * gr[c] - m0, m0);
       mr[c] = bf16_store_sr(mm, hash_at(mo.seed, base + c));
-      pr[c] = pr[c] * decay - BLOCKOPT_FACTORED_SCALE(c) * mm;
-    }
-  } else {
-    float* __restrict mr = (float*)mo.data + r * cols;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
-      mr[c] = mm;
-      pr[c] = pr[c] * decay - BLOCKOPT_FACTORED_SCALE(c) * mm;
+      pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
     }
   }
-#undef BLOCKOPT_FACTORED_SCALE
 }
 
 // fp32 momentum, software-pipelined as in `blockwise`: the loop that updates row r also sums the
@@ -353,7 +351,7 @@ inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr
                                 float* __restrict mr, int64_t cols, const float* __restrict sh,
                                 const float* __restrict inv, float a, const Scalars& s, const Hyper& h) {
   const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
-  const float ra = Series ? step / a : 0.0f, e = Series ? h.eps / a : 0.0f;
+  const float ra = Series ? step / a : 0.0f, e = Series ? eps / a : 0.0f;
   double next = 0.0;
   for (int64_t t = 0; t < cols; t += kTile) {
     const int64_t end = std::min(cols, t + kTile);
@@ -364,18 +362,14 @@ inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr
         part += gn[c] * gn[c];
         const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
         mr[c] = mm;
-        const float sc = Series ? ra * inv[c] * (1.0f - e * inv[c] + (e * inv[c]) * (e * inv[c]))
-                                : step / (a * sh[c] + eps);
-        pr[c] = pr[c] * decay - sc * mm;
+        pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
       }
     } else {
 #pragma omp simd
       for (int64_t c = t; c < end; ++c) {
         const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
         mr[c] = mm;
-        const float sc = Series ? ra * inv[c] * (1.0f - e * inv[c] + (e * inv[c]) * (e * inv[c]))
-                                : step / (a * sh[c] + eps);
-        pr[c] = pr[c] * decay - sc * mm;
+        pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
       }
     }
     next += (double)part;
@@ -419,7 +413,7 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
     v[r] = vr;
     const float a = std::sqrt(vr) / s.bc2_sqrt;
     const bool series = a > 0.0f && (h.eps / a) * inv_max <= 0.00390625f;
-    if (Kind == 0) {  // the next row's sum comes with this row's update
+    if constexpr (Kind == 0) {  // the next row's sum comes with this row's update
       const float* gn = r + 1 < r1 ? gr + cols : nullptr;
       float* mr = (float*)mo.data + r * cols;
       acc = series ? factored_row_fp32<true>(pr, gr, gn, mr, cols, sh, inv, a, s, h)

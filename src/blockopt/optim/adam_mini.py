@@ -311,12 +311,9 @@ class AdamMini(PlanOptimizer):
         return loss
 
     def _plain_step(self) -> None:
-        """The local layout: per group, one call of its prepared step (one kernel call per route).
-
-        What depends only on which parameters have gradients (state tensors, routes, the fused
-        kernel's work table) is built once and reused while that set stays the same, so a step
-        costs a scan of the gradients plus one kernel call per route.
-        """
+        """The local layout: per group, one call of its prepared step (one kernel call per route). What
+        depends only on which parameters have gradients (state, routes, the fused kernel's work table)
+        is built once and reused while that set stays the same."""
         # every group's lists first: _init_group runs in Python even under torch.compile, and the traced
         # code must read _prepared_cache only after all of its changes
         keys = [self._init_group(group) for group in self.param_groups]
@@ -325,17 +322,20 @@ class AdamMini(PlanOptimizer):
             prepared = self._prepared_cache.get(key)
             if prepared is None:  # no gradients
                 continue
-            with_grad = prepared.params
-            grads = self._local_grads(with_grad)
-            for g, p in zip(grads, with_grad):  # every gradient is checked before any state changes
+            grads = self._local_grads(prepared.params)
+            for g, p in zip(grads, prepared.params):  # every gradient is checked before any state changes
                 if g.layout is not torch.strided:
                     check_dense(g, p)
             todo.append((group, prepared, grads))
         for group, prepared, grads in todo:
-            for ran, names, (handle, _) in zip(run_step(prepared.step, grads, **hyper(group, group["lr"])),
-                                               prepared.names, prepared.step.handles):
-                if ran != handle.route or self.routes.get(names[0]) != ran:
-                    self.routes.update(dict.fromkeys(names, ran))
+            self._run_prepared(group, prepared, grads)
+
+    def _run_prepared(self, group: dict[str, Any], prepared: _Prepared, grads: list[torch.Tensor]) -> None:
+        """One call of a prepared step (per route); ``routes`` records the route that ran."""
+        for ran, names, (handle, _) in zip(run_step(prepared.step, grads, **hyper(group, group["lr"])),
+                                           prepared.names, prepared.step.handles):
+            if ran != handle.route or self.routes.get(names[0]) != ran:
+                self.routes.update(dict.fromkeys(names, ran))
 
     def _local_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self._dtensors:

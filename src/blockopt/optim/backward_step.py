@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from .adam_mini_layouts import check_dense, hyper
+from .adam_mini import AdamMini
+from .adam_mini_layouts import check_dense
 
 __all__ = ["BackwardStep", "step_in_backward"]
 
@@ -45,9 +46,10 @@ class BackwardStep:
         self.accumulation_steps = accumulation_steps
         self.clip = clip
         self.max_norm = max_norm
-        self.previous_norm: float | None = None  # clip="previous": the last completed step's global norm
+        # the global norm of the last completed step's gradients, before clipping (clip="previous" uses it)
+        self.previous_norm: float | None = None
         self._sq = 0.0  # sum of squared gradient norms of the step in progress
-        self._stepped: set[int] = set()
+        self._stepped = False  # a tensor was stepped since the last opt.step()
         self._count: dict[int, int] = {}
         self._where = {id(p): group for group in opt.param_groups for p in group["params"]}
         self._handles = [p.register_post_accumulate_grad_hook(self._hook)
@@ -71,7 +73,7 @@ class BackwardStep:
         if self._stepped:  # a step completed: its global norm is known (clip="previous" uses it next)
             self.previous_norm = math.sqrt(self._sq)
             self._sq = 0.0
-            self._stepped.clear()
+            self._stepped = False
 
     @torch.no_grad()
     def _hook(self, p: torch.Tensor) -> None:
@@ -82,19 +84,17 @@ class BackwardStep:
         g = p.grad
         if g.layout is not torch.strided:
             check_dense(g, p)
-        if self.clip is not None:
-            sq = float(g.detach().float().pow(2).sum())
-            self._sq += sq
-            if self.clip == "per_tensor":
-                scale = min(1.0, self.max_norm / (math.sqrt(sq) + 1e-6))
-            elif self.previous_norm is not None:
-                scale = min(1.0, self.max_norm / (self.previous_norm + 1e-6))
-            else:
-                scale = 1.0
-            if scale < 1.0:
-                g.mul_(scale)
+        sq = float(g.detach().float().pow(2).sum())  # every step's global norm, as clip_grad_norm_ returns it
+        self._sq += sq
+        scale = 1.0
+        if self.clip == "per_tensor":
+            scale = min(1.0, self.max_norm / (math.sqrt(sq) + 1e-6))
+        elif self.clip == "previous" and self.previous_norm is not None:
+            scale = min(1.0, self.max_norm / (self.previous_norm + 1e-6))
+        if scale < 1.0:
+            g.mul_(scale)
         step_one(self.opt, self._where[id(p)], p)
-        self._stepped.add(id(p))
+        self._stepped = True
         p.grad = None
 
 
@@ -107,23 +107,13 @@ def step_in_backward(opt: Any, *, accumulation_steps: int = 1, clip: str | None 
     return BackwardStep(opt, accumulation_steps=accumulation_steps, clip=clip, max_norm=max_norm)
 
 
-def step_one(opt: Any, group: dict[str, Any], p: torch.Tensor) -> None:
+def step_one(opt: AdamMini, group: dict[str, Any], p: torch.Tensor) -> None:
     """Step one tensor of ``group`` with its gradient, through the prepared step ``opt.step()`` uses
     (built once per tensor and kept in the optimizer's cache)."""
-    prepared = opt._prepared(group, [p], slot=("backward", id(p)))
-    grads = [p.grad]
-    names = prepared.names
-    from ..kernels.dispatch import run_step
-
-    for ran, ns, (handle, _) in zip(run_step(prepared.step, grads, **hyper(group, group["lr"])), names,
-                                    prepared.step.handles):
-        if ran != handle.route or opt.routes.get(ns[0]) != ran:
-            opt.routes.update(dict.fromkeys(ns, ran))
+    opt._run_prepared(group, opt._prepared(group, [p], slot=("backward", id(p))), [p.grad])
 
 
 def _check(opt: Any, accumulation_steps: int, clip: str | None, max_norm: float | None) -> None:
-    from .adam_mini import AdamMini
-
     if not isinstance(opt, AdamMini):
         raise TypeError(f"step_in_backward(opt): opt must be a blockopt.AdamMini, got {type(opt).__name__}")
     if getattr(opt, "_backward", None) is not None:
