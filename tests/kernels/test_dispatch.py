@@ -94,8 +94,17 @@ def test_the_optimizer_reports_the_routes_it_took():
         runs[label] = dict(opt.routes)
     assert set(runs["reference"].values()) == {"reference"}
     assert set(runs["foreach"].values()) == {"foreach"}
-    want_weight = "fused_cpu" if load_cpu_kernel() is not None else "foreach"
-    assert runs["default"] == {"0.weight": want_weight, "0.bias": "adamw", "2.weight": want_weight, "2.bias": "adamw"}
+    # with the C++ kernel the per-element biases join its launch; without it they take torch's fused AdamW
+    kernel = load_cpu_kernel() is not None
+    want_weight, want_bias = ("fused_cpu", "fused_cpu") if kernel else ("foreach", "adamw")
+    assert runs["default"] == {"0.weight": want_weight, "0.bias": want_bias, "2.weight": want_weight,
+                               "2.bias": want_bias}
+    # a group of per-element tensors only keeps torch's fused AdamW (bit for bit, as tested above)
+    m = copy.deepcopy(model)
+    opt = blockopt.AdamMini(m, rules="official", lr=1e-2, overrides={r".*": "element"})
+    m(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert set(opt.routes.values()) == {"adamw"}
 
 
 def test_a_failing_triton_launch_warns_once_and_falls_back_with_nothing_changed(monkeypatch):

@@ -146,8 +146,9 @@ def cpu_kernel_error() -> str | None:
     return _state.get("error")  # type: ignore[return-value]
 
 
-def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometry) -> bool:
-    """Whether the fused kernel handles this parameter (the gradient is checked at step time).
+def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometry, *, wide: bool = False) -> bool:
+    """Whether the fused kernel handles this parameter (the gradient is checked at step time);
+    ``wide``: it will step an fp32 copy of ``p`` (compact weights), whatever ``p``'s dtype.
 
     ``exp_avg`` may be fp32, bf16 or int8 (:mod:`blockopt.kernels.momentum`); int8 codes need
     blocks made of whole rows (rows, heads, whole tensors), columns of a tensor with two or more dims, or
@@ -166,7 +167,7 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
         return False
     return (
         p.device.type == "cpu"
-        and p.dtype == torch.float32
+        and (wide or p.dtype == torch.float32)
         and exp_avg.dtype in (torch.float32, torch.bfloat16, torch.int8)
         and p.is_contiguous()
         and exp_avg.is_contiguous()

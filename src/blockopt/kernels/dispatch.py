@@ -6,7 +6,8 @@ Five implementations share one contract (the tensor lists of
 =============  ==============================================================
 ``reference``  the plain loop (``foreach=False``), the ground truth
 ``foreach``    multi-tensor ops: :func:`~blockopt.kernels.adam_mini.adam_mini_foreach`
-``adamw``      per-element blocks with fp32 state on CPU: torch's fused AdamW
+``adamw``      per-element blocks with fp32 state on CPU: torch's fused AdamW (where no
+               tensor of the same step takes the C++ kernel; otherwise they join its launch)
 ``fused_cpu``  the C++ kernel (:mod:`blockopt.kernels.adam_mini_cpu`)
 ``triton``     the Triton kernel on CUDA (``capturable`` for CUDA graphs)
 =============  ==============================================================
@@ -40,6 +41,7 @@ import torch
 from torch.optim.adamw import adamw as torch_adamw  # torch's functional AdamW (public)
 
 from . import momentum as mom
+from . import weights as cw
 from .adam_mini import adam_mini_foreach, adam_mini_reference
 from .adam_mini_cpu import fused_cpu_step, fused_cpu_supports, fused_cpu_tables, load_cpu_kernel
 from .adam_mini_triton import adam_mini_triton, triton_available, triton_supports
@@ -66,11 +68,13 @@ class StepTensors:
     decay: list[bool]
     scales: list[torch.Tensor | None] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    remainders: list[torch.Tensor | None] = field(default_factory=list)
 
     def subset(self, index: Sequence[int]) -> StepTensors:
         pick = lambda lst: [lst[i] for i in index] if lst else []
         return StepTensors(pick(self.params), pick(self.exp_avgs), pick(self.second_moments), pick(self.steps),
-                           pick(self.geometries), pick(self.decay), pick(self.scales), pick(self.seeds))
+                           pick(self.geometries), pick(self.decay), pick(self.scales), pick(self.seeds),
+                           pick(self.remainders))
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Handle:
     tensors: StepTensors
     tables: Any = None
     codec: mom.Codec | None = None
+    weights: str | None = None  # compact weights (kernels/weights.py): the route steps a widened copy
 
 
 _HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize")
@@ -111,20 +116,21 @@ _CODEC_ROUTES = ("reference", "foreach", "triton")
 
 def choose_route(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, geometry: Geometry, *,
                  momentum: str = "fp32", foreach: bool | None = None, fused: bool | None = None,
-                 capturable: bool = False) -> Route:
+                 capturable: bool = False, wide: bool = False) -> Route:
     """The implementation for one tensor and its codec (``foreach``/``fused``/``capturable`` as in
     ``torch.optim``; ``momentum``: the storage format of ``m``, see :mod:`blockopt.kernels.momentum`).
     Final: callers run what it returns.
 
     Under ``torch.compile`` CUDA tensors take ``foreach`` (Inductor generates its kernels; the Triton
     launches are not traced), which keeps step counters and ``lr`` as tensors, as capturable does;
-    per-element blocks on the CPU take the C++ kernel (a custom op), as torch's fused AdamW is not traced."""
-    name = _route_name(p, g, m, v, geometry, momentum, foreach, fused, capturable)
+    per-element blocks on the CPU take the C++ kernel (a custom op), as torch's fused AdamW is not traced.
+    ``wide``: the route steps fp32 copies of ``p`` and ``g`` (compact weights), whatever their dtype."""
+    name = _route_name(p, g, m, v, geometry, momentum, foreach, fused, capturable, wide)
     return Route(name, mom.codec_for(momentum) if name in _CODEC_ROUTES else None)
 
 
 def _route_name(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, geometry: Geometry,
-                momentum: str, foreach: bool | None, fused: bool | None, capturable: bool) -> str:
+                momentum: str, foreach: bool | None, fused: bool | None, capturable: bool, wide: bool = False) -> str:
     compiling = torch.compiler.is_compiling()
     if foreach is False:
         return "reference"
@@ -135,9 +141,9 @@ def _route_name(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
         # reference and foreach steps do (the fused kernels compute in fp32)
         return "foreach"
     if p.device.type == "cpu":
-        if g.dtype == torch.float32 and fused_cpu_supports(p, m, geometry):
+        if (wide or g.dtype == torch.float32) and fused_cpu_supports(p, m, geometry, wide=wide):
             # torch's fused AdamW keeps fp32 momentum only
-            if is_elementwise(geometry) and momentum == "fp32" and m.dtype == torch.float32 and not compiling:
+            if is_elementwise(geometry) and momentum == "fp32" and m.dtype == torch.float32 and not (compiling or wide):
                 return "adamw"
             if load_cpu_kernel() is not None:
                 return "fused_cpu"
@@ -173,6 +179,8 @@ def run(handle: Handle, grads: Sequence[torch.Tensor], *, lr: Any, beta1: float,
     """One step of ``handle``'s tensors with these gradients; returns the route that ran (``foreach``
     when the Triton route fell back)."""
     hyper = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay, "maximize": maximize}
+    if handle.weights is not None:
+        return _run_wide(handle, grads, hyper)
     t = handle.tensors
     route = handle.route
     if route == "fused_cpu":
@@ -205,6 +213,23 @@ def run(handle: Handle, grads: Sequence[torch.Tensor], *, lr: Any, beta1: float,
     return route
 
 
+def _run_wide(handle: Handle, grads: Sequence[torch.Tensor], hyper: dict[str, Any]) -> str:
+    """Compact weights: each tensor widened to fp32 (with its remainder), stepped by the route, and
+    stored back (:mod:`blockopt.kernels.weights`); one tensor at a time, so the fp32 copies are
+    one tensor's."""
+    t = handle.tensors
+    ran = handle.route
+    for i, (p, g) in enumerate(zip(t.params, grads, strict=True)):
+        rem = t.remainders[i] if t.remainders else None
+        one = t.subset([i])
+        one.params = [cw.widen(p, rem)]
+        inner = handle.tables if handle.route == "fused_cpu" and len(t.params) == 1 else None
+        h = Handle(handle.route, one, inner) if inner is not None else prepare(handle.route, one, handle.codec)
+        ran = run(h, [g if g.dtype == torch.float32 else g.float()], **hyper)
+        cw.narrow_(p, rem, one.params[0], t.seeds[i] if t.seeds else 0, int(one.steps[0].item()))
+    return ran
+
+
 @dataclass
 class PreparedStep:
     """Tensors split by :func:`choose_route`, each part's handle built: what :func:`adam_mini` does
@@ -216,19 +241,37 @@ class PreparedStep:
 
 def prepare_step(tensors: StepTensors, grads: Sequence[torch.Tensor], *, momentum: str | None = None,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
-                 route: str | None = None) -> PreparedStep:
+                 route: str | None = None, join: bool | None = None, weights: str | None = None) -> PreparedStep:
     """The routes of ``tensors`` (``route`` for all, or :func:`choose_route` per tensor) and their
-    handles. ``momentum``: the storage format of every ``exp_avg`` (``None``: read from its dtype)."""
+    handles. ``momentum``: the storage format of every ``exp_avg`` (``None``: read from its dtype).
+    ``join``: whether the tensors that :func:`choose_route` gives torch's fused AdamW (``adamw``) join
+    the C++ kernel's launch instead; ``None``: where another of ``tensors`` takes the kernel (an
+    optimizer decides per parameter group, so that a tensor stepped alone takes its group's route).
+    ``weights``: the compact weight format of ``tensors.params`` (:mod:`blockopt.kernels.weights`):
+    each tensor gets its own handle, stepped on an fp32 copy (the route chosen for fp32)."""
     if route is not None and route not in ROUTES:
         raise ValueError(f"Invalid route: {route!r}; allowed: {', '.join(ROUTES)}")
     formats = [momentum or mom.stored_format(m) for m in tensors.exp_avgs]
     if route is not None:
         routes = [Route(route, mom.codec_for(f) if route in _CODEC_ROUTES else None) for f in formats]
     else:
-        routes = [choose_route(p, g, m, v, geo, momentum=f, foreach=foreach, fused=fused, capturable=capturable)
+        routes = [choose_route(p, g, m, v, geo, momentum=f, foreach=foreach, fused=fused, capturable=capturable,
+                               wide=weights is not None)
                   for p, g, m, v, geo, f in zip(tensors.params, grads, tensors.exp_avgs, tensors.second_moments,
                                                 tensors.geometries, formats)]
+        if join is None:
+            join = any(r.name == "fused_cpu" for r in routes)
+        if join and any(r.name == "adamw" for r in routes) and load_cpu_kernel() is not None:
+            # one launch: the per-element tensors join the C++ kernel (AdamW within fp32 rounding; torch's
+            # fused AdamW, bit for bit, steps them where nothing else takes the kernel)
+            routes = [Route("fused_cpu") if r.name == "adamw" else r for r in routes]
     handles = []
+    if weights is not None:  # one handle per tensor: the fp32 copies exist one at a time
+        for i, r in enumerate(routes):
+            h = prepare(r.name, tensors.subset([i]), r.codec)
+            h.weights = weights
+            handles.append((h, [i]))
+        return PreparedStep(handles)
     for r in dict.fromkeys(routes):
         index = [i for i, x in enumerate(routes) if x == r]
         whole = len(index) == len(routes)

@@ -25,11 +25,12 @@ from ..kernels import momentum as mom
 from ..kernels.dispatch import Handle, PreparedStep, prepare_step, run_step
 from ..partition import PartitionPlan, PlanEntry
 from . import adam_mini_state
-from .adam_mini_layouts import check_dense, check_known, hyper, local_tensors, shard_tensors, zero_tensors
+from .adam_mini_layouts import check_dense, check_known, hyper, joins_kernel, local_tensors, shard_tensors, zero_tensors
 from .adam_mini_options import check_factored, check_factored_zero, check_options
 from .adam_mini_state import block_plan
 from .base import PlanOptimizer, params_and_plan, plan_options, soft_budget
 from .calibration import InRunCalibration
+from .compact import adopt_weights
 from .compiled import warn_if_not_compiled
 
 __all__ = ["AdamMini"]
@@ -116,6 +117,11 @@ class AdamMini(PlanOptimizer):
             :mod:`blockopt.optim.calibration`): ``calibrate_state="budget"``
             (default) stays within the state budget and measures on a sample;
             ``"adamw"`` holds AdamW's whole state during the window.
+        weights: ``None`` (default: the parameters as they are) or a compact
+            format, ``"bf16-sr"``, ``"bf16+int8"`` or ``"bf16+int16"`` (see
+            :mod:`blockopt.kernels.weights`): the module's parameters become bf16
+            and the step runs in fp32 on one tensor at a time, storing back with
+            stochastic rounding or a remainder (``weight_remainder`` in the state).
 
     State per parameter: ``step`` (0-dim float32), ``exp_avg`` (shape of the
     parameter) and ``block_exp_avg_sq`` (1-D, one value per block). The plan
@@ -157,7 +163,7 @@ class AdamMini(PlanOptimizer):
         capturable: bool = False, maximize: bool = False, state_dtype: torch.dtype | None = None,
         momentum_dtype: torch.dtype | str | None = None, calibrate: int | None = None,
         calibrate_points: int | None = None, snr_cutoff: float = 1.0, rules: str | None = None,
-        state_budget: float | str | None = "auto", calibrate_state: str = "budget",
+        state_budget: float | str | None = "auto", calibrate_state: str = "budget", weights: str | None = None,
     ) -> None:
         defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (list, tuple)) else betas, "eps": eps,
                     "weight_decay": weight_decay, "foreach": foreach, "fused": fused, "capturable": capturable,
@@ -196,6 +202,7 @@ class AdamMini(PlanOptimizer):
         #: parameter name -> the implementation that stepped it last (see blockopt.kernels.dispatch)
         self.routes: dict[str, str] = {}
         super().__init__(params, defaults)
+        self.weights = adopt_weights(self, model_or_params, weights)  # compact weights: bf16 (+ remainder)
 
     # --- construction and state ---------------------------------------------------------------
     def _register(self, group: dict[str, Any], names: list[str | None]) -> None:
@@ -375,8 +382,9 @@ class AdamMini(PlanOptimizer):
         if cached is not None and cached.key == key:
             return cached
         tensors, entries = local_tensors(self, group, with_grad)
-        step = prepare_step(tensors, self._local_grads(with_grad), momentum=self.momentum_format,
-                            foreach=group["foreach"], fused=group["fused"], capturable=group["capturable"])
+        step = prepare_step(tensors, self._local_grads(with_grad), momentum=self.momentum_format, weights=self.weights,
+                            join=joins_kernel(self, group), foreach=group["foreach"], fused=group["fused"],
+                            capturable=group["capturable"])
         names = [[entries[i].name for i in (range(len(entries)) if index is None else index)]
                  for _, index in step.handles]
         for (handle, _), ns in zip(step.handles, names):
@@ -395,21 +403,8 @@ class AdamMini(PlanOptimizer):
 
     # --- state dict ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """torch.optim's state dict; the plan travels with it.
-
-        Each parameter group carries ``"block_plan"``: one JSON string per
-        parameter (in the group's order), its plan entry. It lives in the
-        groups because ``torch.distributed.checkpoint``'s
-        ``get_optimizer_state_dict`` keeps only ``"state"`` and
-        ``"param_groups"``; strings keep it one opaque value per group in DCP
-        (a nested structure would be split into many checkpoint keys). A
-        top-level ``"plan"`` (name -> entry dict) is kept too, for readers.
-
-        For sharded (FSDP2) parameters, ``block_exp_avg_sq`` is the *full*
-        vector, assembled from all ranks (a collective: call it on every rank)
-        and identical everywhere, so a checkpoint written at one world size
-        loads at any other; ``exp_avg`` is a DTensor laid out like the parameter.
-        """
+        """torch.optim's state dict; the plan travels with it (see :func:`blockopt.optim.adam_mini_state.state_dict`:
+        ``"block_plan"`` per group, full second moments of FSDP2 parameters, gathered on every rank)."""
         return adam_mini_state.state_dict(self, super().state_dict())
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -430,7 +425,7 @@ class AdamMini(PlanOptimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "plan": self.plan, "state_dtype": self.state_dtype,
-                "momentum_format": self.momentum_format, "_calib": self._calib}
+                "momentum_format": self.momentum_format, "_calib": self._calib, "weights": self.weights}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -25,6 +25,7 @@ from ..distributed.step import ShardTensors
 from ..distributed.zero import FlatLayout, ZeroTensors, zero_state
 from ..kernels import momentum as mom
 from ..kernels.adam_mini_triton import triton_supports
+from ..kernels.blocks import is_elementwise
 from ..kernels.dispatch import StepTensors
 from ..partition import PlanEntry
 
@@ -62,7 +63,7 @@ def init_state(opt: AdamMini, p: torch.Tensor) -> dict[str, Any]:
     """``p``'s state, created on its first step: ``step``, ``exp_avg`` (in the momentum format; a
     DTensor laid out like ``p`` for DTensors), ``block_exp_avg_sq`` (a shard: the blocks it touches)."""
     state = opt.state[p]
-    if not state:
+    if "step" not in state:  # (compact weights put their remainder in at construction)
         dtype = state_dtype_for(opt, p)
         entry = opt.param_entries[p]
         step_device = p.device if opt.defaults.get("capturable") else "cpu"
@@ -106,12 +107,20 @@ def local_tensors(opt: AdamMini, group: Mapping[str, Any], with_grad: list[torch
                           [s["block_exp_avg_sq"] for s in states], [s["step"] for s in states],
                           [e.geometry for e in entries], [e.weight_decay for e in entries],
                           [local_tensor(s.get("exp_avg_scale")) for s in states],
-                          [mom.name_seed(e.name) for e in entries])
+                          [mom.name_seed(e.name) for e in entries], [s.get("weight_remainder") for s in states])
     if group["capturable"] and any(p.device.type != "cuda" or not triton_supports(p, m, geo)
                                    for p, m, geo in zip(tensors.params, tensors.exp_avgs, tensors.geometries)):
         raise RuntimeError("capturable=True supports contiguous CUDA parameters with row/head/tensor/element "
                            "blocks only (see the plan); use capturable=False")
     return tensors, entries
+
+
+def joins_kernel(opt: AdamMini, group: Mapping[str, Any]) -> bool:
+    """Whether ``group``'s per-element tensors join the C++ kernel's launch (see
+    :func:`~blockopt.kernels.dispatch.prepare_step`): where the group's plan has any other block, so
+    that ``opt.step()`` and ``step_in_backward`` (one tensor at a time) take the same route."""
+    entries = opt.param_entries
+    return any(not is_elementwise(entries[p].geometry) for p in group["params"] if p in entries)
 
 
 def shard_tensors(opt: AdamMini) -> list[ShardTensors]:

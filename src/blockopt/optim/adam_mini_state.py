@@ -247,7 +247,7 @@ def after_setstate(opt: AdamMini, has_plan: bool) -> None:
     """What :meth:`AdamMini.__setstate__ <blockopt.AdamMini.__setstate__>` adds to torch.optim's: after a
     copy or a pickle (``has_plan``), the parameter -> entry map and the shard infos are rebuilt, the
     ZeRO layout and the routes start empty; states pickled by older versions get today's defaults."""
-    for name, default in (("routes", {}), ("_zero", {}), ("_zero_group", None)):
+    for name, default in (("routes", {}), ("_zero", {}), ("_zero_group", None), ("weights", None)):
         if not hasattr(opt, name):  # a copy or a pickle: what is rebuilt, or starts empty
             setattr(opt, name, default)
     opt._prepared_cache = {}
