@@ -167,3 +167,14 @@ def test_missing_package_names_the_extra(monkeypatch):
     with pytest.raises(BenchInputError, match=r"pip install 'blockopt\[official\]'"):
         parse_optimizer("adam-mini-official")
     assert parse_optimizer("adam-mini-official", check_installed=False).spec.name == "adam-mini-official"
+
+
+def test_weights_option_makes_the_model_bf16_and_bad_values_name_the_choices():
+    model = small_model()
+    opt = make("adam-mini-default", model, weights="bf16+int8")
+    assert opt.weights == "bf16+int8" and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    one_step(model, opt)
+    assert all(opt.state[p]["weight_remainder"].dtype == torch.int8 for p in model.parameters())
+    with pytest.raises(BenchInputError, match=r"adam-mini-default:weights='bf16'; expected one of fp32, bf16-sr, "
+                                              r"bf16\+int8, bf16\+int16"):
+        parse_optimizer("adam-mini-default:weights=bf16")

@@ -222,3 +222,16 @@ def test_an_unknown_format_is_refused_and_nothing_changes():
                                          r"'bf16\+int16'"):
         blockopt.AdamMini(model, weights="bf16")
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_print_plan_counts_the_bytes_of_compact_weights_and_momentum(tmp_path):
+    model = _model("llama-tiny")
+    opt = blockopt.AdamMini(model, weights="bf16-sr", momentum_dtype="int8")
+    text = str(opt.plan)
+    state = opt.plan.state_bytes(momentum_dtype="int8")
+    n = opt.plan.num_params
+    assert f"weights bf16-sr (2 B) + state: {2 + state / n:.2f} bytes per parameter" in text
+    assert "int8 momentum: state" in text
+    assert "bytes per parameter" not in str(blockopt.AdamMini(_model("llama-tiny")).plan)
+    opt.plan.save(tmp_path / "plan.json")  # the options travel with a saved plan
+    assert blockopt.PartitionPlan.load(tmp_path / "plan.json").options["weights"] == "bf16-sr"

@@ -55,6 +55,7 @@ class Hyper:
     state_budget: float = 0.0  # adam-mini: AdamMini(state_budget=...); 0 means none (adam-mini-default: 0.55)
     calibrate_state: str = "budget"  # adam-mini-snr: the window inside the state budget, or AdamW's state
     step_in_backward: bool = False  # adam-mini(-default): blockopt.step_in_backward (clip by the previous norm)
+    weights: str = "fp32"  # adam-mini(-default): AdamMini(weights=...), compact bf16 weights (fp32: as they are)
     run_steps: int = 0  # the run's length, set by the runner (not an option)
 
     def calibrate_steps(self) -> int:
@@ -173,7 +174,7 @@ def _adam_mini(model, lr, hp, plan, info):
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
                     value_single_block=hp.value_single_block, plan=plan,
                     momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype, rules=hp.rules,
-                    state_budget=hp.state_budget or None)
+                    state_budget=hp.state_budget or None, weights=_weights(hp))
 
 
 def _adam_mini_default(model, lr, hp, plan, info):
@@ -183,7 +184,12 @@ def _adam_mini_default(model, lr, hp, plan, info):
     # given); adam-mini-default:rules=blocks is the same without factoring
     return AdamMini(model, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
                     momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype,
-                    state_budget=hp.state_budget or "auto", rules=None if hp.rules == "official" else hp.rules)
+                    state_budget=hp.state_budget or "auto", rules=None if hp.rules == "official" else hp.rules,
+                    weights=_weights(hp))
+
+
+def _weights(hp: Hyper) -> str | None:
+    return None if hp.weights == "fp32" else hp.weights
 
 
 def _calibrate_kw(hp: Hyper) -> dict[str, Any]:
@@ -308,12 +314,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
                       "blockopt.AdamMini(rules='official'): the official release's blocks (momentum_dtype=bf16|int8 "
                       "stores m compactly; rules=builtin, state_budget=0.55 change the plan)",
                       options=_ADAM_OPTS + ("value_single_block", "momentum_dtype", "rules", "state_budget",
-                                            "step_in_backward")),
+                                            "step_in_backward", "weights")),
         OptimizerSpec("adam-mini-default", "Adam-mini (default)", _adam_mini_default, 3e-3,
                       "blockopt.AdamMini(model), the default: the built-in SNR table with every matrix's v factored "
                       "(one value per row and per column), per-element v for the least constant tensors while "
                       "the state stays at or under 0.55x AdamW's (rules=blocks: blocks only)",
-                      options=_ADAM_OPTS + ("momentum_dtype", "state_budget", "rules", "step_in_backward")),
+                      options=_ADAM_OPTS + ("momentum_dtype", "state_budget", "rules", "step_in_backward",
+                                            "weights")),
         OptimizerSpec("adamw+blr", "AdamW+BLR", _adamw_blr, 1e-3,
                       "torch.optim.AdamW with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)"),
@@ -370,6 +377,7 @@ def available() -> str:
 
 
 _MOMENTUM = ("fp32", "bf16", "int8")
+_WEIGHTS = ("fp32", "bf16-sr", "bf16+int8", "bf16+int16")
 _BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -393,6 +401,11 @@ def parse_optimizer(text: str, *, check_installed: bool = True) -> OptimizerChoi
                 raise BenchInputError(f"--optimizers: {spec.name}:{key}={value!r}; expected one of "
                                       f"{', '.join(_MOMENTUM)}")
             options[key] = value.lower()
+        elif key == "weights":
+            if value not in _WEIGHTS:
+                raise BenchInputError(f"--optimizers: {spec.name}:weights={value!r}; expected one of "
+                                      f"{', '.join(_WEIGHTS)} (fp32: the model's weights as they are)")
+            options[key] = value
         elif key == "calibrate_state":
             if value not in ("budget", "adamw"):
                 raise BenchInputError(f"--optimizers: {spec.name}:calibrate_state={value!r}; expected budget (the "

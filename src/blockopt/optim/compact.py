@@ -13,6 +13,7 @@ widened to fp32, stepped by its usual route, and stored back.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,7 @@ def adopt_weights(opt: AdamMini, model_or_params: Any, fmt: str | None) -> str |
     Parameters passed as tensors must already be bf16 (the optimizer does not change the dtype of
     tensors it was not given the module of); their remainder starts at zero."""
     if fmt is None:
+        _annotate(opt, None)
         return None
     cw.check_format(fmt)
     module = model_or_params if isinstance(model_or_params, nn.Module) else None
@@ -67,4 +69,13 @@ def adopt_weights(opt: AdamMini, model_or_params: Any, fmt: str | None) -> str |
             for key, b in sub._buffers.items():
                 if b is not None and b.dtype == torch.float32:
                     sub._buffers[key] = b.to(torch.bfloat16)
+    _annotate(opt, fmt)
     return fmt
+
+
+def _annotate(opt: AdamMini, fmt: str | None) -> None:
+    """The storage formats in the plan's options, so that ``print(opt.plan)`` counts their bytes (not
+    while an in-run calibration owns the plan)."""
+    extra = {k: v for k, v in (("weights", fmt), ("momentum", opt.momentum_format)) if v not in (None, "fp32")}
+    if extra and opt.calibration is None:
+        opt.plan = replace(opt.plan, options={**opt.plan.options, **extra})

@@ -359,6 +359,7 @@ class PartitionPlan(Mapping[str, PlanEntry]):
             f"fp32 state: {_fmt_bytes(ours)} vs AdamW {_fmt_bytes(adamw)} "
             f"({ours / adamw if adamw else 0:.3f}x)"
         )
+        out += self._storage_lines()
         budget = self.options.get("state_budget")
         if budget is not None:
             bought = [e for e in self.trained if e.rule.startswith("state budget")]
@@ -370,6 +371,26 @@ class PartitionPlan(Mapping[str, PlanEntry]):
         for w in self.warnings:
             out.append(f"warning: {w}")
         return "\n".join(out)
+
+    def _storage_lines(self) -> list[str]:
+        """With compact momentum or weights (``options["momentum"]``, ``options["weights"]``, set by
+        :class:`~blockopt.AdamMini`): the stored state and the bytes per parameter of weights + state."""
+        from ..kernels.weights import weight_bytes
+
+        momentum, weights = self.options.get("momentum"), self.options.get("weights")
+        if momentum is None and weights is None:
+            return []
+        n = self.num_params
+        state = self.state_bytes(momentum_dtype=momentum)
+        w = weight_bytes(weights)
+        out = []
+        if momentum is not None:
+            out.append(f"{momentum} momentum: state {_fmt_bytes(state)} ({state / self.adamw_state_bytes():.3f}x "
+                       "of AdamW's)")
+        where = f"weights {weights} ({w} B)" if weights else "fp32 weights (4 B)"
+        out.append(f"{where} + state: {w + state / n:.2f} bytes per parameter (AdamW fp32: 12; gradients not "
+                   "counted)" if n else f"{where}")
+        return out
 
     def __str__(self) -> str:
         return self.table()
