@@ -34,7 +34,7 @@ __version__ = "0.2.0.dev0"
 
 # Subpackages reachable as attributes (``blockopt.integrations.deepspeed.attach``) without importing
 # them, or their optional dependencies, at ``import blockopt`` time: each is imported on first use.
-_LAZY_SUBMODULES = frozenset({"bench", "cli", "distributed", "hessian", "integrations", "kernels", "optim",
+_LAZY_SUBMODULES = frozenset({"bench", "cli", "distributed", "hessian", "integrations", "kernels", "memory", "optim",
                               "partition", "utils"})
 
 

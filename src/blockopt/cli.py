@@ -1,6 +1,7 @@
-"""The ``blockopt`` command: ``blockopt bench`` (compare optimizers) and ``blockopt plan``.
+"""The ``blockopt`` command: ``blockopt bench`` (compare optimizers), ``blockopt plan``, ``blockopt calibrate``,
+``blockopt hessian`` and ``blockopt memory`` (what one training step needs, per optimizer setup).
 
-Exit status: 0 done; 1 some runs failed (the others' results are written);
+Exit status: 0 done; 1 some runs (or memory setups) failed (the others' results are written);
 2 bad input (one line on stderr, nothing written); 130 interrupted (resume
 with ``--resume``).
 """
@@ -198,18 +199,74 @@ def _calibrate_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
+MEMORY_EPILOG = """\
+setups (--setups, comma separated):
+  adamw                 torch.optim.AdamW(fused=True), fp32 weights
+  adamw-autocast        the same, forward and loss under torch.autocast(bfloat16)
+  adamw8bit-bnb         bitsandbytes.optim.AdamW8bit (pip install bitsandbytes)
+  adamw8bit-torchao     torchao.optim.AdamW8bit (pip install torchao)
+  adam-mini-official    the official adam_mini.Adam_mini [needs blockopt[official]]
+  adam-mini             blockopt.AdamMini(model), with options after colons:
+                          momentum=fp32|bf16|int8    the first moment's storage (momentum_dtype)
+                          weights=fp32|bf16-sr|bf16+int8|bf16+int16
+                                                     bf16 weights kept by the optimizer (+ remainder bits)
+                          step_in_backward=true      blockopt.step_in_backward: each gradient freed in backward
+  lean                  adam-mini:momentum=int8:weights=bf16-sr:step_in_backward=true
+
+models (--model): {models}
+  or a transformers config.json, a folder holding one, or inline JSON (built, never downloaded)
+
+what is measured:
+  Each setup runs in its own process: it builds the model (seed 0) and runs --steps training steps on
+  random tokens. On CPU every live tensor storage is counted as ops make and free it; at the worst
+  point (the largest total) the bytes are split into weights, grads, optimizer state, activations
+  (tensors saved for backward) and other. bytes/param = (weights + grads + state) / parameters.
+  peak RSS = the process's peak resident memory above its idle level after the imports. On CUDA the
+  peak is torch.cuda.max_memory_allocated() and the split is a best effort.
+
+examples:
+  blockopt memory --model llama-300m --setups adamw,adam-mini,lean
+  blockopt memory --model llama-micro --setups adamw,adam-mini:step_in_backward=true --json
+"""
+
+
+def _memory_parser(sub: Any) -> argparse.ArgumentParser:
+    from .models import MODEL_PRESETS
+
+    p = sub.add_parser(
+        "memory",
+        help="measure the memory one training step needs, per optimizer setup",
+        description="Run a few training steps of a model with several optimizer setups, each in its own process, "
+                    "and report the live tensor bytes at the worst point of the step (weights, grads, optimizer "
+                    "state, activations, other), bytes per parameter and the peak RSS.",
+        epilog=MEMORY_EPILOG.format(models=", ".join(MODEL_PRESETS)),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="llama-300m", metavar="NAME_OR_PATH",
+                   help="a built-in model or a transformers config (default llama-300m)")
+    p.add_argument("--setups", default="adamw,adam-mini,lean", metavar="LIST",
+                   help="comma separated (default adamw,adam-mini,lean)")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences per step (default 1)")
+    p.add_argument("--seq", type=int, default=64, metavar="T", help="tokens per sequence (default 64)")
+    p.add_argument("--steps", type=int, default=3, help="training steps per setup (default 3)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--json", action="store_true", help="one JSON record per setup per line on stdout")
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(prog="blockopt", description="Adam-mini and block-wise optimizers for PyTorch.")
     parser.add_argument("--version", action="version", version=f"blockopt {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,plan,calibrate,hessian}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{bench,plan,calibrate,hessian,memory}", parser_class=_Parser)
     _bench_parser(sub)
     _plan_parser(sub)
     _calibrate_parser(sub)
     from .hessian.cli import add_parser as _hessian_parser
 
     _hessian_parser(sub)
+    _memory_parser(sub)
     return parser
 
 
@@ -526,6 +583,38 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- memory -------------------------------------------------------------------------------------
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from .memory import check_inputs, describe_model, measure
+    from .memory.report import table
+    from .utils import fmt_bytes
+
+    kw = {"batch": args.batch, "seq": args.seq, "steps": args.steps, "device": args.device}
+    setups, _ = check_inputs(args.model, args.setups, **kw)  # BenchInputError before anything runs
+    info = describe_model(args.model)
+    head = f"{args.model}: {info['params']:,} parameters"
+    if info["adamw_state_bytes"] is not None:
+        head += (f"; planned optimizer state: AdamW {fmt_bytes(info['adamw_state_bytes'])}, AdamMini "
+                 f"{fmt_bytes(info['adam_mini_state_bytes'])} (int8 momentum "
+                 f"{fmt_bytes(info['adam_mini_int8_state_bytes'])})")
+    print(head, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    def on_record(rec: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        else:
+            print(f"  {rec['setup']}: {'error' if rec.get('error') else 'measured'}", file=sys.stderr, flush=True)
+
+    records = measure(args.model, [s.text for s in setups], on_record=on_record, **kw)
+    if not args.json:
+        header, rows, notes = table(records)
+        _print_table(header, rows, f"{args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, "
+                                   f"{args.device}: live tensors at the worst point of the step")
+        for note in notes:
+            print(f"error  {note}")
+    return EXIT_FAILED_RUNS if any(r.get("error") for r in records) else EXIT_OK
+
+
 # --- entry point --------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``blockopt`` command; returns the exit status."""
@@ -534,7 +623,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except _UsageError as e:
-        prog = "blockopt" + (f" {argv[0]}" if argv and argv[0] in ("bench", "plan", "calibrate", "hessian") else "")
+        prog = "blockopt" + (f" {argv[0]}" if argv and argv[0] in ("bench", "plan", "calibrate", "hessian", "memory")
+                                else "")
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as e:  # --help, --version
@@ -555,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_bench(args, argv)
         if args.command == "calibrate":
             return _cmd_calibrate(args)
+        if args.command == "memory":
+            return _cmd_memory(args)
         return _cmd_plan(args)
     except BenchInputError as e:
         msg = " ".join(str(e).split())  # one line

@@ -207,6 +207,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
                             max_seq_len=256, tie_embeddings=False),
     "gpt2-160m": ModelConfig("gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
                              max_seq_len=1024, tie_embeddings=False),
+    # `blockopt memory`'s default: a ~300M Llama (299M parameters, tied embeddings, GQA 16/4)
+    "llama-300m": ModelConfig("llama", vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=4,
+                              max_seq_len=512),
     # the GPU point of the speed work: a 1.1B Llama (TinyLlama's shape: GQA 32/4, SwiGLU 5632)
     "llama-1b": ModelConfig("llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                             d_ff=5632, max_seq_len=2048, tie_embeddings=False),
