@@ -235,3 +235,53 @@ def test_print_plan_counts_the_bytes_of_compact_weights_and_momentum(tmp_path):
     assert "bytes per parameter" not in str(blockopt.AdamMini(_model("llama-tiny")).plan)
     opt.plan.save(tmp_path / "plan.json")  # the options travel with a saved plan
     assert blockopt.PartitionPlan.load(tmp_path / "plan.json").options["weights"] == "bf16-sr"
+
+
+@pytest.mark.parametrize("kind", ["element", "row"])
+def test_large_tensors_are_widened_in_runs_of_rows_with_the_same_result(monkeypatch, kind):
+    """A tensor whose blocks lie within rows is stepped in runs of rows (small fp32 copies); the
+    result equals the whole tensor's, bit for bit (fp32 momentum), and the step counter moves once."""
+    from blockopt.kernels import dispatch
+
+    model = _model()
+    whole_model = copy.deepcopy(model)
+    kw = {**KW, "weights": "bf16+int16", "overrides": {r"embed\.weight": kind}}
+    opt, whole = blockopt.AdamMini(model, **kw), blockopt.AdamMini(whole_model, **kw)
+    emb = model.embed.weight
+    assert dispatch._row_runs(emb, opt.param_entries[emb].geometry) is None  # 16,384 elements: one run
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        grads = _bf16_grads(model, gen)
+        _feed(model, grads)
+        _feed(whole_model, grads)
+        with monkeypatch.context() as mp:
+            mp.setattr(dispatch, "WIDE_CHUNK", 1024)  # 16 rows of 64
+            assert len(dispatch._row_runs(emb, opt.param_entries[emb].geometry)) == 16
+            opt.step()
+        whole.step()
+    for (name, p), q in zip(model.named_parameters(), whole_model.parameters()):
+        assert torch.equal(_wide(opt, p), _wide(whole, q)), name
+        assert torch.equal(opt.state[p]["exp_avg"], whole.state[q]["exp_avg"]), name
+        assert opt.state[p]["step"].item() == 3, name
+
+
+def test_int8_momentum_of_a_large_per_element_tensor_runs_in_runs_of_rows(monkeypatch):
+    from blockopt.kernels import dispatch
+
+    model = _model()
+    ref = copy.deepcopy(model)
+    opt = blockopt.AdamMini(model, **KW, weights="bf16+int16", momentum_dtype="int8",
+                            overrides={r"embed\.weight": "element"})
+    ref_opt = blockopt.AdamMini(ref, **KW, momentum_dtype="int8", overrides={r"embed\.weight": "element"})
+    monkeypatch.setattr(dispatch, "WIDE_CHUNK", 1024)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        grads = _bf16_grads(model, gen)
+        _feed(model, grads)
+        _feed(ref, grads)
+        opt.step()
+        ref_opt.step()
+    a, b = _wide(opt, model.embed.weight), ref.embed.weight.detach()
+    assert opt.state[model.embed.weight]["exp_avg"].dtype == torch.int8
+    # other random bits for the momentum's rounding (per run of rows), the same update within its noise
+    assert (a - b).abs().max().item() <= 0.1 * (b - _model().embed.weight).abs().max().item()

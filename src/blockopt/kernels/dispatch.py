@@ -213,21 +213,61 @@ def run(handle: Handle, grads: Sequence[torch.Tensor], *, lr: Any, beta1: float,
     return route
 
 
+#: compact weights: the largest run of rows widened at once (elements), where the blocks allow
+WIDE_CHUNK = 1 << 22
+
+
 def _run_wide(handle: Handle, grads: Sequence[torch.Tensor], hyper: dict[str, Any]) -> str:
     """Compact weights: each tensor widened to fp32 (with its remainder), stepped by the route, and
-    stored back (:mod:`blockopt.kernels.weights`); one tensor at a time, so the fp32 copies are
-    one tensor's."""
+    stored back (:mod:`blockopt.kernels.weights`); one tensor at a time, and a large tensor whose
+    blocks are runs within its rows (per-element, per-row) in runs of rows of at most
+    :data:`WIDE_CHUNK` elements, so the fp32 copies (weights, gradient, decoded momentum) stay small."""
     t = handle.tensors
     ran = handle.route
     for i, (p, g) in enumerate(zip(t.params, grads, strict=True)):
         rem = t.remainders[i] if t.remainders else None
-        one = t.subset([i])
-        one.params = [cw.widen(p, rem)]
-        inner = handle.tables if handle.route == "fused_cpu" and len(t.params) == 1 else None
-        h = Handle(handle.route, one, inner) if inner is not None else prepare(handle.route, one, handle.codec)
-        ran = run(h, [g if g.dtype == torch.float32 else g.float()], **hyper)
-        cw.narrow_(p, rem, one.params[0], t.seeds[i] if t.seeds else 0, int(one.steps[0].item()))
+        seed = t.seeds[i] if t.seeds else 0
+        runs = _row_runs(p, t.geometries[i])
+        if runs is None:
+            one = t.subset([i])
+            one.params = [cw.widen(p, rem)]
+            inner = handle.tables if handle.route == "fused_cpu" and len(t.params) == 1 else None
+            h = Handle(handle.route, one, inner) if inner is not None else prepare(handle.route, one, handle.codec)
+            ran = run(h, [g if g.dtype == torch.float32 else g.float()], **hyper)
+            cw.narrow_(p, rem, one.params[0], seed, int(one.steps[0].item()))
+            continue
+        step = t.steps[i]
+        for r0, r1, v0, v1, geo in runs:  # each run steps a copy of the counter; the tensor's counter moves once
+            rows = slice(r0, r1)
+            scale = t.scales[i][rows] if t.scales and t.scales[i] is not None else None
+            part = StepTensors([cw.widen(p[rows], None if rem is None else rem[rows])], [t.exp_avgs[i][rows]],
+                               [t.second_moments[i][v0:v1]], [step.clone()], [geo], [t.decay[i]], [scale],
+                               [(seed + r0 * 0x9E3779B9) & 0xFFFFFFFF])
+            gr = g[rows]
+            ran = run(prepare(handle.route, part, handle.codec), [gr if gr.dtype == torch.float32 else gr.float()],
+                      **hyper)
+            cw.narrow_(p[rows], None if rem is None else rem[rows], part.params[0], seed, int(part.steps[0].item()),
+                       offset=r0 * (p.numel() // p.shape[0]))
+        step.copy_(part.steps[0])
     return ran
+
+
+def _row_runs(p: torch.Tensor, geometry: Geometry) -> list[tuple[int, int, int, int, Geometry]] | None:
+    """Runs of whole rows of at most :data:`WIDE_CHUNK` elements, for a large tensor whose blocks lie
+    within runs of rows (consecutive elements within a row, or whole rows): ``(first row, end row,
+    first v, end v, the run's geometry)``; ``None``: the whole tensor at once."""
+    if p.dim() < 2 or p.numel() <= WIDE_CHUNK or geometry.axis not in (-1, 0) or len(geometry.segments) != 1:
+        return None
+    rows, cols, unit = p.shape[0], p.numel() // p.shape[0], geometry.segments[0][1]
+    if geometry.axis == -1:  # blocks of `unit` consecutive elements
+        if cols % unit:
+            return None
+        n = max(1, WIDE_CHUNK // cols)
+        return [(r, min(r + n, rows), r * cols // unit, min(r + n, rows) * cols // unit,
+                 Geometry(-1, (((min(r + n, rows) - r) * cols, unit),))) for r in range(0, rows, n)]
+    n = max(unit, WIDE_CHUNK // cols // unit * unit)  # blocks of `unit` whole rows
+    return [(r, min(r + n, rows), r // unit, min(r + n, rows) // unit, Geometry(0, ((min(r + n, rows) - r, unit),)))
+            for r in range(0, rows, n)]
 
 
 @dataclass
