@@ -284,6 +284,10 @@ def test_step_in_backward_runs_as_an_option_with_its_own_row(tmp_path, corpus, c
     plain, inb = by["adam-mini-default"], by["adam-mini-default:step_in_backward=true"]
     assert inb["status"] == "ok" and math.isfinite(inb["final_val_loss"])
     assert inb["peak_state_bytes"] == plain["peak_state_bytes"]
+    report = (out / "report.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| Adam-mini")}
+    assert "| in backward |" in rows["Adam-mini (default) (step_in_backward=true)"]  # its time is in fwd+bwd
+    assert "in backward" not in rows["Adam-mini (default)"]
     rc, _, err = cli(tiny_args(corpus, cache_dir, tmp_path / "o2", "--optimizers",
                                "adam-mini-default:step_in_backward=maybe"))
     assert rc == 2 and "step_in_backward='maybe'; expected true or false" in err
