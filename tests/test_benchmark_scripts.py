@@ -26,3 +26,23 @@ def test_default_quality_table_reads_the_kept_summaries():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| AdamW | 0.003 | 1.7526 / 1.7287 / 1.7535 | 1.7449 |" in out.stdout  # the kept llama-tiny runs
     assert "0.549x" in out.stdout
+
+
+def test_factored_micro_runs_in_a_tiny_mode():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "factored_micro.py"), "64", "96", "--matrices",
+                          "2", "--rounds", "2", "--kinds", "row,factored"], capture_output=True, text=True,
+                         timeout=300, check=False, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "factored " in out.stdout and "(1.00x)" in out.stdout and "UserWarning" not in out.stderr
+
+
+def test_memory_table_formats_records(tmp_path):
+    rec = ('{"setup": "adamw", "bytes_per_param": 16.0, "weights": 4194304, "grads": 4194304, "state": 8388608, '
+           '"activations": 0, "other": 0, "peak_rss": 20971520, "params": 1048576, "device": "cpu"}\n'
+           '{"setup": "x", "error": "x failed on cpu: boom", "bytes_per_param": null, "peak_rss": null}\n')
+    (tmp_path / "m.json").write_text(rec)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "memory_table.py"), str(tmp_path / "m.json")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| adamw | 4 MiB | 4 MiB | 8 MiB | 16.00 | 20 MiB | 1.00x |" in out.stdout
+    assert "| x | not run: x failed on cpu: boom |" in out.stdout
