@@ -124,7 +124,8 @@ def test_cli_json_prints_one_record_per_setup_with_every_key(capsys, monkeypatch
     assert "error" not in ok and ok["weights"] == 4 * ok["params"]  # measured in a process of its own
     assert ok["bytes_per_param"] == pytest.approx(16, rel=0.05)
     assert all(isinstance(ok[k], int) for k in ("weights", "grads", "state", "activations", "other", "peak_rss"))
-    assert ok["peak_rss"] > 4 * ok["weights"]  # the process's peak above its idle RSS: at least its tensors
+    assert ok["peak_rss"] > 4 * ok["weights"]  # the steps' peak above the idle RSS: at least its tensors
+    assert isinstance(ok["peak_rss_build"], int) and ok["peak_rss_build"] >= ok["weights"]  # the build's own
     assert "torchao" in missing["error"] and "pip install" in missing["error"]
     assert all(missing[k] is None for k in ("weights", "grads", "state", "bytes_per_param", "peak_rss"))
     assert "llama-micro: 164,288 parameters" in err

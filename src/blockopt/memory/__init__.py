@@ -5,7 +5,8 @@ its peak RSS is its own: the process builds the model (seed 0), runs a few real 
 random tokens and reports, at the worst point of the step (the largest sum of live tensor bytes),
 how those bytes split into ``weights``, ``grads``, optimizer ``state``, ``activations`` (tensors saved
 for backward) and ``other``, with ``bytes_per_param`` = (weights + grads + state) / parameters, and
-``peak_rss``, the process's peak resident memory above its idle level after the imports. How the
+``peak_rss``, the process's peak resident memory during the steps above its idle level after the
+imports (``peak_rss_build``: the same while the model and optimizer were built). How the
 live bytes are counted: :mod:`blockopt.memory.tracker`.
 
 Example (a tiny model, one step; each setup takes a few seconds, most of it the child's imports)::
@@ -38,7 +39,7 @@ __all__ = ["RECORD_KEYS", "check_inputs", "describe_model", "measure", "parse_se
 
 #: the keys of every record (``error`` too, when the setup could not run)
 RECORD_KEYS = ("setup", "bytes_per_param", "weights", "grads", "state", "activations", "other", "peak_rss",
-               "params", "device", "at")
+               "peak_rss_build", "params", "device", "at")
 
 
 def _check(batch: int, seq: int, steps: int, device: str, src: ModelSource) -> None:

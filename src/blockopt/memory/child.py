@@ -30,7 +30,7 @@ RECORD_PREFIX = "blockopt-memory-record "
 def blank_record(setup: str, *, params: int | None, device: str, error: str | None = None) -> dict[str, Any]:
     """A record with null figures (and ``error`` when given)."""
     rec: dict[str, Any] = {"setup": setup, "bytes_per_param": None, **dict.fromkeys(CATEGORIES),
-                           "peak_rss": None, "params": params, "device": device, "at": None}
+                           "peak_rss": None, "peak_rss_build": None, "params": params, "device": device, "at": None}
     if error is not None:
         rec["error"] = error
     return rec
@@ -49,9 +49,28 @@ def current_rss() -> int | None:
 
 
 def peak_rss() -> int:
-    """The largest resident set of this process so far, in bytes (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """The largest resident set of this process since the start or the last :func:`reset_peak_rss`, in
+    bytes (``VmHWM`` in ``/proc/self/status``; else ``ru_maxrss``, KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark again from the current resident set (Linux: ``5`` to
+    ``/proc/self/clear_refs``); ``False`` where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _prepare(setup: Setup, src: ModelSource, device: str) -> None:
@@ -172,6 +191,9 @@ def run_setup(setup: Setup, src: ModelSource, *, batch: int, seq: int, steps: in
         n = sum(p.numel() for p in model.parameters())
         opt, _handle = build_optimizer(setup, model, src)
         tokens = _tokens(src, batch, seq, steps, device)
+        # the peak RSS of the steps: the building's (an fp32 model before compact weights) is its own figure
+        built = peak_rss() - idle_rss if idle_rss is not None else None
+        windowed = idle_rss is not None and reset_peak_rss()
         run = _run_cuda if device.startswith("cuda") else _run_cpu
         b = run(setup, src, model, opt, tokens)
     except SetupUnavailable as e:
@@ -185,6 +207,7 @@ def run_setup(setup: Setup, src: ModelSource, *, batch: int, seq: int, steps: in
     rec["at"] = b.at
     if idle_rss is not None:
         rec["peak_rss"] = max(peak_rss() - idle_rss, 0)
+        rec["peak_rss_build"] = max(built, 0) if windowed else None
     return rec
 
 
