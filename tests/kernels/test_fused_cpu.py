@@ -79,7 +79,9 @@ def test_supports_only_what_it_handles():
     assert fused_cpu_supports(p, p, blockopt.Geometry(-1, ((24, 24),)))  # whole tensor
     assert fused_cpu_supports(p, p, blockopt.Geometry(1, ((6, 1),)))  # columns of a [in, out] weight
     assert fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(1, ((6, 1),)))  # int8 codes along rows
-    assert not fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(-1, ((24, 1),)))  # ... not elements
+    assert fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(-1, ((24, 1),)))  # ... and elements
+    assert not fused_cpu_supports(p, p.to(torch.int8), blockopt.Geometry(-1, ((12, 2), (12, 1))))  # not pairs
+    assert not fused_cpu_supports(p[0], p[0].to(torch.int8), blockopt.Geometry(-1, ((6, 1),)))  # rows of 2-D+
     assert not fused_cpu_supports(p.t(), p.t(), blockopt.Geometry(0, ((6, 1),)))  # non-contiguous
     assert not fused_cpu_supports(p.bfloat16(), p, rows)
     assert not fused_cpu_supports(p.double(), p.double(), rows)
@@ -223,6 +225,32 @@ def test_fused_column_blocks_of_hf_gpt2_conv1d_equal_reference(momentum_dtype):
         elif momentum_dtype == "int8":
             same = (fast.state[p]["exp_avg"] == slow.state[q]["exp_avg"]).float().mean().item()
             assert same >= 0.999, name
+
+
+@needs_compiler
+def test_int8_momentum_of_per_element_blocks_is_stepped_by_the_kernel_in_whole_rows(monkeypatch):
+    """The default plan gives some matrices per-element second moments (the budget); with int8 momentum
+    the kernel steps them row by row (chunks of whole rows, here forced small) and equals the reference
+    loop around the int8 codec."""
+    from blockopt.kernels import adam_mini_cpu
+
+    monkeypatch.setattr(adam_mini_cpu, "CHUNK_ELEMENTS", 300)  # rows of 32: chunks of 9 rows
+    adam_mini_cpu._chunks_of.cache_clear()
+    adam_mini_cpu._table.cache_clear()
+    model = build_model("llama-tiny", vocab_size=40, n_layers=1, d_model=32)
+    ref = copy.deepcopy(model)
+    kw = {"lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1, "momentum_dtype": "int8",
+          "overrides": {r"embed\.weight|.*mlp.*": "element"}}
+    fast, slow = blockopt.AdamMini(model, **kw), blockopt.AdamMini(ref, foreach=False, **kw)
+    _random_steps([(model, fast), (ref, slow)], 12)
+    adam_mini_cpu._chunks_of.cache_clear()
+    adam_mini_cpu._table.cache_clear()
+    assert fast.routes["embed.weight"] == "fused_cpu" and slow.routes["embed.weight"] == "reference"
+    assert fast.state[model.embed.weight]["exp_avg"].dtype == torch.int8
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert max_rel_diff(p, q) <= 1e-4, name
+        same = (fast.state[p]["exp_avg"] == slow.state[q]["exp_avg"]).float().mean().item()
+        assert same >= 0.999, name
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_with_a_warning_and_a_fresh_one_is_kept(tmp_path):

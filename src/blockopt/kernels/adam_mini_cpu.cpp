@@ -241,6 +241,29 @@ inline void blockwise_int8(float* __restrict p, const float* __restrict g, const
   }
 }
 
+// int8 momentum, one second moment per element; the item is whole rows (`first`: its first element in
+// the tensor, a multiple of the row length). Each row's v is updated first, then int8_row steps the row
+// with each element's step size.
+inline void elementwise_int8(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
+                             int64_t n, const Scalars& s, const Hyper& h, int64_t first) {
+  int8_t* codes = (int8_t*)mo.data;
+  std::vector<float> steps(mo.row);
+  float* __restrict st = steps.data();
+  for (int64_t r0 = 0; r0 < n; r0 += mo.row) {
+    const float* __restrict gr = g + r0;
+    float* __restrict vr = v + r0;
+#pragma omp simd
+    for (int64_t c = 0; c < mo.row; ++c) {
+      const float vv = h.b2 * vr[c] + h.omb2 * (gr[c] * gr[c]);
+      vr[c] = vv;
+      st[c] = s.step_size / (std::sqrt(vv) / s.bc2_sqrt + h.eps);
+    }
+    const int64_t a = first + r0;
+    int8_row<true>(p + r0, gr, codes + a, mo.scale + (a / mo.row) * mo.groups, mo.row, mo.groups, a, 0.0f, st, h,
+                   s.decay, mo.seed);
+  }
+}
+
 // Column blocks (layers stored [in, out], e.g. Hugging Face Conv1D): block colblock[c] holds column c
 // of every row. One pass sums g*g per column, a second updates m and p with each column's step.
 template <int Kind>  // momentum kind: 0 fp32, 1 bf16, 2 int8
@@ -521,8 +544,9 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
                   "adam_mini_step: column blocks need a 2-D (or stacked 3-D) parameter and a column map");
     } else if (kp[x.param] == 2) {
       const int64_t row = params[x.param].numel() / params[x.param].size(0);
-      TORCH_CHECK(x.block_size % row == 0 && x.offset % row == 0,
-                  "adam_mini_step: int8 momentum needs blocks of whole rows (parameter ", x.param, ")");
+      TORCH_CHECK((x.block_size % row == 0 || (x.block_size == 1 && x.blocks % row == 0)) && x.offset % row == 0,
+                  "adam_mini_step: int8 momentum needs blocks of whole rows, or items of whole rows of per-element "
+                  "blocks (parameter ", x.param, ")");
     }
   }
   for (size_t i = 0; i < P; ++i) {
@@ -603,6 +627,8 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
           } else {
             columnwise<0>(p, g, mo, v, rows, cols, cm, x.blocks, sc[i], h, x.offset);
           }
+        } else if (mo.kind == 2 && x.block_size == 1) {
+          elementwise_int8(p, g, mo, v, x.blocks, sc[i], h, x.offset);
         } else if (mo.kind == 2) {
           blockwise_int8(p, g, mo, v, x.blocks, x.block_size, sc[i], h, x.offset);
         } else if (x.block_size == 1 && mo.kind == 1) {

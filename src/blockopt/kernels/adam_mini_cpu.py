@@ -151,12 +151,13 @@ def fused_cpu_supports(p: torch.Tensor, exp_avg: torch.Tensor, geometry: Geometr
     ``wide``: it will step an fp32 copy of ``p`` (compact weights), whatever ``p``'s dtype.
 
     ``exp_avg`` may be fp32, bf16 or int8 (:mod:`blockopt.kernels.momentum`); int8 codes need
-    blocks made of whole rows (rows, heads, whole tensors), columns of a tensor with two or more dims, or
-    a factored matrix.
+    blocks made of whole rows (rows, heads, whole tensors), columns or single elements of a tensor with
+    two or more dims, or a factored matrix.
     """
     axis, segments = geometry
-    if exp_avg.dtype == torch.int8:  # codes are grouped along rows: blocks of whole rows, or columns
-        rows_only = axis in (0, 1, FACTORED) or (axis == -1 and segments[0][1] == segments[0][0])
+    if exp_avg.dtype == torch.int8:  # codes are grouped along rows: blocks of whole rows, columns, or elements
+        rows_only = axis in (0, 1, FACTORED) or (axis == -1 and segments[0][1] == segments[0][0]) or (
+            axis == -1 and len(segments) == 1 and segments[0][1] == 1)
         if p.dim() < 2 or not rows_only:
             return False
     if axis == 1 and p.dim() != 2:  # column blocks: 2-D tensors stored [in, out]
@@ -198,6 +199,9 @@ def _chunks_of(shape: tuple[int, ...], geometry: Geometry) -> tuple[tuple[int, i
         bs = unit * inner
         nb = size // unit
         per_chunk = max(1, CHUNK_ELEMENTS // bs)
+        if bs == 1 and len(segments) == 1 and len(shape) >= 2:  # per-element: chunks of whole rows (int8 codes)
+            row = numel // shape[0]
+            per_chunk = max(row, per_chunk // row * row)
         for j in range(0, nb, per_chunk):
             n = min(per_chunk, nb - j)
             out.append((off + j * bs, n, bs, voff + j))

@@ -8,6 +8,7 @@ statistics, and prints its record as the last line of stdout.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import resource
@@ -60,6 +61,15 @@ def peak_rss() -> int:
         pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free memory to the OS (glibc ``malloc_trim``; nothing elsewhere)."""
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> bool:
@@ -193,6 +203,7 @@ def run_setup(setup: Setup, src: ModelSource, *, batch: int, seq: int, steps: in
         tokens = _tokens(src, batch, seq, steps, device)
         # the peak RSS of the steps: the building's (an fp32 model before compact weights) is its own figure
         built = peak_rss() - idle_rss if idle_rss is not None else None
+        _trim_heap()  # memory the build freed (an fp32 model before compact weights) goes back to the OS
         windowed = idle_rss is not None and reset_peak_rss()
         run = _run_cuda if device.startswith("cuda") else _run_cpu
         b = run(setup, src, model, opt, tokens)
