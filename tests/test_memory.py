@@ -14,6 +14,7 @@ import torch
 
 import blockopt
 from blockopt import memory
+from blockopt.bench.errors import BenchInputError
 from blockopt.cli import main
 from blockopt.memory import RECORD_KEYS, measure
 from blockopt.memory.tracker import LiveStorages
@@ -126,6 +127,7 @@ def test_cli_json_prints_one_record_per_setup_with_every_key(capsys, monkeypatch
     assert all(isinstance(ok[k], int) for k in ("weights", "grads", "state", "activations", "other", "peak_rss"))
     assert ok["peak_rss"] > 4 * ok["weights"]  # the steps' peak above the idle RSS: at least its tensors
     assert isinstance(ok["peak_rss_build"], int) and ok["peak_rss_build"] >= ok["weights"]  # the build's own
+    assert ok["allocator"] == "mmap"  # the default: tensors above 128 KiB mapped on their own
     assert "torchao" in missing["error"] and "pip install" in missing["error"]
     assert all(missing[k] is None for k in ("weights", "grads", "state", "bytes_per_param", "peak_rss"))
     assert "llama-micro: 164,288 parameters" in err
@@ -157,3 +159,9 @@ def test_lean_is_an_alias_and_the_llama_300m_preset_is_about_300m_parameters():
     [lean] = memory.parse_setups("lean")
     assert (lean.name, lean.momentum, lean.weights, lean.step_in_backward) == ("adam-mini", "int8", "bf16-sr", True)
     assert 280e6 < memory.describe_model("llama-300m")["params"] < 320e6
+
+
+def test_an_unknown_allocator_is_refused_before_anything_runs(monkeypatch):
+    monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: pytest.fail("a process was started"))
+    with pytest.raises(BenchInputError, match=r"--allocator: 'tcmalloc'; expected one of mmap, heap"):
+        memory.measure("llama-micro", "adamw", allocator="tcmalloc")

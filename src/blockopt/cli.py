@@ -221,8 +221,10 @@ what is measured:
   random tokens. On CPU every live tensor storage is counted as ops make and free it; at the worst
   point (the largest total) the bytes are split into weights, grads, optimizer state, activations
   (tensors saved for backward) and other. bytes/param = (weights + grads + state) / parameters.
-  peak RSS = the process's peak resident memory above its idle level after the imports. On CUDA the
-  peak is torch.cuda.max_memory_allocated() and the split is a best effort.
+  peak RSS = the process's peak resident memory during the steps above its idle level (before the model
+  is built, after the imports); with --allocator mmap (default) the C heap maps every allocation above
+  128 KiB on its own, so the RSS follows the live tensors. On CUDA the peak is
+  torch.cuda.max_memory_allocated() and the split is a best effort.
 
 examples:
   blockopt memory --model llama-300m --setups adamw,adam-mini,lean
@@ -250,6 +252,9 @@ def _memory_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=64, metavar="T", help="tokens per sequence (default 64)")
     p.add_argument("--steps", type=int, default=3, help="training steps per setup (default 3)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--allocator", choices=("mmap", "heap"), default="mmap",
+                   help="each process's C heap: mmap (default: tensors above 128 KiB mapped and unmapped, so the "
+                        "RSS follows the live tensors) or heap (glibc's default, which may keep freed tensors)")
     p.add_argument("--json", action="store_true", help="one JSON record per setup per line on stdout")
     return p
 
@@ -605,7 +610,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         else:
             print(f"  {rec['setup']}: {'error' if rec.get('error') else 'measured'}", file=sys.stderr, flush=True)
 
-    records = measure(args.model, [s.text for s in setups], on_record=on_record, **kw)
+    records = measure(args.model, [s.text for s in setups], on_record=on_record, allocator=args.allocator, **kw)
     if not args.json:
         header, rows, notes = table(records)
         _print_table(header, rows, f"{args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps, "

@@ -35,7 +35,7 @@ from ..bench.errors import BenchInputError
 from .child import RECORD_PREFIX, blank_record, measure_in_process
 from .setups import ModelSource, Setup, parse_setups, resolve_model
 
-__all__ = ["RECORD_KEYS", "check_inputs", "describe_model", "measure", "parse_setups"]
+__all__ = ["ALLOCATORS", "RECORD_KEYS", "check_inputs", "describe_model", "measure", "parse_setups"]
 
 #: the keys of every record (``error`` too, when the setup could not run)
 RECORD_KEYS = ("setup", "bytes_per_param", "weights", "grads", "state", "activations", "other", "peak_rss",
@@ -104,17 +104,26 @@ def describe_model(model: str) -> dict[str, Any]:
     return info
 
 
-def _child(setup: Setup, model: str, *, batch: int, seq: int, steps: int, device: str) -> dict[str, Any]:
+#: ``allocator=``: how the measuring process's C heap is set up (glibc). ``"mmap"``: every allocation
+#: above 128 KiB is mapped on its own and unmapped when freed, so the RSS follows the live tensors;
+#: ``"heap"``: glibc's default, whose mmap threshold grows with the tensors freed, after which freed
+#: tensors may stay in the heap (resident) and fragment it.
+ALLOCATORS = {"mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}, "heap": {}}
+
+
+def _child(setup: Setup, model: str, *, batch: int, seq: int, steps: int, device: str,
+           allocator: str = "mmap") -> dict[str, Any]:
     spec = json.dumps({"setup": setup.text, "model": model, "batch": batch, "seq": seq, "steps": steps,
                        "device": device})
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env.update(ALLOCATORS[allocator])
     here = str(Path(__file__).resolve().parents[2])  # the folder that holds this blockopt
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     done = subprocess.run([sys.executable, "-m", "blockopt.memory", spec], capture_output=True, text=True,
                           env=env, check=False)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(RECORD_PREFIX):
-            return json.loads(line[len(RECORD_PREFIX):])
+            return {**json.loads(line[len(RECORD_PREFIX):]), "allocator": allocator}
     rc = done.returncode
     how = f"exit status {rc}"
     if rc < 0:
@@ -126,7 +135,7 @@ def _child(setup: Setup, model: str, *, batch: int, seq: int, steps: int, device
 
 
 def measure(model: str | nn.Module, setups: str | Sequence[str], *, batch: int = 1, seq: int = 64,
-            steps: int = 3, device: str = "cpu",
+            steps: int = 3, device: str = "cpu", allocator: str = "mmap",
             on_record: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Measure what ``steps`` training steps of ``model`` need with each of ``setups``; one record per setup.
 
@@ -139,8 +148,11 @@ def measure(model: str | nn.Module, setups: str | Sequence[str], *, batch: int =
     options or sizes raise :class:`~blockopt.bench.errors.BenchInputError` before anything runs; a setup
     that cannot run (a missing package, an error on this device) gives a record with ``error`` and null
     figures. Bytes are ints; ``at`` names the phase of the worst point. ``on_record`` is called with each
-    record as it is made.
+    record as it is made. ``allocator``: the C heap of each setup's process, :data:`ALLOCATORS` (recorded
+    as ``allocator``).
     """
+    if allocator not in ALLOCATORS:
+        raise BenchInputError(f"--allocator: {allocator!r}; expected one of {', '.join(ALLOCATORS)}")
     parsed, src = check_inputs(model, setups, batch=batch, seq=seq, steps=steps, device=device)
     in_process = isinstance(model, nn.Module)
     records = []
@@ -151,7 +163,7 @@ def measure(model: str | nn.Module, setups: str | Sequence[str], *, batch: int =
             rec = measure_in_process(setup, src, batch=batch, seq=seq, steps=steps, device=device,
                                      model=copy.deepcopy(model))
         else:
-            rec = _child(setup, str(model), batch=batch, seq=seq, steps=steps, device=device)
+            rec = _child(setup, str(model), batch=batch, seq=seq, steps=steps, device=device, allocator=allocator)
         records.append(rec)
         if on_record is not None:
             on_record(rec)
