@@ -285,3 +285,19 @@ def test_int8_momentum_of_a_large_per_element_tensor_runs_in_runs_of_rows(monkey
     assert opt.state[model.embed.weight]["exp_avg"].dtype == torch.int8
     # other random bits for the momentum's rounding (per run of rows), the same update within its noise
     assert (a - b).abs().max().item() <= 0.1 * (b - _model().embed.weight).abs().max().item()
+
+
+@pytest.mark.skipif(load_cpu_kernel() is None, reason="the C++ kernel is not built here")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_kernels_narrowing_equals_the_torch_ops_bit_for_bit(monkeypatch, fmt):
+    w = torch.randn(3, 70_001) * torch.logspace(-5, 2, 70_001)
+    got_p = torch.empty(w.shape, dtype=torch.bfloat16)
+    got_r = cw.new_remainder(fmt, got_p)
+    cw.narrow_(got_p, got_r, w, 11, 5, offset=7)
+    assert cw._kernel() is not None
+    monkeypatch.setattr(cw, "_kernel", lambda: None)  # the torch ops
+    want_p = torch.empty(w.shape, dtype=torch.bfloat16)
+    want_r = cw.new_remainder(fmt, want_p)
+    cw.narrow_(want_p, want_r, w, 11, 5, offset=7)
+    assert torch.equal(got_p.view(torch.int16), want_p.view(torch.int16))
+    assert got_r is None or torch.equal(got_r, want_r)

@@ -657,6 +657,55 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
   }
 }
 
+// Compact weights (kernels/weights.py has the same formats, hash and formulas): fp32 `wide` stored
+// into bf16 `p` and its remainder, in place. mode 0: bf16 with stochastic rounding (no remainder);
+// 1: stochastic rounding to 24 bits, then the nearest bf16 and an int8 remainder; 2: the nearest bf16
+// (ties away from zero) and the 16 low bits as an int16 remainder (exact). `offset`: the first
+// element's index in the full tensor (the random bits do not depend on how a tensor is cut).
+void narrow_weights(const at::Tensor& wide, const at::Tensor& p, const at::Tensor& rem, int64_t mode, int64_t seed,
+                    int64_t offset) {
+  TORCH_CHECK(wide.scalar_type() == at::kFloat && wide.is_contiguous() && wide.device().is_cpu(),
+              "narrow_weights: wide must be a contiguous float32 CPU tensor");
+  TORCH_CHECK(p.scalar_type() == at::kBFloat16 && p.is_contiguous() && p.numel() == wide.numel(),
+              "narrow_weights: p must be a contiguous bf16 tensor of wide's size");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "narrow_weights: mode must be 0, 1 or 2");
+  const auto want = mode == 1 ? at::kChar : at::kShort;
+  TORCH_CHECK(mode == 0 || (rem.scalar_type() == want && rem.is_contiguous() && rem.numel() == wide.numel()),
+              "narrow_weights: the remainder does not match the mode");
+  const int32_t* __restrict w = (const int32_t*)wide.data_ptr<float>();
+  uint16_t* __restrict hi = (uint16_t*)p.data_ptr();
+  const uint32_t s = (uint32_t)seed;
+  const int64_t n = wide.numel();
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    if (mode == 0) {
+#pragma omp simd
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = hash_at(s, offset + i) & 0xFFFF;
+        hi[i] = (uint16_t)(((int64_t)w[i] + r) >> 16);
+      }
+    } else if (mode == 1) {
+      int8_t* __restrict lo = rem.data_ptr<int8_t>();
+#pragma omp simd
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = hash_at(s, offset + i) & 0xFF;
+        const int32_t q = (int32_t)(((int64_t)w[i] + r) >> 8);
+        const int32_t h = (q + 0x80) >> 8;
+        hi[i] = (uint16_t)h;
+        lo[i] = (int8_t)(q - h * 256);
+      }
+    } else {
+      int16_t* __restrict lo = rem.data_ptr<int16_t>();
+#pragma omp simd
+      for (int64_t i = b; i < e; ++i) {
+        const int32_t h = (int32_t)(((int64_t)w[i] + 0x8000) >> 16);
+        hi[i] = (uint16_t)h;
+        lo[i] = (int16_t)((int64_t)w[i] - (int64_t)h * 65536);
+      }
+    }
+  });
+}
+
 TORCH_LIBRARY(blockopt_cpu, m) {
   m.def("adam_mini_step", &adam_mini_step);
+  m.def("narrow_weights", &narrow_weights);
 }

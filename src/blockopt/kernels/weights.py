@@ -42,6 +42,14 @@ _SALT = 0x5BD1E995
 _REMAINDER = {"bf16-sr": None, "bf16+int8": torch.int8, "bf16+int16": torch.int16}
 
 
+def _kernel():
+    """The C++ kernel's ops when it is built and has ``narrow_weights`` (else the torch ops below)."""
+    from .adam_mini_cpu import load_cpu_kernel
+
+    module = load_cpu_kernel()
+    return module if module is not None and hasattr(module, "narrow_weights") else None
+
+
 def check_format(fmt: object) -> str:
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"Invalid weights: {fmt!r}; allowed: None (keep the parameters as they are), "
@@ -97,10 +105,16 @@ def narrow_(p: torch.Tensor, remainder: torch.Tensor | None, wide: torch.Tensor,
     """Store fp32 ``wide`` into bf16 ``p`` (and its remainder) in place. ``seed``: the parameter's base
     seed (:func:`~blockopt.kernels.momentum.name_seed`); ``step``: the step just taken; ``offset``:
     ``p``'s first element in the full tensor (a shard's), so the random bits do not depend on layout."""
-    bits_all = _flat(wide.detach().float().contiguous()).view(torch.int32)
+    s_seed = step_seed(seed ^ _SALT, step)
+    wide = wide.detach().float().contiguous()
+    if wide.device.type == "cpu" and (kernel := _kernel()) is not None:  # the C++ kernel's loop, same bits
+        mode = 0 if remainder is None else 1 if remainder.dtype == torch.int8 else 2
+        kernel.narrow_weights(_flat(wide), _flat(p), _flat(remainder) if remainder is not None else wide, mode,
+                              s_seed, offset)
+        return
+    bits_all = _flat(wide).view(torch.int32)
     p_all = _flat(p).view(torch.int16)
     r_all = None if remainder is None else _flat(remainder)
-    s_seed = step_seed(seed ^ _SALT, step)
     exact = remainder is not None and remainder.dtype == torch.int16
     for s in range(0, bits_all.numel(), CHUNK):
         bits = bits_all[s:s + CHUNK]
