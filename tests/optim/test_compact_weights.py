@@ -36,6 +36,16 @@ def _feed(model, grads):
         p.grad = g.to(p.dtype)
 
 
+def _same_steps(pairs, n, seed, step=lambda opt: opt.step()):
+    """``n`` steps of each (model, optimizer) pair with the same bf16 gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        grads = _bf16_grads(pairs[0][0], gen)
+        for model, opt in pairs:
+            _feed(model, grads)
+            step(opt)
+
+
 # --- the codec ---------------------------------------------------------------------------------------------
 def test_the_int16_remainder_is_exact_and_the_others_unbiased():
     w = torch.randn(4096, 300) * torch.logspace(-6, 3, 300)
@@ -68,13 +78,7 @@ def test_int16_remainder_steps_exactly_like_fp32_weights(impl):
     opt = blockopt.AdamMini(model, weights="bf16+int16", **KW, **kw)
     ref_opt = blockopt.AdamMini(ref, **KW, **kw)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        grads = _bf16_grads(model, gen)
-        _feed(model, grads)
-        _feed(ref, grads)
-        opt.step()
-        ref_opt.step()
+    _same_steps([(model, opt), (ref, ref_opt)], 8, seed=1)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(_wide(opt, p), q), name
         assert torch.equal(opt.state[p]["exp_avg"], ref_opt.state[q]["exp_avg"]), name
@@ -91,13 +95,8 @@ def test_the_triton_route_steps_the_widened_copies(monkeypatch):
     ref = copy.deepcopy(model)
     opt = blockopt.AdamMini(model, weights="bf16+int16", rules="official", **KW)
     ref_opt = blockopt.AdamMini(ref, rules="official", **KW, foreach=True, fused=False)
-    gen = torch.Generator().manual_seed(2)
-    for _ in range(3):
-        grads = _bf16_grads(model, gen)
-        _feed(model, grads)
-        _feed(ref, grads)
-        step_through_triton(opt, monkeypatch)
-        ref_opt.step()
+    _same_steps([(model, opt), (ref, ref_opt)], 3, seed=2,
+                step=lambda o: step_through_triton(o, monkeypatch) if o is opt else o.step())
     assert "triton" in set(opt.routes.values())
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert (_wide(opt, p) - q).abs().max().item() <= 1e-6 * q.abs().max().item() + 1e-12, name
@@ -274,13 +273,7 @@ def test_int8_momentum_of_a_large_per_element_tensor_runs_in_runs_of_rows(monkey
                             overrides={r"embed\.weight": "element"})
     ref_opt = blockopt.AdamMini(ref, **KW, momentum_dtype="int8", overrides={r"embed\.weight": "element"})
     monkeypatch.setattr(dispatch, "WIDE_CHUNK", 1024)
-    gen = torch.Generator().manual_seed(7)
-    for _ in range(3):
-        grads = _bf16_grads(model, gen)
-        _feed(model, grads)
-        _feed(ref, grads)
-        opt.step()
-        ref_opt.step()
+    _same_steps([(model, opt), (ref, ref_opt)], 3, seed=7)
     a, b = _wide(opt, model.embed.weight), ref.embed.weight.detach()
     assert opt.state[model.embed.weight]["exp_avg"].dtype == torch.int8
     # other random bits for the momentum's rounding (per run of rows), the same update within its noise

@@ -37,28 +37,29 @@ def blank_record(setup: str, *, params: int | None, device: str, error: str | No
     return rec
 
 
-def current_rss() -> int | None:
-    """This process's resident set now, in bytes (``/proc/self/status``), or ``None`` where there is none."""
+def _status_bytes(key: str) -> int | None:
+    """A ``kB`` figure of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes, or ``None`` where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def current_rss() -> int | None:
+    """This process's resident set now, in bytes (``/proc/self/status``), or ``None`` where there is none."""
+    return _status_bytes("VmRSS")
+
+
 def peak_rss() -> int:
     """The largest resident set of this process since the start or the last :func:`reset_peak_rss`, in
     bytes (``VmHWM`` in ``/proc/self/status``; else ``ru_maxrss``, KiB on Linux, bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    hwm = _status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024
 
