@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import default_quality_table as dq  # noqa: E402  (the same loading and best-lr rule)
+import default_quality_table as dq  # the same loading and best-lr rule
 
 D = "adam-mini-default"
 LABELS = {

@@ -13,8 +13,8 @@ MIB = 1 << 20
 
 
 def main() -> None:
-    records = [json.loads(line) for line in open(sys.argv[1] if len(sys.argv) > 1 else "runs/mem300.json")
-               if line.startswith("{")]
+    with open(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/memory/llama-300m.json") as f:
+        records = [json.loads(line) for line in f if line.startswith("{")]
     ref = next((r for r in records if r["setup"] == "adamw" and r.get("peak_rss")), None)
     print("| setup | weights | grads | state | bytes / param (w+g+s) | peak RSS above idle | vs AdamW |")
     print("|---|---|---|---|---|---|---|")
