@@ -334,15 +334,17 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
 // A factored matrix's step for one element of a row: step_size / (a * shape_c + eps). Series: the
 // division is replaced by (step / a) * inv_c * (1 - y + y*y), y = (eps / a) * inv_c, inv_c = 1 / shape_c,
 // used only where y <= 2^-8 for every column (the dropped term, y^3, is below fp32's rounding);
-// ra = step / a and e = eps / a are the row's.
-template <bool Series>
+// ra = step / a and e = eps / a are the row's. Where y <= 2^-25 for every column (most rows: eps is far
+// below sqrt(v)), 1 - y + y*y rounds to 1 in fp32, so the series is ra * inv_c, bit for bit, in one multiply.
+template <int Series>  // 0: divide; 1: the series; 2: the series where it rounds to ra * inv_c
 inline float factored_scale(float shc, float invc, float step, float a, float eps, float ra, float e) {
+  if (Series == 2) return ra * invc;
   return Series ? ra * invc * (1.0f - e * invc + (e * invc) * (e * invc)) : step / (a * shc + eps);
 }
 
 // One row of a factored matrix with compact momentum (bf16 or int8): m and p updated with each
 // column's factored_scale.
-template <int Kind, bool Series>
+template <int Kind, int Series>
 inline void factored_row(float* __restrict pr, const float* __restrict gr, const Momentum& mo, int64_t r,
                          int64_t cols, const float* __restrict sh, const float* __restrict inv, float a,
                          float* __restrict rowscale, const Scalars& s, const Hyper& h) {
@@ -369,7 +371,7 @@ inline void factored_row(float* __restrict pr, const float* __restrict gr, const
 
 // fp32 momentum, software-pipelined as in `blockwise`: the loop that updates row r also sums the
 // squares of row gn (row r + 1; nullptr for the last row), tiled as in sum_sq, and returns that sum.
-template <bool Series>
+template <int Series>
 inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr, const float* __restrict gn,
                                 float* __restrict mr, int64_t cols, const float* __restrict sh,
                                 const float* __restrict inv, float a, const Scalars& s, const Hyper& h) {
@@ -436,15 +438,19 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
     v[r] = vr;
     const float a = std::sqrt(vr) / s.bc2_sqrt;
     const bool series = a > 0.0f && (h.eps / a) * inv_max <= 0.00390625f;
+    const bool tiny = series && (h.eps / a) * inv_max <= 2.9802322e-08f;  // 2^-25
     if constexpr (Kind == 0) {  // the next row's sum comes with this row's update
       const float* gn = r + 1 < r1 ? gr + cols : nullptr;
       float* mr = (float*)mo.data + r * cols;
-      acc = series ? factored_row_fp32<true>(pr, gr, gn, mr, cols, sh, inv, a, s, h)
-                   : factored_row_fp32<false>(pr, gr, gn, mr, cols, sh, inv, a, s, h);
+      acc = tiny ? factored_row_fp32<2>(pr, gr, gn, mr, cols, sh, inv, a, s, h)
+            : series ? factored_row_fp32<1>(pr, gr, gn, mr, cols, sh, inv, a, s, h)
+                     : factored_row_fp32<0>(pr, gr, gn, mr, cols, sh, inv, a, s, h);
+    } else if (tiny) {
+      factored_row<Kind, 2>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
     } else if (series) {
-      factored_row<Kind, true>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
+      factored_row<Kind, 1>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
     } else {
-      factored_row<Kind, false>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
+      factored_row<Kind, 0>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
     }
     if ((r - r0 + 1) % 4 == 0) {  // the last 4 rows' squares (still in cache) into the column tile, in one sweep
       const float* __restrict g0 = g + (r - 3) * cols;
