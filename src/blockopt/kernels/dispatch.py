@@ -228,26 +228,21 @@ def _run_wide(handle: Handle, grads: Sequence[torch.Tensor], hyper: dict[str, An
         rem = t.remainders[i] if t.remainders else None
         seed = t.seeds[i] if t.seeds else 0
         runs = _row_runs(p, t.geometries[i])
-        if runs is None:
-            one = t.subset([i])
-            one.params = [cw.widen(p, rem)]
-            inner = handle.tables if handle.route == "fused_cpu" and len(t.params) == 1 else None
-            h = Handle(handle.route, one, inner) if inner is not None else prepare(handle.route, one, handle.codec)
-            ran = run(h, [g if g.dtype == torch.float32 else g.float()], **hyper)
-            cw.narrow_(p, rem, one.params[0], seed, int(one.steps[0].item()))
-            continue
+        whole = runs is None
+        if whole:
+            runs = [(0, None, 0, None, t.geometries[i])]
         step = t.steps[i]
         for r0, r1, v0, v1, geo in runs:  # each run steps a copy of the counter; the tensor's counter moves once
-            rows = slice(r0, r1)
-            scale = t.scales[i][rows] if t.scales and t.scales[i] is not None else None
-            part = StepTensors([cw.widen(p[rows], None if rem is None else rem[rows])], [t.exp_avgs[i][rows]],
-                               [t.second_moments[i][v0:v1]], [step.clone()], [geo], [t.decay[i]], [scale],
+            cut = (lambda x: x) if whole else (lambda x: None if x is None else x[r0:r1])  # noqa: B023
+            part = StepTensors([cw.widen(cut(p), cut(rem))], [cut(t.exp_avgs[i])], [t.second_moments[i][v0:v1]],
+                               [step.clone()], [geo], [t.decay[i]], [cut(t.scales[i]) if t.scales else None],
                                [(seed + r0 * 0x9E3779B9) & 0xFFFFFFFF])
-            gr = g[rows]
-            ran = run(prepare(handle.route, part, handle.codec), [gr if gr.dtype == torch.float32 else gr.float()],
-                      **hyper)
-            cw.narrow_(p[rows], None if rem is None else rem[rows], part.params[0], seed, int(part.steps[0].item()),
-                       offset=r0 * (p.numel() // p.shape[0]))
+            h = (Handle("fused_cpu", part, handle.tables) if whole and handle.route == "fused_cpu" and len(t.params) == 1
+                 else prepare(handle.route, part, handle.codec))
+            gr = cut(g)
+            ran = run(h, [gr if gr.dtype == torch.float32 else gr.float()], **hyper)
+            cw.narrow_(cut(p), cut(rem), part.params[0], seed, int(part.steps[0].item()),
+                       offset=r0 * (p.numel() // max(p.shape[0], 1)) if p.dim() else 0)
         step.copy_(part.steps[0])
     return ran
 
