@@ -62,7 +62,7 @@ def problem(name: str, seed: int):
     pb = build_problem("tiny-cnn", seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        pb.model = TinyCNN(batch_norm=True)
+        pb.model = TinyCNN(pb.info["image_shape"][0], pb.info["classes"], batch_norm=True)
     pb.name = name
     return pb
 
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma separated from {', '.join(MODELS)}")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hessian"))
     ap.add_argument("--no-exact", action="store_true", help="skip the SLQ-vs-exact check (~1 min)")
+    ap.add_argument("--docs", default=str(Path(__file__).parent.parent / "docs" / "findings"),
+                    help="where the two plots of docs/findings.md are copied ('' for nowhere)")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     models = [m for m in args.models.split(",") if m.strip()]
@@ -218,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "platform": platform.platform(), "seconds": time.perf_counter() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=1))
+    if args.docs:
+        import shutil
+
+        Path(args.docs).mkdir(parents=True, exist_ok=True)
+        for src, dst in (("heterogeneity.png", "hessian_heterogeneity.png"), ("query_hessian.png", "hessian_query.png")):
+            if (out / src).is_file():
+                shutil.copyfile(out / src, Path(args.docs) / dst)
 
     # summary on stdout
     print(f"block heterogeneity at initialisation (seeds {args.seeds}):")
@@ -229,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"  {r['model']} {r['param']}: " + ", ".join(
             f"{p['partition']} {p['score']:.3f}/{p['random_same_sizes']:.3f}" for p in r["partitions"]))
+    heads = [(p["score"], p["random_same_sizes"]) for r in results["dense"] if r["model"] == "tiny-transformer"
+             for p in r["partitions"] if p["partition"] == "per-head"]
+    if heads:
+        print(f"per-head mass, mean over {len(heads)} query/key weights x seeds: "
+              f"{statistics.fmean(a for a, _ in heads):.3f} (random, same sizes: {statistics.fmean(b for _, b in heads):.3f})")
     if results["exact_check"]:
         e = results["exact_check"]
         print("SLQ vs exact (8 attention blocks): " + ", ".join(

@@ -103,3 +103,46 @@ def test_registry_lists_blr(name):
     from blockopt.bench.optimizers import REGISTRY, parse_optimizer
 
     assert name in REGISTRY and parse_optimizer(name).spec.name == name
+
+
+def test_default_with_blr_has_the_default_blocks_and_the_paper_multipliers():
+    from blockopt import AdamMini
+    from blockopt.bench.optimizers import Hyper, build_optimizer, parse_optimizer
+    from blockopt.models import build_model
+
+    model = build_model("llama-micro", vocab_size=256, seed=0)
+    choice = parse_optimizer("adam-mini-default+blr:momentum_dtype=int8")
+    opt = build_optimizer(choice, model, 1e-3, Hyper(weight_decay=0.1), plan=None, info={})
+    default = AdamMini(model, lr=1e-3).plan
+    assert {n: e.describe() for n, e in opt.plan.items()} == {n: e.describe() for n, e in default.items()}
+    assert any(e.describe().startswith("factored") for e in opt.plan.values())  # the default factors matrices
+    mult = {g["block_type"]: g["lr_multiplier"] for g in opt.param_groups}
+    assert mult == {k: v for k, v in PAPER.items() if k in mult} and set(mult) >= {"embedding", "qk", "ffn", "vo"}
+    assert opt.momentum_format == "int8"
+
+
+def test_blr_speedup_table_from_a_tiny_sweep(cli, corpus, cache_dir, tmp_path):  # noqa: F811 - pytest fixtures
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "runs" / "blr" / "S300"
+    rc, _, _ = cli(tiny_args(corpus, cache_dir, out, "--optimizers",
+                             "adamw,adamw+blr,adam-mini-default,adam-mini-default+blr", "--seeds", "0,1",
+                             "--lrs", "adamw=3e-3,6e-3;adam-mini-default=3e-3;adamw+blr=1e-3;adam-mini-default+blr=1e-3"))
+    assert rc == 0
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "blr_speedup_table.py"
+    res = tmp_path / "res"
+    done = subprocess.run([sys.executable, str(script), "--write", "--root", str(tmp_path), "--res", str(res)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads((res / "S300.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert data["budget"] == 6 and data["target"] == summary["steps_to_adamw_loss"]["target"]
+    for opt, o in data["optimizers"].items():
+        assert o["steps_to_adamw_loss"] == summary["steps_to_adamw_loss"]["steps"][opt]
+        assert set(o["final"]) == {"0", "1"} and all(c[-1][0] == 6 for c in o["curves"].values())
+    rows = [ln for ln in done.stdout.splitlines() if ln.startswith("| 6 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["AdamW", "AdamW + BLR", "AdamMini default", "AdamMini default + BLR"]
+    st = data["optimizers"]["adamw"]["steps_to_adamw_loss"]  # AdamW reaches its own final loss by the end
+    assert st is not None and st <= 6 and f"| {st} | {6 / st:.2f}x |" in rows[0]

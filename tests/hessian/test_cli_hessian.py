@@ -95,3 +95,38 @@ def test_image_data_file(tmp_path):
                  "--no-plots", *FAST]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["model"]["info"]["image_shape"] == [1, 8, 8] and s["model"]["info"]["classes"] == 4
+
+
+def test_image_models_default_to_real_digits_and_synthetic_is_a_choice(tmp_path):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "d"
+    assert _cli(["--model", "tiny-cnn", "--batch-size", "32", "--out", str(out), "--no-plots", *FAST]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    info = s["model"]["info"]
+    assert info["examples"] == 1797 and info["image_shape"] == [1, 8, 8] and info["classes"] == 10
+    assert "digits" in s["data"]
+    out = tmp_path / "s"
+    assert _cli(["--model", "tiny-mlp", "--data", "synthetic", "--batch-size", "32", "--out", str(out),
+                 "--no-plots", *FAST]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"]["info"]["image_shape"] == [3, 16, 16] and "synthetic" in s["data"]
+
+
+def test_digits_are_scaled_to_the_unit_interval():
+    pytest.importorskip("sklearn")
+    from blockopt.hessian.models import digit_images
+
+    x, y = digit_images()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32 and y.shape == (1797,)
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0 and set(y.tolist()) == set(range(10))
+
+
+def test_missing_scikit_learn_names_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert _cli(["--model", "tiny-cnn", "--out", str(tmp_path / "x"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'blockopt[vision]'" in err and "--data synthetic" in err
+    assert not (tmp_path / "x" / "summary.json").exists()

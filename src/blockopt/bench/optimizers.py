@@ -243,6 +243,17 @@ def _adam_mini_blr(model, lr, hp, plan, info):
     return AdamMini(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay, plan=plan)
 
 
+def _adam_mini_default_blr(model, lr, hp, plan, info):
+    from ..optim import AdamMini, blockwise_lr_groups
+
+    # the multipliers follow the structural plan's roles; the blocks are the default's (AdamMini(model).plan:
+    # the built-in SNR table, matrices factored, within the budget), built once from the model
+    groups = blockwise_lr_groups(model, lr, plan=_blr_plan(model, hp, plan), weight_decay=hp.weight_decay)
+    default = AdamMini(model, lr=lr, state_budget=hp.state_budget or "auto").plan
+    return AdamMini(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, weight_decay=hp.weight_decay,
+                    plan=default, momentum_dtype=None if hp.momentum_dtype == "fp32" else hp.momentum_dtype)
+
+
 def _adam_mini_official(model, lr, hp, plan, info):
     from adam_mini import Adam_mini  # the official release (adam-mini on PyPI)
 
@@ -327,6 +338,9 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("adam-mini+blr", "Adam-mini+BLR", _adam_mini_blr, 1e-3,
                       "blockopt.AdamMini with Blockwise LR (peak lr x10 embedding, x8 QK, x6 FFN, x4 VO, x1 norm; "
                       "the swept lr is the norm one)", options=_ADAM_OPTS + ("value_single_block",)),
+        OptimizerSpec("adam-mini-default+blr", "Adam-mini (default)+BLR", _adam_mini_default_blr, 1e-3,
+                      "adam-mini-default with Blockwise LR (multipliers as adam-mini+blr; the swept lr is the norm "
+                      "one)", options=_ADAM_OPTS + ("momentum_dtype", "state_budget")),
         OptimizerSpec("adam-mini-snr", "Adam-mini (SNR)", _adam_mini_snr, 3e-3,
                       "blockopt.AdamMini(calibrate=N): the default plan within the 0.55x budget for the first 20 % of "
                       "the run while the SNR of v is measured on a sample, then blocks chosen from it (SlimAdam's "

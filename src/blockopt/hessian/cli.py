@@ -113,8 +113,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                           "model_type (built randomly initialised, never downloaded; bytes as tokens)")
     g.add_argument("--data", metavar="PATH",
                    help="language models: a text file, a folder of text files or a .npy/.pt of token ids; "
-                        "tiny-cnn/tiny-mlp: a .pt ({'x': [N,C,H,W], 'y': [N]}) or .npz with x and y "
-                        "(default: stdlib sources / synthetic images)")
+                        "tiny-cnn/tiny-mlp: a .pt ({'x': [N,C,H,W], 'y': [N]}) or .npz with x and y, or 'synthetic' "
+                        "(default: stdlib sources / scikit-learn's 8x8 digits, the [vision] extra)")
     g.add_argument("--batch-size", type=_positive_int, metavar="B",
                    help="examples in the measured batch (default 8 sequences; 256 images)")
     g.add_argument("--seq-len", type=_positive_int, default=32, metavar="T", help="tokens per sequence (default 32)")

@@ -16,9 +16,12 @@ dense Hessian of a query weight take well under a minute on two CPU cores:
 
 Data without ``--data``: for the Transformer, the source text of a fixed list
 of Python standard-library modules (no download; it depends on the Python
-version, which the report records); for the CNN and MLP, a synthetic
-10-class image set (3x16x16): each class is a smooth random prototype image,
-each example that prototype plus smooth and pixel noise (seeded).
+version, which the report records); for the CNN and MLP, real images: the
+1,797 handwritten digits (1x8x8, 10 classes) that scikit-learn ships (no
+download; ``pip install 'blockopt[vision]'``), intensities in [0, 1]. ``--data
+synthetic`` gives the older seeded synthetic set instead (3x16x16: each class a
+smooth random prototype image, each example that prototype plus smooth and
+pixel noise), which needs nothing but torch.
 
 With ``--data``: a text file or a folder of text files (language models;
 bytes are the tokens), a ``.npy``/``.pt`` file of token ids, or, for the image
@@ -55,6 +58,7 @@ __all__ = [
     "build_hf_problem",
     "build_problem",
     "classification_loss",
+    "digit_images",
     "hf_lm_loss",
     "lm_loss",
 ]
@@ -252,8 +256,28 @@ def synthetic_images(n: int, *, classes: int = 10, channels: int = 3, size: int 
     return x, y
 
 
+def digit_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 8x8 handwritten digits scikit-learn ships (``sklearn.datasets.load_digits``; no
+    download), as ``[N, 1, 8, 8]`` intensities scaled to [0, 1] (as torchvision's ``ToTensor`` scales
+    pixels), with labels ``[N]``. The heterogeneity of the CNN depends on this choice: standardised
+    pixels give a higher one (docs/findings.md)."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise HessianInputError(
+            "The default images of tiny-cnn/tiny-mlp are scikit-learn's digits, and scikit-learn is not installed: "
+            "pip install 'blockopt[vision]' (or pass --data synthetic for seeded synthetic images)"
+        ) from None
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1)  # [N, 1, 8, 8], values 0..16
+    return x / 16.0, torch.as_tensor(d.target, dtype=torch.long)
+
+
 def _images(data: str | os.PathLike | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     if data is None:
+        x, y = digit_images()
+        return x, y, "scikit-learn's handwritten digits, 1,797 images 1x8x8, 10 classes (real data)"
+    if str(data) == "synthetic":
         x, y = synthetic_images(2048, seed=seed)
         return x, y, "synthetic 10-class images 3x16x16 (seeded)"
     path = Path(data).expanduser()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Does Blockwise LR reach AdamW's final held-out loss in fewer steps (the sharpness-disparity paper
+# claims about 2x)? llama-tiny, default corpus, 3 seeds, each optimizer with its own 3-point lr sweep,
+# two budgets. Held-out loss every steps/10 (the bench's default), so steps-to-target has a 10 %
+# resolution. For the +blr optimizers the swept lr is the base (norm) rate: embedding 10x, QK 8x,
+# FFN 6x, VO 4x.
+#   S300   adamw, adamw+blr, adam-mini-default, adam-mini-default+blr at 300 steps (~80 core-min)
+#   S1200  adamw+blr and adam-mini-default+blr at 1,200 steps (~130 core-min); AdamW and the default
+#          at 1,200 steps are lean_quality.sh's L1 and L2 sweeps (same protocol), run here if absent
+# One lane per part (one thread each):
+#   bash benchmarks/blr_speedup.sh S300 S1200        # -> runs/blr/*, benchmarks/results/blr_speedup/
+#   python benchmarks/blr_speedup_table.py           # the table of docs/findings.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/blr}
+LQ=${LQ:-runs/lq}
+RES=benchmarks/results/blr_speedup
+mkdir -p "$OUT" "$RES"
+LRS='adamw=2e-3,3e-3,4.5e-3;adam-mini-default=2e-3,3e-3,4.5e-3;adamw+blr=2.5e-4,5e-4,1e-3;adam-mini-default+blr=2.5e-4,5e-4,1e-3'
+COMMON=(--seeds 0,1,2 --threads 1 --no-plots --progress plain --lrs "$LRS")
+sweep() {  # name steps optimizers
+  local name=$1 steps=$2 opts=$3
+  local resume=(); [ -d "$OUT/$name" ] && resume=(--resume)
+  blockopt bench "${COMMON[@]}" "${resume[@]}" --steps "$steps" --checkpoint-every $((steps / 12)) \
+    --optimizers "$opts" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+}
+S300() { sweep S300 300 adamw,adamw+blr,adam-mini-default,adam-mini-default+blr; }
+S1200() {
+  sweep S1200 1200 adamw+blr,adam-mini-default+blr
+  [ -f "$LQ/L1_adamw/summary.json" ] || OUT=$LQ sweep L1_adamw 1200 adamw
+  [ -f "$LQ/L2_default/summary.json" ] || OUT=$LQ sweep L2_default 1200 adam-mini-default
+}
+for p in "${@:-S300}"; do "$p"; done
+python benchmarks/blr_speedup_table.py --write
