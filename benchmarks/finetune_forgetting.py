@@ -15,6 +15,13 @@ corpus), B = ``../shared/data/tinyshakespeare.txt`` (relative to the repository)
                                                                      # each row the lr best on B
     python benchmarks/finetune_forgetting.py --tiny                  # a few seconds (the test)
 
+At equal quality (``--seeds 0,1,2 --sweep ... --optimizers adamw,adam-mini,mofo``): for each seed (its
+own pre-training), every optimizer fine-tunes at every lr of the sweep. The target on B is the worst of
+the optimizers' best held-out losses on B, a loss every optimizer reaches at some lr. Each optimizer's
+held-out loss on A at that target is interpolated along its lr sweep (between the two lrs, on the low-lr
+side of its best, whose losses on B bracket the target) and compared: the forgetting at matched
+learning. ``benchmarks/mofo_matched.sh`` is the command of docs/findings.md.
+
 Prints a table and writes JSON to ``--out`` (default
 ``benchmarks/results/finetune_forgetting.json``).
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -41,7 +49,7 @@ from blockopt.models import build_model
 
 REPO = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ("adamw", "adam-mini", "mofo", "mofo-block")
-LABELS = {"adamw": "AdamW", "adam-mini": "Adam-mini", "mofo": "MoFO", "mofo-block": "MoFO (block v)"}
+LABELS = {"adamw": "AdamW", "adam-mini": "AdamMini default", "mofo": "MoFO", "mofo-block": "MoFO (block v)"}
 #: fine-tuning peak learning rates, one per optimizer. Not tuned: one third of the pretraining peak
 #: (3e-3, the bench's best for llama-tiny) for every optimizer, the same for MoFO as for the full
 #: fine-tuning baselines; `--sweep` tunes them (each row then shows the lr best on B's held-out loss)
@@ -68,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lrs", default=None, help="fine-tuning lr per optimizer, e.g. 'adamw=1e-3,mofo=3e-3'")
     ap.add_argument("--sweep", default=None, help="comma-separated lrs tried for every optimizer")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (each pre-trains its own model); "
+                    "with --sweep the matched table is printed")
     ap.add_argument("--tiny", action="store_true", help="a tiny model and a few steps (seconds; for the test)")
     ap.add_argument("--cache-dir", default=None, help="token streams and the pre-trained weights are cached here")
     ap.add_argument("--no-cache", action="store_true", help="pretrain again even if cached weights exist")
@@ -89,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             lrs[name] = float(value)
     args.lr_table = lrs
     args.sweep = [float(x) for x in args.sweep.split(",")] if args.sweep else None
+    args.seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
     return args
 
 
@@ -99,6 +110,33 @@ def make_model(args: argparse.Namespace) -> torch.nn.Module:
     return build_model(args.model, vocab_size=256, seed=args.seed)
 
 
+def at_target(points: list[tuple[float, float, float]], target: float) -> float | None:
+    """``points``: (lr, loss_B, loss_A) of one optimizer's sweep. Its loss on A where its loss on B equals
+    ``target``, linearly between the two lrs that bracket it on the low-lr side of its best lr (or the
+    best point itself when that is the target); None when no two lrs bracket it there."""
+    pts = sorted(p for p in points if math.isfinite(p[1]) and math.isfinite(p[2]))
+    if not pts:
+        return None
+    best = min(range(len(pts)), key=lambda i: pts[i][1])
+    if pts[best][1] == target:
+        return pts[best][2]
+    for (_, b0, a0), (_, b1, a1) in itertools.pairwise(pts[:best + 1]):
+        if b1 <= target <= b0 and b0 != b1:
+            return a0 + (a1 - a0) * (b0 - target) / (b0 - b1)
+    return None
+
+
+def matched(seed_runs: dict[int, list[dict]], names: list[str]) -> dict:
+    """Per seed: the target on B (the worst of the optimizers' best) and each optimizer's loss on A there."""
+    out = {}
+    for seed, runs in seed_runs.items():
+        pts = {n: [(r["lr"], r["loss_B"], r["loss_A"]) for r in runs if r["optimizer"] == n] for n in names}
+        best = {n: min((b for _, b, _ in p if math.isfinite(b)), default=math.inf) for n, p in pts.items()}
+        target = max(best.values())
+        out[seed] = {"target_B": target, "loss_A": {n: at_target(p, target) for n, p in pts.items()}}
+    return out
+
+
 def make_optimizer(name: str, model: torch.nn.Module, lr: float, args: argparse.Namespace):
     kw = {"lr": lr, "betas": (0.9, 0.95), "weight_decay": args.finetune_weight_decay}
     plan = blockopt.partition(model, warn=False)
@@ -107,7 +145,7 @@ def make_optimizer(name: str, model: torch.nn.Module, lr: float, args: argparse.
         rest = [p for n, p in model.named_parameters() if not plan[n].weight_decay]
         return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], **kw)
     if name == "adam-mini":
-        return blockopt.AdamMini(model, plan=plan, **kw)  # the default step (the fused CPU kernel)
+        return blockopt.AdamMini(model, **kw)  # the default: AdamMini(model)
     return blockopt.MoFO(model, plan=plan, fraction=args.fraction,
                          second_moment="block" if name == "mofo-block" else "element", **kw)
 
@@ -159,6 +197,36 @@ def drift(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> tuple[float
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    seeds, results = list(args.seeds), []
+    for seed in seeds:
+        args.seed = seed
+        results.append(run_seed(args, argv))
+    if len(seeds) == 1:
+        return 0
+    runs = {seed: r["runs"] for seed, r in zip(seeds, results)}
+    m = matched(runs, args.optimizers)
+    print(f"\nForgetting at matched learning ({len(seeds)} seeds): held-out loss on A where each optimizer's "
+          "held-out loss on B equals the target (the worst of their best)")
+    header = "| seed | target on B | " + " | ".join(f"{LABELS[n]}: loss A" for n in args.optimizers) + " |"
+    print(header + "\n|" + "---|" * (2 + len(args.optimizers)))
+    for seed in seeds:
+        row = m[seed]
+        cells = [f"{row['loss_A'][n]:.4f}" if row["loss_A"][n] is not None else "not bracketed" for n in args.optimizers]
+        print(f"| {seed} | {row['target_B']:.4f} | " + " | ".join(cells) + " |")
+    means = {}
+    for n in args.optimizers:
+        vals = [m[s]["loss_A"][n] for s in seeds]
+        means[n] = sum(vals) / len(vals) if all(v is not None for v in vals) else None
+    print("| mean | " + f"{sum(m[s]['target_B'] for s in seeds) / len(seeds):.4f} | " + " | ".join(
+        f"{means[n]:.4f}" if means[n] is not None else "-" for n in args.optimizers) + " |")
+    out = Path(args.out)
+    out.write_text(json.dumps({"command": "python benchmarks/finetune_forgetting.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "seeds": seeds, "per_seed": results,
+        "matched": {str(s): v for s, v in m.items()}, "matched_mean_loss_A": means}, indent=1) + "\n")
+    return 0
+
+
+def run_seed(args: argparse.Namespace, argv: list[str] | None) -> dict:
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     cap = 400_000 if args.tiny else None
@@ -242,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
+        "seed": args.seed,
         "command": "python benchmarks/finetune_forgetting.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": {k: v for k, v in vars(args).items() if k not in ("lr_table",)} | {"lrs": args.lr_table},
+        "config": {k: v for k, v in vars(args).items() if k not in ("lr_table", "seeds")} | {"lrs": args.lr_table},
         "corpora": {k: {"description": c.source.description, "train_tokens": int(c.train.size),
                         "val_tokens": int(c.val.size)} for k, c in corpora.items()},
         "pretrained": {"loss_A": before["A"], "loss_B": before["B"], "seconds": pretrain_s, "checkpoint": str(ckpt)},
@@ -254,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                         "threads": torch.get_num_threads()},
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
