@@ -104,13 +104,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, dh]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, dh]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # heads from the projections' widths (-1): under tensor parallelism a rank holds some of them
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, H, T, dh]
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # [B, Hkv, T, dh]
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
-        if self.num_kv_heads != self.num_heads:
-            rep = self.num_heads // self.num_kv_heads
+        if k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, H, T, dh]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, dh]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -620,3 +620,162 @@ def worker_deepspeed_saved_state(rank: int, world: int, out: str, fixture: str) 
     stepped = [s["step"].item() for s in opt.state_dict()["state"].values()]
     torch.save({"saved": saved["ranks"][rank], "loaded": loaded, "stepped": stepped},
                Path(out) / f"ds-saved-{rank}.pt")
+
+
+# --- tensor parallel (ColwiseParallel / RowwiseParallel), alone and with FSDP2 on a 2-D mesh ----------
+
+#: GQA with heads that divide 2 and 4 ranks; d_ff 64. The official rules with one column-blocked
+#: (row-wise split: column blocks across TP ranks) and one per-element weight.
+TP_MODEL_KW = {"n_heads": 8, "n_kv_heads": 4, "d_model": 32, "d_ff": 64, "vocab_size": 67, "max_seq_len": 32}
+
+
+def tp_model(seed: int = 0, dtype: torch.dtype = torch.float64, **kw: Any) -> torch.nn.Module:
+    return build_model("llama-tiny", n_layers=1, seed=seed, **{**TP_MODEL_KW, **kw}).to(dtype)
+
+
+def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool = False,
+                    attention: bool = True) -> torch.nn.Module:
+    """torchtitan's plan on the blocks: ColwiseParallel on q/k/v/gate/up, RowwiseParallel on o/down
+    (with SequenceParallel on the norms, the residual stream split along the sequence);
+    ``attention=False``: the MLP only."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    for block in model.blocks:
+        plan: dict[str, Any] = {f"attn.{n}": ColwiseParallel() for n in ("q_proj", "k_proj", "v_proj")}
+        plan.update({"mlp.gate_proj": ColwiseParallel(), "mlp.fc": ColwiseParallel(),
+                     "attn.o_proj": RowwiseParallel(), "mlp.proj": RowwiseParallel()})
+        if sequence_parallel:  # the residual stream split along the sequence inside the block
+            seq, full = (Shard(1),), (Replicate(),)
+            plan.update({"ln_1": SequenceParallel(), "ln_2": SequenceParallel(),
+                         "attn": PrepareModuleInput(input_layouts=seq, desired_input_layouts=full,
+                                                    use_local_output=True),
+                         "mlp": PrepareModuleInput(input_layouts=seq, desired_input_layouts=full,
+                                                   use_local_output=True),
+                         "attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+                         "mlp.proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False)})
+        if not attention:
+            plan = {k: v for k, v in plan.items() if k.startswith("mlp")}
+        parallelize_module(block, tp_mesh, plan)
+        if sequence_parallel:
+            parallelize_module(block, tp_mesh, PrepareModuleInput(input_layouts=full, desired_input_layouts=seq))
+            parallelize_module(block, tp_mesh, PrepareModuleOutput(output_layouts=seq, desired_output_layouts=full,
+                                                                   use_local_output=True))
+    return model
+
+
+def make_tp_optimizer(model: torch.nn.Module, **kw: Any) -> blockopt.AdamMini:
+    return blockopt.AdamMini(model, overrides=OVERRIDES, **{**OPT_KW, **kw})
+
+
+def single_process_tp_run(n_steps: int = STEPS, dtype: torch.dtype = torch.float64, model_kw: dict | None = None,
+                          **kw: Any) -> dict[str, dict[str, torch.Tensor]]:
+    model = tp_model(dtype=dtype, **(model_kw or {}))
+    opt = make_tp_optimizer(model, **kw)
+    train_steps(model, opt, batches()[:n_steps])
+    return snapshot(model, opt)
+
+
+def _mesh(dp: int, tp: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+
+
+def _build_2d(mesh, seed: int = 0, **kw: Any):
+    from torch.distributed.fsdp import fully_shard
+
+    model = tensor_parallel(tp_model(seed=seed), mesh["tp"])
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return model, make_tp_optimizer(model, **kw)
+
+
+def _train_2d(model, opt, xs, mesh, on_step=None) -> None:
+    """Data parallel over mesh dim "dp" (each dp rank its share of the batch); TP ranks see the same."""
+    train_steps(model, opt, xs, mesh["dp"].get_local_rank(), mesh["dp"].size(), on_step)
+
+
+def worker_tp(rank: int, world: int, out: str) -> None:
+    """TP alone at ``world`` ranks: 10 steps with fp32 and bf16 momentum, the collectives of a step,
+    SequenceParallel norms; at world 2 also int8 momentum (MLP columns on int8's 256-column groups)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    out_dir = Path(out)
+    mesh = init_device_mesh("cpu", (world,))
+    xs = batches()
+    results: dict[str, Any] = {}
+    model = tensor_parallel(tp_model(), mesh)
+    opt = make_tp_optimizer(model)
+    counts = []
+    train_steps(model, opt, xs, on_step=lambda i, step: counts.append(_comm_counts(step)))
+    results["tp"] = snapshot(model, opt)
+    results["counts"] = counts
+    results["placements"] = {n: str(tuple(p.placements)) for n, p in model.named_parameters() if hasattr(p, "placements")}
+    results["routes"] = dict(opt.routes)
+    model = tensor_parallel(tp_model(dtype=torch.float32), mesh)
+    opt = make_tp_optimizer(model, momentum_dtype=torch.bfloat16)
+    train_steps(model, opt, xs)
+    results["bf16"] = snapshot(model, opt)
+    try:
+        model = tensor_parallel(tp_model(), mesh, sequence_parallel=True)
+        opt = make_tp_optimizer(model)
+        train_steps(model, opt, xs)
+        results["sp"] = snapshot(model, opt)
+        results["sp_placements"] = {n: str(tuple(p.placements)) for n, p in model.named_parameters()
+                                    if hasattr(p, "placements")}
+    except Exception as e:  # noqa: BLE001 - SequenceParallel where torch cannot run it on CPU: say so
+        results["sp_error"] = f"{type(e).__name__}: {e}"
+    if world == 2:  # int8: the MLP split (512 columns: 256 a rank); o_proj's 32 columns cannot split so
+        model = tensor_parallel(tp_model(dtype=torch.float32, d_ff=512), mesh, attention=False)
+        opt = make_tp_optimizer(model, momentum_dtype="int8")
+        train_steps(model, opt, xs)
+        results["int8"] = snapshot(model, opt)
+        try:
+            make_tp_optimizer(tensor_parallel(tp_model(dtype=torch.float32), mesh), momentum_dtype="int8")
+            results["int8_error"] = None
+        except ValueError as e:
+            results["int8_error"] = str(e)
+    if rank == 0:
+        torch.save(results, out_dir / f"tp{world}.pt")
+
+
+def worker_fsdp_tp(rank: int, world: int, out: str) -> None:
+    """FSDP2 + TP on 2-D meshes at world 4: 2x2 (dp x tp) and 4x1 for 10 steps each, with a DCP checkpoint
+    after step 5; each checkpoint then resumed on the other layout for the last 5 steps."""
+    from blockopt.distributed import checkpoint
+
+    out_dir = Path(out)
+    xs = batches()
+    results: dict[str, Any] = {}
+    for dp, tp in ((2, 2), (4, 1)):
+        mesh = _mesh(dp, tp)
+        model, opt = _build_2d(mesh)
+        counts = []
+
+        def on_step(i, step, model=model, opt=opt, dp=dp, tp=tp, counts=counts):
+            counts.append(_comm_counts(step))
+            if i == 4:
+                checkpoint.save(out_dir / f"ckpt{dp}x{tp}", model, opt)
+
+        _train_2d(model, opt, xs, mesh, on_step)
+        results[f"{dp}x{tp}"] = snapshot(model, opt)
+        results[f"counts{dp}x{tp}"] = counts
+        results[f"placements{dp}x{tp}"] = {n: str(tuple(p.placements)) for n, p in model.named_parameters()}
+    for (dp, tp), (sdp, stp) in (((4, 1), (2, 2)), ((2, 2), (4, 1))):
+        mesh = _mesh(dp, tp)
+        model, opt = _build_2d(mesh, seed=123)  # other weights: the checkpoint must supply them
+        checkpoint.load(out_dir / f"ckpt{sdp}x{stp}", model, opt)
+        results[f"resumed_step{sdp}x{stp}->{dp}x{tp}"] = max(s["step"].item() for s in opt.state.values())
+        _train_2d(model, opt, xs[5:], mesh)
+        results[f"{sdp}x{stp}->{dp}x{tp}"] = snapshot(model, opt)
+    if rank == 0:
+        torch.save(results, out_dir / "fsdp_tp.pt")

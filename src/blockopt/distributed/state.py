@@ -18,13 +18,14 @@ from collections.abc import Sequence
 
 import torch
 
+from .boxes import BoxInfo, gather_box_states, local_box_state
 from .dtensor import is_dtensor
 from .sharding import ShardInfo, chunk_rows
 
 __all__ = ["as_dtensor", "gather_block_states", "local_block_state", "local_exp_avg"]
 
 
-def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo]) -> list[torch.Tensor]:
+def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo | BoxInfo]) -> list[torch.Tensor]:
     """Full second-moment vectors (plain tensors, identical on every rank) from the local ranges.
 
     Collective: every rank must call it with the same parameters in the same order.
@@ -34,6 +35,12 @@ def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo]) 
     from .step import _comm_device
 
     out: list[torch.Tensor | None] = [None] * len(vs)
+    box = [i for i, info in enumerate(infos) if isinstance(info, BoxInfo)]
+    if box:
+        for i, full in zip(box, gather_box_states([vs[i] for i in box], [infos[i] for i in box])):  # type: ignore[misc]
+            out[i] = full
+    rest = [i for i in range(len(infos)) if i not in set(box)]  # FSDP2's row shards
+    vs, infos = [vs[i] for i in rest], [infos[i] for i in rest]
     by_group: dict[object, list[int]] = {}
     for i, info in enumerate(infos):
         by_group.setdefault(info.group, []).append(i)
@@ -55,12 +62,14 @@ def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo]) 
             off += n
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         for i, off, n in zip(idx, offsets, sizes):
-            out[i] = buf[off:off + n].to(vs[i].device, vs[i].dtype, copy=True)
+            out[rest[i]] = buf[off:off + n].to(vs[i].device, vs[i].dtype, copy=True)
     return out  # type: ignore[return-value]
 
 
-def local_block_state(full: torch.Tensor, info: ShardInfo) -> torch.Tensor:
+def local_block_state(full: torch.Tensor, info: ShardInfo | BoxInfo) -> torch.Tensor:
     """This rank's range of a full second-moment vector (a copy)."""
+    if isinstance(info, BoxInfo):
+        return local_box_state(full, info)
     lo, hi = info.layout.blocks
     return full.detach()[lo:hi].clone()
 
@@ -87,10 +96,16 @@ def local_exp_avg(saved: torch.Tensor, p: torch.Tensor, shape: tuple[int, int] |
     from torch.distributed.tensor import Shard  # p is a DTensor: the module is loaded
 
     local = saved.detach()
-    if any(isinstance(pl, Shard) for pl in p.placements):  # Shard(0): validated when the optimizer was built
-        mesh = p.device_mesh
+    mesh = p.device_mesh
+    if mesh.ndim == 1 and tuple(p.placements) == (Shard(0),):  # FSDP2: validated when the optimizer was built
         r0, r1 = chunk_rows(p.shape[0], mesh.size(0), mesh.get_local_rank(0))
         local = local[r0:r1]
+    elif any(isinstance(pl, Shard) or type(pl).__name__ == "_StridedShard" for pl in p.placements):  # a TP box
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        full_shape = tuple(shape) if shape is not None else tuple(p.shape)
+        sizes, offset = compute_local_shape_and_global_offset(full_shape, mesh, p.placements)
+        local = local[tuple(slice(o, o + n) for o, n in zip(offset, sizes))]
     local = local.to(p.to_local().device).clone(memory_format=torch.contiguous_format)
     return as_dtensor(local, p, shape)
 

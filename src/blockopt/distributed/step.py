@@ -24,7 +24,7 @@ the current CUDA device.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,6 +33,7 @@ import torch
 from ..kernels.adam_mini import Applier, adam_mini_update
 from ..kernels.blocks import is_elementwise
 from ..kernels.momentum import Codec
+from .boxes import BoxInfo, box_results, box_vectors
 from .sharding import ShardInfo, expand_denominator, local_block_sq_sums
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "SharedBlocks",
     "block_statistics_from_sums",
     "partial_block_sums",
+    "reduce_all",
     "reduce_shared_blocks",
     "shard_applier",
     "sharded_adam_mini_update",
@@ -65,6 +67,8 @@ def partial_block_sums(grads: Sequence[torch.Tensor | None], infos: Sequence[Sha
     for g, info, dtype in zip(grads, infos, dtypes, strict=True):
         if g is None or is_elementwise(info.layout.geometry):
             out.append(None)
+        elif isinstance(info, BoxInfo):
+            out.append(info.local_sums(g.to(dtype)))
         else:
             out.append(local_block_sq_sums(g.to(dtype), info))
     return out
@@ -81,13 +85,17 @@ def _comm_device(group, device: torch.device) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[SharedBlocks]) -> int:
+def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[SharedBlocks],
+                         extra: Mapping[object, Sequence[torch.Tensor]] | None = None) -> int:
     """Phase 2, in place: add up the partial sums of shared blocks across ranks.
 
     ``infos`` must list every sharded parameter of the optimizer in the same
     order on every rank (parameters without a gradient pass ``None`` sums and
-    contribute zeros), so that the buffer layouts agree. Returns the number of
-    collectives issued (one per process group with shared blocks, else 0). The
+    contribute zeros), so that the buffer layouts agree. ``extra``: process group
+    -> flat tensors summed over it in the same collective, in place (the
+    tensor-parallel boxes' block vectors; a tensor may be listed under several
+    groups, which are reduced one after the other). Returns the number of
+    collectives issued (one per process group with something to sum, else 0). The
     ZeRO step (:mod:`blockopt.distributed.zero`) reduces its flat partitions'
     shared blocks here too.
     """
@@ -97,15 +105,18 @@ def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[Sh
     for i, info in enumerate(infos):
         if info.num_shared:
             by_group.setdefault(info.group, []).append(i)
+    extra = extra or {}
     issued = 0
-    for group, idx in by_group.items():
-        present = [sums[i] for i in idx if sums[i] is not None]
+    for group in dict.fromkeys([*by_group, *extra]):
+        idx, more = by_group.get(group, []), list(extra.get(group, ()))
+        present = [sums[i] for i in idx if sums[i] is not None] + more
         dtype = torch.float32
         for s in present:
             dtype = torch.promote_types(dtype, s.dtype)
         device = present[0].device if present else infos[idx[0]].shared_local.device
         sizes = [infos[i].num_shared for i in idx]
-        buf = torch.zeros(sum(sizes), dtype=dtype, device=_comm_device(group, device))
+        n_more = sum(t.numel() for t in more)
+        buf = torch.zeros(sum(sizes) + n_more, dtype=dtype, device=_comm_device(group, device))
         offsets = []
         off = 0
         for i, n in zip(idx, sizes):
@@ -115,20 +126,28 @@ def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[Sh
                 buf[off:off + n].index_copy_(0, info.shared_pos.to(buf.device),
                                              s[info.shared_local].to(buf.device, dtype))
             off += n
+        if more:
+            buf[off:].copy_(torch.cat([t.reshape(-1).to(buf.device, dtype) for t in more]))
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         issued += 1
         for i, off, n in zip(idx, offsets, sizes):
             s, info = sums[i], infos[i]
             if s is not None and info.shared_local.numel():
                 s.index_copy_(0, info.shared_local, buf[off:off + n][info.shared_pos.to(buf.device)].to(s))
+        off = sum(sizes)
+        for t in more:
+            t.copy_(buf[off:off + t.numel()].view_as(t))
+            off += t.numel()
     return issued
 
 
-def shard_applier(info: ShardInfo) -> Applier:
+def shard_applier(info: ShardInfo | BoxInfo) -> Applier:
     """For :func:`~blockopt.kernels.adam_mini.adam_mini_update`: the per-block denominator broadcast
-    over a local shard's layout (rows, columns, slices or flat elements)."""
+    over a local shard's layout (rows, columns, slices or flat elements; or a tensor-parallel box)."""
+    expand = info.expand if isinstance(info, BoxInfo) else (lambda d: expand_denominator(d, info))
+
     def apply(w: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float) -> None:
-        w.addcdiv_(m, expand_denominator(denom, info), value=-step_size)
+        w.addcdiv_(m, expand(denom), value=-step_size)
     return apply
 
 
@@ -209,13 +228,27 @@ def sharded_step(groups: Sequence[ShardTensors]) -> None:
         every.extend(t.every)
         all_sums.extend(listed)
     if every:
-        reduce_shared_blocks(all_sums, every)
+        reduce_all(all_sums, every)
     for t, s in zip(groups, sums):
         if not t.params:
             continue
         exp_avgs = t.codec.decode(t.exp_avgs, t.scales) if t.codec is not None else t.exp_avgs
         sharded_adam_mini_update(t.params, t.grads, exp_avgs, t.second_moments, t.steps, t.infos, t.decay, s,
                                  **t.hyper)
-        if t.codec is not None:  # each shard's first element in the full tensor: random bits as one process
-            offsets = [info.layout.rows[0] * math.prod(info.layout.shape[1:]) for info in t.infos]
+        if t.codec is not None:  # each element's index in the full tensor: random bits as one process
+            offsets = [info.flat_index(m.device) if isinstance(info, BoxInfo)
+                       else info.layout.rows[0] * math.prod(info.layout.shape[1:])
+                       for info, m in zip(t.infos, t.exp_avgs)]
             t.codec.encode(t.exp_avgs, exp_avgs, t.steps, t.scales, t.seeds, offsets)
+
+
+def reduce_all(sums: list[torch.Tensor | None], infos: Sequence[ShardInfo | BoxInfo]) -> int:
+    """Phase 2 for every sharded parameter: FSDP2's boundary blocks (one ``all_reduce`` per process
+    group) and the tensor-parallel boxes (one per mesh dimension). Returns the collectives issued."""
+    fsdp = [i for i, info in enumerate(infos) if not isinstance(info, BoxInfo)]
+    box = [i for i, info in enumerate(infos) if isinstance(info, BoxInfo)]
+    box_sums, box_infos = [sums[i] for i in box], [infos[i] for i in box]
+    todo, fulls, stages = box_vectors(box_sums, box_infos)
+    issued = reduce_shared_blocks([sums[i] for i in fsdp], [infos[i] for i in fsdp], stages)
+    box_results(box_sums, box_infos, todo, fulls)
+    return issued

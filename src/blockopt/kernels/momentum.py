@@ -163,18 +163,19 @@ def decode(m: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def encode_(m: torch.Tensor, value: torch.Tensor, seed: int, scale: torch.Tensor | None = None,
-            offset: int = 0) -> None:
+            offset: int | torch.Tensor = 0) -> None:
     """Store fp32 ``value`` into ``m`` (and ``scale``) with stochastic rounding.
 
     ``offset`` is the index of ``value``'s first element in the full tensor (a
-    shard's offset under FSDP2), so the random bits do not depend on sharding.
+    shard's offset under FSDP2), or an int64 tensor of every element's index (a
+    tensor-parallel box), so the random bits do not depend on sharding.
     """
     if m.dtype == torch.float32:
         if value is not m:
             m.copy_(value)
         return
     v = value.detach().contiguous()
-    idx = _indices(v.numel(), offset, v.device).view(v.shape)
+    idx = offset.view(v.shape) if isinstance(offset, torch.Tensor) else _indices(v.numel(), offset, v.device).view(v.shape)
     r = hash32(seed, idx)
     if m.dtype == torch.bfloat16:
         bits = v.view(torch.int32).to(torch.int64) & _M32
@@ -223,7 +224,7 @@ class Codec:
 
     def encode(self, exp_avgs: Sequence[torch.Tensor], values: Sequence[torch.Tensor], steps: Sequence[torch.Tensor],
                scales: Sequence[torch.Tensor | None] = (), seeds: Sequence[int] = (),
-               offsets: Sequence[int] = ()) -> None:
+               offsets: Sequence[int | torch.Tensor] = ()) -> None:
         """``steps``: the step counters (already incremented); ``seeds``: each tensor's base seed
         (:func:`name_seed`, default 0); ``offsets``: each tensor's first element in the full tensor
         (a shard's, under FSDP2; default 0)."""

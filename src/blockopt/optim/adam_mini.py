@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..distributed.dtensor import check_grad, is_dtensor, make_shard_info
+from ..distributed.dtensor import check_grad, is_dtensor, make_shard_info, reduce_partial_grads
 from ..distributed.sharding import ShardInfo
 from ..distributed.state import local_block_state
 from ..distributed.step import sharded_step
@@ -217,7 +217,8 @@ class AdamMini(PlanOptimizer):
                 if group["capturable"]:
                     raise ValueError(f"Invalid capturable=True: parameter {name!r} is a DTensor (FSDP2); "
                                      "capturable steps support plain CUDA tensors only")
-                dtensors[p] = make_shard_info(p, entry.geometry, name)
+                dtensors[p] = make_shard_info(p, entry.geometry, name, momentum=self.momentum_format,
+                                              calibrate=self._calib is not None)
         group["block_plan"] = block_plan(entries[p] for p in group["params"])
         self._entries.update(entries)
         self._dtensors.update(dtensors)
@@ -307,6 +308,8 @@ class AdamMini(PlanOptimizer):
             self._zero_step()
         else:
             check_known(self)
+            if self._dtensors:  # SequenceParallel's norms: Partial gradients summed over the TP ranks first
+                reduce_partial_grads([p for g in self.param_groups for p in g["params"] if p.grad is not None])
             shards = shard_tensors(self) if self._dtensors else []
             self._plain_step()
             if shards:
