@@ -128,10 +128,11 @@ def _bench_parser(sub: Any) -> argparse.ArgumentParser:
     g.add_argument("--isolate", choices=("auto", "process", "none"), default="auto",
                    help="run each run in a fresh process (auto: on CPU, so peak RSS is per run)")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="default steps/5; 0 never")
-    g.add_argument("--parallel", choices=("none", "fsdp", "ddp"), default="none",
-                   help="data-parallel runs (FSDP2 or DDP); must run under torchrun, e.g. `torchrun "
-                        "--nproc-per-node 2 $(which blockopt) bench --parallel fsdp ...`; --batch-size is then "
-                        "the global batch, split across the ranks (default none)")
+    g.add_argument("--parallel", choices=("none", "fsdp", "ddp", "tp", "fsdp+tp"), default="none",
+                   help="parallel runs: FSDP2, DDP, tensor parallel (tp: q/k/v/gate/up column-wise, o/down "
+                        "row-wise) or FSDP2 + TP on a 2-D mesh (TP degree 2); must run under torchrun, e.g. "
+                        "`torchrun --nproc-per-node 2 $(which blockopt) bench --parallel fsdp ...`; --batch-size "
+                        "is then the global batch, split across the data-parallel ranks (default none)")
     g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     g.add_argument("--progress", choices=("auto", "plain", "none"), default="auto",
                    help="live display on stderr (auto: rich on a terminal)")

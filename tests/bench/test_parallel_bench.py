@@ -1,4 +1,5 @@
-"""`blockopt bench --parallel fsdp|ddp` under a real ``torchrun`` (2 ranks, gloo on CPU), and its input checks."""
+"""`blockopt bench --parallel fsdp|ddp|tp|fsdp+tp` under a real ``torchrun`` (2 ranks, gloo on CPU), and its
+input checks."""
 
 # fixtures are imported from bench_helpers (see there why), so test arguments shadow the imports
 # ruff: noqa: F811
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -96,6 +98,53 @@ def test_parallel_bench_under_torchrun_equals_one_process(parallel, tmp_path, co
     assert [r["run_id"] for r in summary["runs"]] == [r["run_id"] for r in reference["runs"]]
 
 
+TP_OPTIMIZERS = "adamw,adam-mini,adamw+blr,adam-mini+blr"
+
+
+@pytest.fixture(scope="module")
+def tp_reference(tmp_path_factory, corpus, cache_dir):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from blockopt.cli import main
+
+    out = tmp_path_factory.mktemp("tpref") / "out"
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as se:
+        rc = main(tiny_args(corpus, cache_dir, out, "--optimizers", TP_OPTIMIZERS, "--no-plots"))
+    assert rc == 0, se.getvalue()
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("parallel", ["tp", "fsdp+tp"])
+def test_tensor_parallel_bench_under_torchrun_equals_one_process(parallel, tmp_path, corpus, cache_dir, tp_reference):
+    """Tensor parallel over 2 ranks (each sees the whole batch), and FSDP2 + TP on a 1x2 mesh (the 2-D
+    layout with one data-parallel rank): the same losses as one process, within float32 rounding."""
+    out = tmp_path / "out"
+    proc = _torchrun([*tiny_args(corpus, cache_dir, out, "--optimizers", TP_OPTIMIZERS, "--no-plots"),
+                      "--parallel", parallel])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["environment"]["parallel"] == parallel
+    ref = {r["optimizer"]: r for r in tp_reference["runs"]}
+    for r in summary["runs"]:
+        assert r["status"] == "ok" and r["steps"] == 6 and r["world_size"] == 2
+        one = ref[r["optimizer"]]
+        assert r["params"] == one["params"]
+        assert r["final_val_loss"] == pytest.approx(one["final_val_loss"], rel=1e-4), r["optimizer"]
+        # the blocks' linear layers are split over the 2 ranks; embeddings and norms stay whole
+        share = r["state_bytes"] / one["state_bytes"]
+        assert 0.5 < share < 1.0, share
+
+
+def test_tensor_parallel_refuses_the_in_run_calibration(monkeypatch, tmp_path, corpus):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = SweepConfig(data=str(corpus), out=str(tmp_path / "out"), steps=6, batch_size=2, context=16, plots=False,
+                      parallel="tp", optimizers=("adam-mini", "adam-mini-snr"))
+    with pytest.raises(BenchInputError, match=r"--optimizers: adam-mini-snr cannot run with --parallel tp; "
+                                              r"tensor-parallel runs support adamw, adam-mini, adamw\+blr, adam-mini\+blr"):
+        prepare_sweep(cfg)
+
+
 def test_parallel_unsupported_optimizer_is_one_line_exit_2(tmp_path, corpus, cache_dir):
     out = tmp_path / "out"
     proc = _torchrun([*tiny_args(corpus, cache_dir, out, "--optimizers", "adamw,muon", "--no-plots"),
@@ -120,18 +169,18 @@ def test_parallel_outside_torchrun_is_a_clear_error(cli, tmp_path, corpus, cache
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"batch_size": 3}, "--batch-size: 3 does not divide by the world size 2"),
+    ({"batch_size": 3}, "--batch-size: 3 does not divide by the data-parallel size 2"),
     ({"optimizers": ("adam-mini", "adafactor")}, "--optimizers: adafactor cannot run with --parallel fsdp"),
     ({"resume": True}, "--resume: not supported with --parallel fsdp"),
     ({"checkpoint_every": 2}, "--checkpoint-every: 2; not supported with --parallel fsdp"),
     ({"isolate": "process"}, "--isolate process: not possible with --parallel fsdp"),
-    ({"parallel": "zero"}, "--parallel: 'zero'; allowed: none, fsdp, ddp"),
+    ({"parallel": "zero"}, "--parallel: 'zero'; allowed: none, fsdp, ddp, tp, fsdp+tp"),
 ])
 def test_parallel_input_checks(change, message, tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = SweepConfig(**{"data": str(corpus), "out": str(tmp_path / "out"), "steps": 6, "batch_size": 2,
                          "context": 16, "plots": False, "parallel": "fsdp", **change})
-    with pytest.raises(BenchInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(BenchInputError, match=re.escape(message)):
         prepare_sweep(cfg)
 
 

@@ -671,8 +671,13 @@ def tensor_parallel(model: torch.nn.Module, tp_mesh, sequence_parallel: bool = F
     return model
 
 
+#: OVERRIDES, plus a whole-tensor block on the row-wise split o_proj and blocks of 8 rows on k_proj (two
+#: "heads" of 8 rows: each spans two ranks at TP 4, as a KV head does when there are fewer than TP ranks)
+TP_OVERRIDES = {**OVERRIDES, r"blocks\.\d+\.attn\.o_proj\.weight": "tensor", r"blocks\.\d+\.attn\.k_proj\.weight": "head:8"}
+
+
 def make_tp_optimizer(model: torch.nn.Module, **kw: Any) -> blockopt.AdamMini:
-    return blockopt.AdamMini(model, overrides=OVERRIDES, **{**OPT_KW, **kw})
+    return blockopt.AdamMini(model, overrides=TP_OVERRIDES, **{**OPT_KW, **kw})
 
 
 def single_process_tp_run(n_steps: int = STEPS, dtype: torch.dtype = torch.float64, model_kw: dict | None = None,
@@ -779,3 +784,27 @@ def worker_fsdp_tp(rank: int, world: int, out: str) -> None:
         results[f"{sdp}x{stp}->{dp}x{tp}"] = snapshot(model, opt)
     if rank == 0:
         torch.save(results, out_dir / "fsdp_tp.pt")
+
+
+def worker_tp_errors(rank: int, world: int, out: str) -> None:
+    """What AdamMini refuses under tensor parallel, each with the message (rank 0 writes them)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = init_device_mesh("cpu", (world,))
+    errors: dict[str, str | None] = {}
+
+    def attempt(key: str, fn) -> None:
+        try:
+            fn()
+            errors[key] = None
+        except ValueError as e:
+            errors[key] = str(e)
+
+    attempt("calibrate", lambda: blockopt.AdamMini(tensor_parallel(tp_model(), mesh), calibrate=4, **OPT_KW))
+    attempt("factored", lambda: blockopt.AdamMini(tensor_parallel(tp_model(), mesh), lr=1e-3))
+    partial = torch.nn.Linear(4, 4, bias=False)
+    partial.weight = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 4), mesh, [Partial()]))
+    attempt("partial", lambda: blockopt.AdamMini(partial, rules="official"))
+    if rank == 0:
+        torch.save(errors, Path(out) / "tp_errors.pt")

@@ -63,12 +63,31 @@ def test_dtensor_parameters_without_a_process_group_are_explained(world1):
 
 
 def test_unsupported_placement_is_named(world1):
+    from torch.distributed.tensor import DTensor, Partial, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (1,))
+    model = torch.nn.Linear(4, 4, bias=False)
+    model.weight = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 4), mesh, [Partial()]))
+    with pytest.raises(ValueError, match=r"Invalid placement of parameter 'weight': \(Partial\(sum\),\); "
+                                         r"AdamMini supports Shard\(d\) .* not Partial\(\)"):
+        blockopt.AdamMini(model, rules="official")
+
+
+def test_fsdp2_sharding_another_dimension_steps_as_one_process(world1):
+    """FSDP2's shard_placement_fn with Shard(1): once refused, now the box layout of tensor parallel."""
     from torch.distributed.tensor import Shard
 
     model = shard(tiny_model(), shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
-    with pytest.raises(ValueError, match=r"Invalid placement of parameter 'embed\.weight': Shard\(dim=1\); "
-                                         r"AdamMini supports Shard\(0\)"):
-        make_optimizer(model)
+    assert tuple(model.embed.weight.placements) == (Shard(1),)
+    opt = make_optimizer(model)
+    train_steps(model, opt, batches()[:3])
+    plain = tiny_model()
+    plain_opt = make_optimizer(plain)
+    train_steps(plain, plain_opt, batches()[:3])
+    got, want = snapshot(model, opt), snapshot(plain, plain_opt)
+    for name in want:
+        for key in ("param", "exp_avg", "block_exp_avg_sq"):
+            assert max_rel_diff(got[name][key], want[name][key]) <= 1e-12, (name, key)
 
 
 def test_replicated_dtensor_parameters_use_the_plain_step(world1):

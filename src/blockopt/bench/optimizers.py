@@ -151,7 +151,12 @@ def _decay_groups(model: nn.Module, plan, hp: Hyper, *, named: bool = False) -> 
 def _fastest_adamw(groups, **kw) -> torch.optim.AdamW:
     """AdamW with its fused implementation where torch has one for these tensors (CPU and CUDA
     since torch 2.4): the default on CPU is a per-tensor loop about 10x slower, which would make
-    any optimizer look fast beside it."""
+    any optimizer look fast beside it. Plain tensors beside DTensors (tensor parallel, whose embeddings
+    stay whole) take the per-tensor loop: torch's fused and foreach kernels refuse the mix."""
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    kinds = {type(p.data).__name__ == "DTensor" for p in params}
+    if len(kinds) > 1:
+        return torch.optim.AdamW(groups, foreach=False, **kw)
     try:
         return torch.optim.AdamW(groups, fused=True, **kw)
     except (RuntimeError, ValueError):

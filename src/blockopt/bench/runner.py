@@ -322,7 +322,7 @@ def _train_step(setup: RunSetup, state: RunState) -> tuple[float, float, torch.T
         g["lr"] = lr_now * g.get("lr_multiplier", 1.0)
     x, y = get_batch(setup.train, setup.offsets[step], job.context)
     if setup.parallel:  # this rank's share of the global batch
-        x, y = launch.shard_batch(x, setup.dist), launch.shard_batch(y, setup.dist)
+        x, y = launch.shard_batch(x, setup.dist, job.parallel), launch.shard_batch(y, setup.dist, job.parallel)
     x, y = x.to(setup.device, non_blocking=True), y.to(setup.device, non_blocking=True)
     t0 = setup.fwd_timer.time()
     with autocast(setup.device, job.dtype):
@@ -331,6 +331,8 @@ def _train_step(setup: RunSetup, state: RunState) -> tuple[float, float, torch.T
     in_backward = getattr(opt, "_backward", None)  # step_in_backward: stepped (and clipped) in backward
     if in_backward is not None:
         gnorm = None
+    elif job.parallel in ("tp", "fsdp+tp"):  # plain embeddings beside DTensors: torch's clipping refuses the mix
+        gnorm = launch.grad_norm(setup.params, job.grad_clip)
     elif job.grad_clip > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(setup.params, job.grad_clip)
     else:

@@ -395,11 +395,13 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
             raise BenchInputError(f"--optimizers: {c.key!r} is given twice")
         choices.append(c)
     if cfg.parallel != "none":
-        bad = [c.key for c in choices if c.spec.name not in PARALLEL_OPTIMIZERS or c.options.get("step_in_backward")]
+        allowed = TP_OPTIMIZERS if cfg.parallel in ("tp", "fsdp+tp") else PARALLEL_OPTIMIZERS
+        bad = [c.key for c in choices if c.spec.name not in allowed or c.options.get("step_in_backward")]
         if bad:
             raise BenchInputError(
                 f"--optimizers: {', '.join(bad)} cannot run with --parallel {cfg.parallel}; "
-                f"data-parallel runs support {', '.join(PARALLEL_OPTIMIZERS)} (without step_in_backward)"
+                f"{'tensor' if allowed is TP_OPTIMIZERS else 'data'}-parallel runs support {', '.join(allowed)} "
+                "(without step_in_backward)"
             )
         ckpt = 0  # opt.state_dict() is collective under FSDP2: no periodic checkpoints (and no --resume)
     lr_grids = parse_lrs(cfg.lrs, choices)
@@ -471,6 +473,8 @@ def prepare_sweep(cfg: SweepConfig) -> Sweep:
 
 PARALLEL_CHOICES = ("none", *launch.PARALLEL_CHOICES)  # launch's modes, or none
 PARALLEL_OPTIMIZERS = ("adamw", "adam-mini", "adamw+blr", "adam-mini+blr", "adam-mini-snr", "adam-mini-snr+blr")
+#: under --parallel tp / fsdp+tp: no in-run calibration (it needs FSDP2's row shards)
+TP_OPTIMIZERS = ("adamw", "adam-mini", "adamw+blr", "adam-mini+blr")
 
 
 def _check_parallel(cfg: SweepConfig) -> int:
@@ -491,10 +495,14 @@ def _check_parallel(cfg: SweepConfig) -> int:
                 f"--parallel {cfg.parallel}: not under torchrun (no WORLD_SIZE); launch with "
                 f"`torchrun --nproc-per-node N $(which blockopt) bench --parallel {cfg.parallel} ...`"
             ) from None
-    if cfg.batch_size % world:
+    if cfg.parallel == "fsdp+tp" and world % launch.TP_DEGREE:
+        raise BenchInputError(f"--parallel fsdp+tp: the world size {world} must divide by the tensor-parallel "
+                              f"degree {launch.TP_DEGREE}")
+    dp = 1 if cfg.parallel == "tp" else world // launch.TP_DEGREE if cfg.parallel == "fsdp+tp" else world
+    if cfg.batch_size % dp:
         raise BenchInputError(
-            f"--batch-size: {cfg.batch_size} does not divide by the world size {world}; with --parallel "
-            f"--batch-size is the global batch, split evenly across the ranks"
+            f"--batch-size: {cfg.batch_size} does not divide by the data-parallel size {dp}; with --parallel "
+            f"--batch-size is the global batch, split evenly across the data-parallel ranks"
         )
     if cfg.resume:
         raise BenchInputError(f"--resume: not supported with --parallel {cfg.parallel} yet; start a new --out")

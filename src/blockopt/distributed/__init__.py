@@ -10,8 +10,7 @@ Distributed training with :class:`blockopt.AdamMini` (``torchrun``; helpers in
 * **FSDP2** (``fully_shard``): build the optimizer *after* sharding. The
   plan is the unsharded model's (DTensor shapes are global). Parameters
   are DTensors with ``Shard(0)`` on a 1-D mesh (uneven ``torch.chunk``
-  shards and empty shards included; ``Replicate()`` also works, other
-  placements raise ``ValueError``). Rows inside one shard need no
+  shards and empty shards included; ``Replicate()`` also works). Rows inside one shard need no
   communication; blocks that cross a shard boundary (split heads,
   whole-tensor blocks, column blocks) have their partial sums added with
   **one** ``all_reduce`` per process group per step, whatever the number
@@ -19,6 +18,14 @@ Distributed training with :class:`blockopt.AdamMini` (``torchrun``; helpers in
   local shards; ``exp_avg`` is a DTensor like the parameter and each rank
   keeps the second moments of the blocks it touches. The same code runs
   on gloo and NCCL; the group comes from the parameter's device mesh.
+* **Tensor parallel, and FSDP2 + TP on a 2-D mesh** (torch's
+  ``ColwiseParallel`` / ``RowwiseParallel`` / ``SequenceParallel``, FSDP2's
+  strided shards over them, ``shard_placement_fn`` on another dimension):
+  each rank holds a box of the parameter; the block sums are reduced over
+  each mesh dimension that shards it, one ``all_reduce`` per mesh dimension
+  per step (:mod:`blockopt.distributed.boxes`). ``Partial`` parameters raise
+  ``ValueError``; ``SequenceParallel``'s ``Partial`` gradients are summed
+  first.
 * **DeepSpeed ZeRO 1-3**: :func:`blockopt.integrations.deepspeed.attach`
   maps the plan onto ZeRO's flat partitions (:mod:`blockopt.distributed.zero`);
   the step reduces the blocks split between ranks with FSDP2's reduction.
@@ -39,8 +46,12 @@ The modules:
 * :mod:`~blockopt.distributed.sharding` -- which blocks a rank holds when a
   parameter is split along dim 0, and which blocks cross a shard boundary
   (pure arithmetic on global shapes, the same on every rank).
-* :mod:`~blockopt.distributed.dtensor` -- supported placements (``Shard(0)``
-  on a 1-D mesh, ``Replicate()``), checks, the per-parameter :class:`ShardInfo`.
+* :mod:`~blockopt.distributed.boxes` -- tensor-parallel and 2-D layouts: the
+  box of the global tensor a rank holds, its blocks, and the sums reduced
+  over each mesh dimension that shards it.
+* :mod:`~blockopt.distributed.dtensor` -- supported placements (``Shard(d)``,
+  strided shards and ``Replicate()`` on 1-D and 2-D meshes), checks, the
+  per-parameter :class:`ShardInfo` or ``BoxInfo``.
 * :mod:`~blockopt.distributed.step` -- the sharded step (:func:`~blockopt.distributed.step.sharded_step`):
   local partial sums, one ``all_reduce`` per process group per step for all
   boundary blocks, update.

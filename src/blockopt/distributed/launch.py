@@ -1,12 +1,12 @@
-"""Helpers for data-parallel training under ``torchrun``: initialise, wrap, write from rank 0.
+"""Helpers for data- and tensor-parallel training under ``torchrun``: initialise, wrap, write from rank 0.
 
-Typical use (what ``blockopt bench --parallel fsdp|ddp`` does)::
+Typical use (what ``blockopt bench --parallel fsdp|ddp|tp|fsdp+tp`` does)::
 
     ctx = init_distributed()                      # reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT
     model = build_model(...).to(ctx.device)       # the same initial weights on every rank (same seed)
-    model = wrap_model(model, "fsdp")             # or "ddp"
+    model = wrap_model(model, "fsdp")             # or "ddp", "tp", "fsdp+tp"
     opt = blockopt.AdamMini(unwrap(model), ...)   # after wrapping: FSDP2 replaces parameters by DTensors
-    for step, x in enumerate(batches):            # each rank takes its share: shard_batch(x, ctx)
+    for step, x in enumerate(batches):            # each rank takes its share: shard_batch(x, ctx, "fsdp")
         ...
         if ctx.is_main: write_on_rank0(path, text)
     cleanup()
@@ -36,17 +36,26 @@ __all__ = [
     "all_reduce_mean",
     "barrier",
     "cleanup",
+    "data_parallel",
     "exit_process",
+    "grad_norm",
     "init_distributed",
     "is_main_process",
     "shard_batch",
+    "tensor_parallel",
     "torchrun_env",
     "unwrap",
     "wrap_model",
     "write_on_rank0",
 ]
 
-PARALLEL_CHOICES = ("fsdp", "ddp")
+PARALLEL_CHOICES = ("fsdp", "ddp", "tp", "fsdp+tp")
+#: the tensor-parallel degree of ``"fsdp+tp"`` (the rest of the world is FSDP2's data-parallel dimension)
+TP_DEGREE = 2
+#: linear layers split by output (``ColwiseParallel``) and by input (``RowwiseParallel``), by the last part
+#: of their name: the built-in models', Llama's / Qwen's and GPT-NeoX-style names
+COLWISE = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc", "w1", "w3"})
+ROWWISE = frozenset({"o_proj", "down_proj", "proj", "w2", "out_proj"})
 _ran_collectives = [False]  # set by init_distributed: see exit_process
 
 
@@ -115,9 +124,34 @@ def _shard_roots(model: nn.Module) -> list[nn.Module]:
     return [child for m in model.modules() if isinstance(m, nn.ModuleList) for child in m]
 
 
+def tensor_parallel(model: nn.Module, tp_mesh: Any) -> nn.Module:
+    """torchtitan's plan on the linear layers of the repeated blocks, in place: ``ColwiseParallel`` on
+    q/k/v/gate/up (:data:`COLWISE`), ``RowwiseParallel`` on o/down (:data:`ROWWISE`); embeddings, norms
+    and the output head stay whole on every rank. Each split layer's features must divide by the
+    tensor-parallel degree (``ValueError`` naming the layer otherwise). The model's attention must take
+    its head count from the projections' widths, as the built-in models do."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = tp_mesh.size()
+    for block in _shard_roots(model):
+        plan: dict[str, Any] = {}
+        for name, m in block.named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if not isinstance(m, nn.Linear) or last not in COLWISE | ROWWISE:
+                continue
+            n = m.out_features if last in COLWISE else m.in_features
+            if n % tp:
+                raise ValueError(f"Invalid tensor-parallel degree {tp} for {type(m).__name__} {name!r}: its "
+                                 f"{'out' if last in COLWISE else 'in'}_features {n} does not divide by it")
+            plan[name] = ColwiseParallel() if last in COLWISE else RowwiseParallel()
+        if plan:
+            parallelize_module(block, tp_mesh, plan)
+    return model
+
+
 def wrap_model(model: nn.Module, parallel: str, *, offload: bool = False, mixed_precision: Any = None,
                device: torch.device | None = None) -> nn.Module:
-    """Make ``model`` data parallel; build the optimizer *after* this.
+    """Make ``model`` data parallel and/or tensor parallel; build the optimizer *after* this.
 
     ``"fsdp"``: FSDP2 ``fully_shard`` on every child of every ``nn.ModuleList``
     (the transformer blocks), then on the root; the model is changed in place
@@ -131,6 +165,10 @@ def wrap_model(model: nn.Module, parallel: str, *, offload: bool = False, mixed_
     :func:`unwrap` for the optimizer and checkpoints). AdamMini needs nothing
     special: gradients are already averaged, every rank steps the full
     parameters identically.
+
+    ``"tp"``: tensor parallel over all ranks (:func:`tensor_parallel`); every rank
+    sees the whole batch. ``"fsdp+tp"``: a 2-D mesh, :data:`TP_DEGREE` ranks of
+    tensor parallel times the rest of FSDP2 (``dp``); see :func:`data_parallel`.
     """
     import torch.distributed as dist
 
@@ -145,9 +183,23 @@ def wrap_model(model: nn.Module, parallel: str, *, offload: bool = False, mixed_
 
         dev = device or next(model.parameters()).device
         return DDP(model, device_ids=[dev] if dev.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
+    dev_type = (device or next(model.parameters()).device).type
+    world = dist.get_world_size()
+    if parallel == "tp":
+        if offload or mixed_precision is not None:
+            raise ValueError("Invalid options for parallel='tp': offload and mixed_precision are FSDP2 options")
+        return tensor_parallel(model, init_device_mesh(dev_type, (world,), mesh_dim_names=("tp",)))
     kwargs: dict[str, Any] = {}
+    if parallel == "fsdp+tp":
+        if world % TP_DEGREE:
+            raise ValueError(f"Invalid world size {world} for parallel='fsdp+tp': it must divide by the "
+                             f"tensor-parallel degree {TP_DEGREE}")
+        mesh = init_device_mesh(dev_type, (world // TP_DEGREE, TP_DEGREE), mesh_dim_names=("dp", "tp"))
+        tensor_parallel(model, mesh["tp"])
+        kwargs["mesh"] = mesh["dp"]
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     if mixed_precision is not None:
@@ -165,12 +217,46 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-def shard_batch(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """This rank's contiguous share of a global batch (dim 0 must divide by the world size)."""
-    if x.shape[0] % ctx.world_size:
-        raise ValueError(f"Invalid batch size {x.shape[0]}: it must divide by the world size {ctx.world_size}")
-    per = x.shape[0] // ctx.world_size
-    return x[ctx.rank * per:(ctx.rank + 1) * per]
+@torch.no_grad()
+def grad_norm(params: list[torch.Tensor], max_norm: float = 0.0) -> torch.Tensor:
+    """The global 2-norm of the gradients of ``params``, plain tensors and DTensors on any meshes mixed
+    (what ``torch.nn.utils.clip_grad_norm_`` refuses under tensor parallel, where the embeddings stay
+    plain); with ``max_norm > 0`` the gradients are scaled as ``clip_grad_norm_`` does. A DTensor's norm
+    is completed over its mesh: one collective per DTensor gradient."""
+    total = torch.zeros((), dtype=torch.float64)
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        n = torch.linalg.vector_norm(g, 2)
+        if hasattr(n, "full_tensor"):
+            n = n.full_tensor()
+        total += n.double().cpu() ** 2
+    norm = total.sqrt().float()
+    if max_norm > 0:
+        coef = float(max_norm) / (float(norm) + 1e-6)
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+    return norm
+
+
+def data_parallel(ctx: DistContext, parallel: str = "fsdp") -> tuple[int, int]:
+    """(this rank's data-parallel rank, the data-parallel size) under ``parallel``: tensor-parallel
+    ranks share their batch (``"tp"``: one data-parallel rank; ``"fsdp+tp"``: rank // TP_DEGREE of
+    world // TP_DEGREE, the mesh being row-major)."""
+    if parallel == "tp":
+        return 0, 1
+    if parallel == "fsdp+tp":
+        return ctx.rank // TP_DEGREE, ctx.world_size // TP_DEGREE
+    return ctx.rank, ctx.world_size
+
+
+def shard_batch(x: torch.Tensor, ctx: DistContext, parallel: str = "fsdp") -> torch.Tensor:
+    """This rank's contiguous share of a global batch (dim 0 must divide by the data-parallel size)."""
+    rank, size = data_parallel(ctx, parallel)
+    if x.shape[0] % size:
+        raise ValueError(f"Invalid batch size {x.shape[0]}: it must divide by the data-parallel size {size}")
+    per = x.shape[0] // size
+    return x[rank * per:(rank + 1) * per]
 
 
 def all_reduce_mean(value: float | torch.Tensor, device: torch.device | None = None) -> float:
