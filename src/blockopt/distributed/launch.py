@@ -53,9 +53,9 @@ PARALLEL_CHOICES = ("fsdp", "ddp", "tp", "fsdp+tp")
 #: the tensor-parallel degree of ``"fsdp+tp"`` (the rest of the world is FSDP2's data-parallel dimension)
 TP_DEGREE = 2
 #: linear layers split by output (``ColwiseParallel``) and by input (``RowwiseParallel``), by the last part
-#: of their name: the built-in models', Llama's / Qwen's and GPT-NeoX-style names
-COLWISE = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc", "w1", "w3"})
-ROWWISE = frozenset({"o_proj", "down_proj", "proj", "w2", "out_proj"})
+#: of their name: the built-in models', Hugging Face Llama / Qwen and torchtitan names
+COLWISE = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "fc", "wq", "wk", "wv", "w1", "w3"})
+ROWWISE = frozenset({"o_proj", "down_proj", "proj", "wo", "w2", "out_proj"})
 _ran_collectives = [False]  # set by init_distributed: see exit_process
 
 
