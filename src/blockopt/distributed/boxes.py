@@ -127,8 +127,12 @@ class BoxInfo:
         self.groups = tuple(groups)
         axis = layout.geometry.axis
         lo = layout.blocks[0] if layout.blocks is not None else 0
+        self.empty = any(a >= b for a, b in layout.box)
         if layout.blocks is None:
             self.gids = global_flat_index(layout.box, layout.shape, device).reshape(-1)
+            self.ids = torch.zeros(0, dtype=torch.int64, device=device)
+        elif self.empty:  # a rank with no part of this tensor (uneven chunks)
+            self.gids = torch.zeros(0, dtype=torch.int64, device=device)
             self.ids = torch.zeros(0, dtype=torch.int64, device=device)
         else:
             self.gids = torch.arange(*layout.blocks, dtype=torch.int64, device=device)
@@ -193,6 +197,8 @@ class BoxInfo:
         """The per-block denominator broadcastable to the local box."""
         shape = self.local_shape
         axis = self.layout.geometry.axis
+        if self.empty:
+            return denom.new_empty(shape)
         if self.layout.blocks is None:
             return denom.view(shape)
         if axis == 0:
