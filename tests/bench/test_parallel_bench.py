@@ -46,9 +46,8 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus, cache_dir):
-    """The same tiny sweep in one process."""
+def _one_process(tmp_path_factory, corpus, cache_dir, optimizers: str) -> dict:
+    """The same tiny sweep in one process: its summary."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
@@ -56,9 +55,14 @@ def reference(tmp_path_factory, corpus, cache_dir):
 
     out = tmp_path_factory.mktemp("ref") / "out"
     with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as se:
-        rc = main(tiny_args(corpus, cache_dir, out, "--optimizers", OPTIMIZERS, "--no-plots"))
+        rc = main(tiny_args(corpus, cache_dir, out, "--optimizers", optimizers, "--no-plots"))
     assert rc == 0, se.getvalue()
     return json.loads((out / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, cache_dir):
+    return _one_process(tmp_path_factory, corpus, cache_dir, OPTIMIZERS)
 
 
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
@@ -103,16 +107,7 @@ TP_OPTIMIZERS = "adamw,adam-mini,adamw+blr,adam-mini+blr"
 
 @pytest.fixture(scope="module")
 def tp_reference(tmp_path_factory, corpus, cache_dir):
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
-    from blockopt.cli import main
-
-    out = tmp_path_factory.mktemp("tpref") / "out"
-    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as se:
-        rc = main(tiny_args(corpus, cache_dir, out, "--optimizers", TP_OPTIMIZERS, "--no-plots"))
-    assert rc == 0, se.getvalue()
-    return json.loads((out / "summary.json").read_text())
+    return _one_process(tmp_path_factory, corpus, cache_dir, TP_OPTIMIZERS)
 
 
 @pytest.mark.parametrize("parallel", ["tp", "fsdp+tp"])
