@@ -104,3 +104,17 @@ def test_blocks_a_box_cannot_take_are_refused_by_name():
         box_layout((4, 3, 5), Geometry(2, ((20, 1),)), ((0, 4), (0, 3), (0, 2)), "moe.w")
     with pytest.raises(ValueError, match=r"parameter 'w': its blocks are runs of 8 flat elements"):
         box_layout((8, 6), Geometry(-1, ((48, 8),)), ((0, 8), (0, 3)), "w")
+
+
+def test_tensor_parallel_refuses_features_that_do_not_divide():
+    from blockopt.distributed.launch import tensor_parallel
+    from blockopt.models import build_model
+
+    class Mesh:  # what tensor_parallel reads before it splits anything
+        def size(self) -> int:
+            return 3
+
+    model = build_model("llama-tiny", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, vocab_size=67)
+    with pytest.raises(ValueError, match=r"Invalid tensor-parallel degree 3 for Linear 'attn\.q_proj': its "
+                                         r"out_features 32 does not divide by it"):
+        tensor_parallel(model, Mesh())
