@@ -12,6 +12,8 @@
 # Two lanes, one thread each (~6 min a run, 9 runs a part):
 #   bash benchmarks/lean_quality.sh            # -> runs/lq/*, benchmarks/results/lean_quality/
 #   bash benchmarks/lean_quality.sh L6 L1      # some parts (an interrupted part resumes)
+#   SEEDS=0,1 SUFFIX=_a bash benchmarks/lean_quality.sh L7   # a part's seeds split over lanes (the table
+#   SEEDS=2 SUFFIX=_b bash benchmarks/lean_quality.sh L7      # reads every summary of a part together)
 #   python benchmarks/lean_quality_table.py benchmarks/results/lean_quality
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +21,11 @@ OUT=${OUT:-runs/lq}
 RES=benchmarks/results/lean_quality
 mkdir -p "$OUT" "$RES"
 LRS="2e-3,3e-3,4.5e-3"
-COMMON=(--steps 1200 --seeds 0,1,2 --threads 1 --no-plots --progress plain --checkpoint-every 100 --lrs "$LRS")
+SEEDS=${SEEDS:-0,1,2}
+SUFFIX=${SUFFIX:-}
+COMMON=(--steps 1200 --seeds "$SEEDS" --threads 1 --no-plots --progress plain --checkpoint-every 100 --lrs "$LRS")
 part() {
-  local name=$1; shift
+  local name=$1$SUFFIX; shift
   local resume=(); [ -d "$OUT/$name" ] && resume=(--resume)
   blockopt bench "${COMMON[@]}" "${resume[@]}" --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   cp "$OUT/$name/summary.json" "$RES/$name.summary.json"
