@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.blocks import Geometry, block_of, coordinate_block_ids, is_elementwise
+from .comm import comm_device
 
 __all__ = ["BoxInfo", "BoxLayout", "box_layout", "box_results", "box_vectors", "gather_box_states", "global_flat_index"]
 
@@ -218,8 +219,6 @@ def _staged(fulls: list[torch.Tensor], infos: Sequence[BoxInfo], op: str) -> int
     dimension (in first-seen order, the same on every rank). Returns the collectives issued."""
     import torch.distributed as dist
 
-    from .step import _comm_device
-
     stages: dict[object, tuple[object, list[int]]] = {}  # process group -> (group, parameters)
     for i, info in enumerate(infos):
         for group in info.groups:
@@ -229,7 +228,7 @@ def _staged(fulls: list[torch.Tensor], infos: Sequence[BoxInfo], op: str) -> int
         dtype = torch.float32
         for i in idx:
             dtype = torch.promote_types(dtype, fulls[i].dtype)
-        buf = torch.cat([fulls[i].to(dtype) for i in idx]).to(_comm_device(group, fulls[idx[0]].device))
+        buf = torch.cat([fulls[i].to(dtype) for i in idx]).to(comm_device(group, fulls[idx[0]].device))
         dist.all_reduce(buf, op=rop, group=group)
         off = 0
         for i in idx:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .boxes import BoxInfo, gather_box_states, local_box_state
+from .comm import comm_device
 from .dtensor import is_dtensor
 from .sharding import ShardInfo, chunk_rows
 
@@ -31,8 +32,6 @@ def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo | 
     Collective: every rank must call it with the same parameters in the same order.
     """
     import torch.distributed as dist
-
-    from .step import _comm_device
 
     out: list[torch.Tensor | None] = [None] * len(vs)
     box = [i for i, info in enumerate(infos) if isinstance(info, BoxInfo)]
@@ -50,7 +49,7 @@ def gather_block_states(vs: Sequence[torch.Tensor], infos: Sequence[ShardInfo | 
         for i in idx:
             dtype = torch.promote_types(dtype, vs[i].dtype)
         device = vs[idx[0]].device
-        buf = torch.zeros(sum(sizes), dtype=dtype, device=_comm_device(group, device))
+        buf = torch.zeros(sum(sizes), dtype=dtype, device=comm_device(group, device))
         off = 0
         offsets = []
         for i, n in zip(idx, sizes):

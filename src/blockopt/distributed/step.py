@@ -34,6 +34,7 @@ from ..kernels.adam_mini import Applier, adam_mini_update
 from ..kernels.blocks import is_elementwise
 from ..kernels.momentum import Codec
 from .boxes import BoxInfo, box_results, box_vectors
+from .comm import comm_device
 from .sharding import ShardInfo, expand_denominator, local_block_sq_sums
 
 __all__ = [
@@ -74,17 +75,6 @@ def partial_block_sums(grads: Sequence[torch.Tensor | None], infos: Sequence[Sha
     return out
 
 
-def _comm_device(group, device: torch.device) -> torch.device:
-    if device.type != "cpu":
-        return device
-    import torch.distributed as dist
-
-    backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend or "cpu" in backend or "mpi" in backend or not torch.cuda.is_available():
-        return device
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[SharedBlocks],
                          extra: Mapping[object, Sequence[torch.Tensor]] | None = None) -> int:
     """Phase 2, in place: add up the partial sums of shared blocks across ranks.
@@ -116,7 +106,7 @@ def reduce_shared_blocks(sums: Sequence[torch.Tensor | None], infos: Sequence[Sh
         device = present[0].device if present else infos[idx[0]].shared_local.device
         sizes = [infos[i].num_shared for i in idx]
         n_more = sum(t.numel() for t in more)
-        buf = torch.zeros(sum(sizes) + n_more, dtype=dtype, device=_comm_device(group, device))
+        buf = torch.zeros(sum(sizes) + n_more, dtype=dtype, device=comm_device(group, device))
         offsets = []
         off = 0
         for i, n in zip(idx, sizes):
