@@ -78,14 +78,19 @@ def test_launch_helpers_outside_torchrun(tmp_path, monkeypatch):
     assert launch.torchrun_env() is None
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node"):
         launch.init_distributed()
-    with pytest.raises(ValueError, match="Invalid parallel: 'zero'; allowed: fsdp, ddp"):
+    with pytest.raises(ValueError, match="Invalid parallel: 'zero'; allowed: fsdp, ddp, tp, fsdp\\+tp"):
         launch.wrap_model(tiny_model(), "zero")
     with pytest.raises(RuntimeError, match="call init_distributed"):
         launch.wrap_model(tiny_model(), "fsdp")
     ctx = launch.DistContext(rank=1, world_size=3, local_rank=1, device=torch.device("cpu"), backend="gloo")
     assert launch.shard_batch(torch.arange(12), ctx).tolist() == [4, 5, 6, 7]
-    with pytest.raises(ValueError, match="Invalid batch size 10: it must divide by the world size 3"):
+    with pytest.raises(ValueError, match="Invalid batch size 10: it must divide by the data-parallel size 3"):
         launch.shard_batch(torch.arange(10), ctx)
+    # tensor parallel: the ranks of a TP group share their batch
+    assert launch.shard_batch(torch.arange(12), ctx, "tp").tolist() == list(range(12))
+    ctx4 = launch.DistContext(rank=3, world_size=4, local_rank=3, device=torch.device("cpu"), backend="gloo")
+    assert launch.data_parallel(ctx4, "fsdp+tp") == (1, 2)  # rank 3 of a (dp 2, tp 2) mesh: dp rank 1
+    assert launch.shard_batch(torch.arange(12), ctx4, "fsdp+tp").tolist() == list(range(6, 12))
     assert launch.is_main_process()
     assert launch.write_on_rank0(tmp_path / "a" / "b.txt", "hello")
     assert (tmp_path / "a" / "b.txt").read_text() == "hello"
