@@ -4,7 +4,8 @@
 # two budgets. Held-out loss every steps/10 (the bench's default), so steps-to-target has a 10 %
 # resolution. For the +blr optimizers the swept lr is the base (norm) rate: embedding 10x, QK 8x,
 # FFN 6x, VO 4x.
-#   S300   adamw, adamw+blr, adam-mini-default, adam-mini-default+blr at 300 steps (~80 core-min)
+#   S300   adamw, adamw+blr, adam-mini-default, adam-mini-default+blr at 300 steps, in two sweeps
+#          (S300a: the AdamW pair, S300b: the AdamMini pair; two lanes: S300a in one, S300b in another)
 #   S1200  adamw+blr and adam-mini-default+blr at 1,200 steps (~130 core-min); AdamW and the default
 #          at 1,200 steps are lean_quality.sh's L1 and L2 sweeps (same protocol), run here if absent
 # One lane per part (one thread each):
@@ -16,15 +17,19 @@ OUT=${OUT:-runs/blr}
 LQ=${LQ:-runs/lq}
 RES=benchmarks/results/blr_speedup
 mkdir -p "$OUT" "$RES"
-LRS='adamw=2e-3,3e-3,4.5e-3;adam-mini-default=2e-3,3e-3,4.5e-3;adamw+blr=2.5e-4,5e-4,1e-3;adam-mini-default+blr=2.5e-4,5e-4,1e-3'
-COMMON=(--seeds 0,1,2 --threads 1 --no-plots --progress plain --lrs "$LRS")
-sweep() {  # name steps optimizers
-  local name=$1 steps=$2 opts=$3
+declare -A LR=([adamw]=2e-3,3e-3,4.5e-3 [adam-mini-default]=2e-3,3e-3,4.5e-3 [adamw+blr]=2.5e-4,5e-4,1e-3
+               [adam-mini-default+blr]=2.5e-4,5e-4,1e-3)
+COMMON=(--seeds 0,1,2 --threads 1 --no-plots --progress plain)
+sweep() {  # name steps optimizers (each with its lr grid above)
+  local name=$1 steps=$2 opts=$3 lrs="" o
+  for o in ${opts//,/ }; do lrs+="${lrs:+;}$o=${LR[$o]}"; done
   local resume=(); [ -d "$OUT/$name" ] && resume=(--resume)
-  blockopt bench "${COMMON[@]}" "${resume[@]}" --steps "$steps" --checkpoint-every $((steps / 12)) \
+  blockopt bench "${COMMON[@]}" "${resume[@]}" --lrs "$lrs" --steps "$steps" --checkpoint-every $((steps / 12)) \
     --optimizers "$opts" --out "$OUT/$name" > "$OUT/$name.log" 2>&1
 }
-S300() { sweep S300 300 adamw,adamw+blr,adam-mini-default,adam-mini-default+blr; }
+S300a() { sweep S300_a 300 adamw,adamw+blr; }                       # two halves: one lane each
+S300b() { sweep S300_b 300 adam-mini-default,adam-mini-default+blr; }
+S300() { S300a; S300b; }
 S1200() {
   sweep S1200 1200 adamw+blr,adam-mini-default+blr
   [ -f "$LQ/L1_adamw/summary.json" ] || OUT=$LQ sweep L1_adamw 1200 adamw
