@@ -6,10 +6,12 @@
 # FFN 6x, VO 4x.
 #   S300   adamw, adamw+blr, adam-mini-default, adam-mini-default+blr at 300 steps, in two sweeps
 #          (S300a: the AdamW pair, S300b: the AdamMini pair; two lanes: S300a in one, S300b in another)
-#   S1200  adamw+blr and adam-mini-default+blr at 1,200 steps (~130 core-min); AdamW and the default
-#          at 1,200 steps are lean_quality.sh's L1 and L2 sweeps (same protocol), run here if absent
+#   S1200  adamw+blr (S1200a) and adam-mini-default+blr (S1200b) at 1,200 steps, one lane each; AdamW
+#          and the default at 1,200 steps are lean_quality.sh's L1 and L2 sweeps (same protocol), run here
+#          if absent
 # One lane per part (one thread each):
-#   bash benchmarks/blr_speedup.sh S300 S1200        # -> runs/blr/*, benchmarks/results/blr_speedup/
+#   bash benchmarks/blr_speedup.sh S300 S1200        # one lane: -> runs/blr/*, benchmarks/results/blr_speedup/
+#   bash benchmarks/blr_speedup.sh S300a S1200a & bash benchmarks/blr_speedup.sh S300b S1200b   # two lanes
 #   python benchmarks/blr_speedup_table.py           # the table of docs/findings.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +32,14 @@ sweep() {  # name steps optimizers (each with its lr grid above)
 S300a() { sweep S300_a 300 adamw,adamw+blr; }                       # two halves: one lane each
 S300b() { sweep S300_b 300 adam-mini-default,adam-mini-default+blr; }
 S300() { S300a; S300b; }
-S1200() {
-  sweep S1200 1200 adamw+blr,adam-mini-default+blr
+S1200a() {
+  sweep S1200_a 1200 adamw+blr
   [ -f "$LQ/L1_adamw/summary.json" ] || OUT=$LQ sweep L1_adamw 1200 adamw
+}
+S1200b() {
+  sweep S1200_b 1200 adam-mini-default+blr
   [ -f "$LQ/L2_default/summary.json" ] || OUT=$LQ sweep L2_default 1200 adam-mini-default
 }
+S1200() { S1200a; S1200b; }
 for p in "${@:-S300}"; do "$p"; done
 python benchmarks/blr_speedup_table.py --write

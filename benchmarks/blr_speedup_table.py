@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 OPTS = ["adamw", "adamw+blr", "adam-mini-default", "adam-mini-default+blr"]
 LABELS = {"adamw": "AdamW", "adamw+blr": "AdamW + BLR", "adam-mini-default": "AdamMini default",
           "adam-mini-default+blr": "AdamMini default + BLR"}
-SWEEPS = {300: ["runs/blr/S300_a", "runs/blr/S300_b"], 1200: ["runs/blr/S1200", "runs/lq/L1_adamw", "runs/lq/L2_default"]}
+SWEEPS = {300: ["runs/blr/S300_a", "runs/blr/S300_b"], 1200: ["runs/blr/S1200_a", "runs/blr/S1200_b", "runs/lq/L1_adamw", "runs/lq/L2_default"]}
 
 
 def _load(root: Path, dirs: list[str]) -> tuple[list[dict], list[dict], dict, int]:
