@@ -218,3 +218,29 @@ def test_a_large_factored_matrix_is_split_into_row_items_and_still_equals_the_re
     v, w = fast.state[model.weight]["block_exp_avg_sq"], slow.state[ref.weight]["block_exp_avg_sq"]
     assert max_rel_diff(v[rows:], w[rows:]) <= TOL[torch.float32]
     assert max_rel_diff(v[:rows], w[:rows]) <= TOL[torch.float32]
+
+
+@needs_compiler
+@pytest.mark.parametrize("cols", [96, 1100])  # narrow rows add their column squares in the row loop; wide ones sweep
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-5, 1e-7])  # eps / sqrt(v): ~1e-8, 1e-5, 1e-3, 0.1 (every form)
+def test_fused_cpu_factored_step_equals_the_reference_at_every_gradient_scale(cols, scale):
+    # the kernel writes step / (a * shape + eps) as ra * inv, a first- or second-order series, or a division,
+    # by the size of eps / a; 70 rows: two column tiles of 32 rows and a rest of 6
+    torch.manual_seed(0)
+    model = torch.nn.Linear(cols, 70, bias=False)
+    ref = copy.deepcopy(model)
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "overrides": {"weight": "factored"}}
+    fast = blockopt.AdamMini(model, fused=True, **kw)
+    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    g = torch.Generator().manual_seed(1)
+    col_spread = torch.rand(1, cols, generator=g) * 3 + 0.25  # columns of different size: shapes away from 1
+    for _ in range(4):
+        grad = torch.randn(70, cols, generator=g) * col_spread * scale
+        model.weight.grad, ref.weight.grad = grad.clone(), grad.clone()
+        fast.step()
+        slow.step()
+    assert fast.routes["weight"] == "fused_cpu"
+    assert max_rel_diff(model.weight, ref.weight) <= TOL[torch.float32]
+    v, w = fast.state[model.weight]["block_exp_avg_sq"], slow.state[ref.weight]["block_exp_avg_sq"]
+    assert max_rel_diff(v, w) <= TOL[torch.float32]
+    assert torch.equal(fast.state[model.weight]["exp_avg"], slow.state[ref.weight]["exp_avg"])

@@ -334,12 +334,25 @@ inline void columnwise(float* __restrict p, const float* __restrict g, const Mom
 // A factored matrix's step for one element of a row: step_size / (a * shape_c + eps). Series: the
 // division is replaced by (step / a) * inv_c * (1 - y + y*y), y = (eps / a) * inv_c, inv_c = 1 / shape_c,
 // used only where y <= 2^-8 for every column (the dropped term, y^3, is below fp32's rounding);
-// ra = step / a and e = eps / a are the row's. Where y <= 2^-25 for every column (most rows: eps is far
-// below sqrt(v)), 1 - y + y*y rounds to 1 in fp32, so the series is ra * inv_c, bit for bit, in one multiply.
-template <int Series>  // 0: divide; 1: the series; 2: the series where it rounds to ra * inv_c
+// ra = step / a and e = eps / a are the row's. Where y <= 2^-12 for every column (gradients of 1e-3
+// and eps 1e-8 give y ~ 2^-17), the first order, s - s * y with s = ra * inv_c, is as close (y^2 <=
+// 2^-24) in a multiply and a fused multiply-add. Where y <= 2^-25 (eps far below sqrt(v)), 1 - y rounds
+// to 1 in fp32, so the series is ra * inv_c, bit for bit, in one multiply.
+template <int Series>  // 0: divide; 1: the series; 2: ra * inv_c; 3: the first order
 inline float factored_scale(float shc, float invc, float step, float a, float eps, float ra, float e) {
   if (Series == 2) return ra * invc;
+  if (Series == 3) {
+    const float sc = ra * invc;
+    return std::fma(-sc, e * invc, sc);
+  }
   return Series ? ra * invc * (1.0f - e * invc + (e * invc) * (e * invc)) : step / (a * shc + eps);
+}
+
+// The form of factored_scale a row can use, from y_max = (eps / a) * max_c inv_c (NaN, a = 0: divide).
+inline int series_form(float a, float y_max) {
+  if (!(a > 0.0f) || !(y_max <= 0.00390625f)) return 0;  // 2^-8
+  if (y_max <= 2.9802322e-08f) return 2;                  // 2^-25
+  return y_max <= 0.000244140625f ? 3 : 1;               // 2^-12
 }
 
 // One row of a factored matrix with compact momentum (bf16 or int8): m and p updated with each
@@ -371,10 +384,13 @@ inline void factored_row(float* __restrict pr, const float* __restrict gr, const
 
 // fp32 momentum, software-pipelined as in `blockwise`: the loop that updates row r also sums the
 // squares of row gn (row r + 1; nullptr for the last row), tiled as in sum_sq, and returns that sum.
-template <int Series>
+// `Cols`: the loop also adds those squares into the column tile `ts` (narrow rows, where `ts` stays
+// in L1; wide rows sweep the column squares every 4 rows instead, see factorwise).
+template <int Series, bool Cols>
 inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr, const float* __restrict gn,
                                 float* __restrict mr, int64_t cols, const float* __restrict sh,
-                                const float* __restrict inv, float a, const Scalars& s, const Hyper& h) {
+                                const float* __restrict inv, float a, const Scalars& s, const Hyper& h,
+                                float* __restrict ts) {
   const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
   const float ra = Series ? step / a : 0.0f, e = Series ? eps / a : 0.0f;
   double next = 0.0;
@@ -384,7 +400,9 @@ inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr
     if (gn != nullptr) {
 #pragma omp simd reduction(+ : part)
       for (int64_t c = t; c < end; ++c) {
-        part += gn[c] * gn[c];
+        const float q = gn[c] * gn[c];
+        part += q;
+        if (Cols) ts[c] += q;
         const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
         mr[c] = mm;
         pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
@@ -402,15 +420,34 @@ inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr
   return next;
 }
 
+// Rows of a factored matrix, in the form series_form chose (fp32 momentum; see factored_row_fp32).
+template <bool Cols>
+inline double factored_row_fp32_in(int form, float* pr, const float* gr, const float* gn, float* mr, int64_t cols,
+                                   const float* sh, const float* inv, float a, const Scalars& s, const Hyper& h,
+                                   float* ts) {
+  switch (form) {
+    case 2: return factored_row_fp32<2, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    case 3: return factored_row_fp32<3, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    case 1: return factored_row_fp32<1, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    default: return factored_row_fp32<0, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+  }
+}
+
+// Rows whose column squares the row loop adds into the column tile itself (fp32 momentum): up to this
+// many columns, the tile, the inverse shapes and a row of each stream stay in L1 (32 KiB).
+constexpr int64_t kNarrowCols = 1024;
+
 // Factored second moment of a 2-D parameter (v = [R; C]: one value per row, then one per column), rows
 // r0 to r0 + nr of it (one work item; r0 is a multiple of 32). Each row's g*g is summed (float lanes
 // in tiles, added in double), its EMA R_r updated, and the row's m and p updated with
 // step_size / (sqrt(R_r / bc2) * shape_c + eps), where shape_c = sqrt(C_c / mean(C)) comes from the
-// column EMAs as they were before this step (1 while they are all zero). After every 4 rows, their
-// squares (still in cache) go into the column sums in one sweep (float tiles of 32 rows, added in
-// double into `colsum`, the item's own); the column EMAs take the sums of all items after the step.
+// column EMAs as they were before this step (1 while they are all zero). The squares go into a float
+// column tile: on narrow fp32 rows in the loop that sums them, otherwise every 4 rows in one sweep (the
+// rows still in cache); every 32 rows the tile is added in double into `colsum`, the item's own; the
+// column EMAs take the sums of all items after the step.
 // Memory traffic is that of row blocks, ~20 bytes per parameter.
-template <int Kind>  // momentum kind: 0 fp32, 1 bf16, 2 int8
+// `Narrow` (fp32 momentum, cols <= kNarrowCols): the row loop adds the column squares.
+template <int Kind, bool Narrow = false>  // momentum kind: 0 fp32, 1 bf16, 2 int8
 inline void factorwise(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
                        int64_t rows, int64_t cols, int64_t r0, int64_t nr, double* __restrict cs,
                        const Scalars& s, const Hyper& h) {
@@ -428,8 +465,16 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
     inv[c] = 1.0f / sh[c];  // inf where a column's EMA is 0: then the row divides
     inv_max = std::max(inv_max, inv[c]);
   }
+  constexpr bool narrow = Kind == 0 && Narrow;
   const int64_t r1 = r0 + nr;
-  double acc = sum_sq(g + r0 * cols, cols);
+  double acc = 0.0;
+  if constexpr (narrow) {  // the first row's squares into the tile too
+    const float* __restrict g0 = g + r0 * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) ts[c] = g0[c] * g0[c];
+  }
+  acc = sum_sq(g + r0 * cols, cols);
+  int64_t in_tile = 1;  // narrow: rows whose squares are in the tile
   for (int64_t r = r0; r < r1; ++r) {
     const float* __restrict gr = g + r * cols;
     float* __restrict pr = p + r * cols;
@@ -437,17 +482,29 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
     const float vr = h.b2 * v[r] + h.omb2 * (float)(acc / (double)cols);
     v[r] = vr;
     const float a = std::sqrt(vr) / s.bc2_sqrt;
-    const bool series = a > 0.0f && (h.eps / a) * inv_max <= 0.00390625f;
-    const bool tiny = series && (h.eps / a) * inv_max <= 2.9802322e-08f;  // 2^-25
+    const int form = series_form(a, (h.eps / a) * inv_max);
     if constexpr (Kind == 0) {  // the next row's sum comes with this row's update
       const float* gn = r + 1 < r1 ? gr + cols : nullptr;
       float* mr = (float*)mo.data + r * cols;
-      acc = tiny ? factored_row_fp32<2>(pr, gr, gn, mr, cols, sh, inv, a, s, h)
-            : series ? factored_row_fp32<1>(pr, gr, gn, mr, cols, sh, inv, a, s, h)
-                     : factored_row_fp32<0>(pr, gr, gn, mr, cols, sh, inv, a, s, h);
-    } else if (tiny) {
+      if constexpr (narrow) {
+        if (in_tile == 32) {  // float tiles of 32 rows, added in double, before the next row's squares
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) {
+            cs[c] += (double)ts[c];
+            ts[c] = 0.0f;
+          }
+          in_tile = 0;
+        }
+        acc = factored_row_fp32_in<true>(form, pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+        in_tile += gn != nullptr;
+        continue;
+      }
+      acc = factored_row_fp32_in<false>(form, pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    } else if (form == 2) {
       factored_row<Kind, 2>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
-    } else if (series) {
+    } else if (form == 3) {
+      factored_row<Kind, 3>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
+    } else if (form == 1) {
       factored_row<Kind, 1>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
     } else {
       factored_row<Kind, 0>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
@@ -473,6 +530,10 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
         ts[c] = 0.0f;
       }
     }
+  }
+  if constexpr (narrow) {
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) cs[c] += (double)ts[c];
   }
 }
 
@@ -621,7 +682,11 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
           } else if (mo.kind == 1) {
             factorwise<1>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
           } else {
-            factorwise<0>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
+            if (cols <= kNarrowCols) {
+              factorwise<0, true>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
+            } else {
+              factorwise<0, false>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
+            }
           }
         } else if (x.block_size == 0) {
           const int64_t rows = params[i].size(-2), cols = params[i].size(-1);
