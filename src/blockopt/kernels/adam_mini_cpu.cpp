@@ -6,8 +6,9 @@
 // parameter (g, m, p read; m, p written), against ~28 for AdamW. Per-element blocks (biases) are
 // plain Adam in the same loop nest, so one call covers a whole parameter group.
 //
-// Work is split by element count, not by item count: thread k takes the items whose first
-// element falls in [k * total / T, (k + 1) * total / T), in memory order, so both cores stream.
+// Work is split by estimated memory traffic, not by item count: thread k takes the items whose first
+// byte falls in [k * total / T, (k + 1) * total / T), in memory order, so both cores stream and finish
+// together (a per-element item moves 28 bytes per element, a block item 20).
 // Step counters and bias corrections are handled here too, so Python does no per-parameter work.
 // Headers: only the Tensor class, parallel_for and the op registry. The op is registered as
 // torch.ops.blockopt_cpu.adam_mini_step and called through the dispatcher; there is no Python
@@ -659,12 +660,23 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
     if (it[c].block_size == -1) colsums[c].assign(params[it[c].param].size(1), 0.0);
   }
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), C));
+  // threads split the items by an estimate of their memory traffic (bytes per element: p read and written,
+  // g read, m read and written at its width, per-element v read and written), not by element count
   std::vector<int64_t> starts(C);
-  for (int64_t c = 0; c < C; ++c) starts[c] = it[c].start;
+  int64_t cost = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    starts[c] = cost;
+    const Item& x = it[c];
+    const int64_t n = (c + 1 < C ? it[c + 1].start : total) - x.start;
+    const int kind = Mo[x.param].kind;
+    const int64_t per = 12 + (kind == 0 ? 8 : kind == 1 ? 4 : 2) + (x.block_size == 1 ? 8 : 0) +
+                        (x.block_size == -1 ? 2 : 0);  // factored: its column work
+    cost += n * per;
+  }
 
   at::parallel_for(0, T, 1, [&](int64_t tb, int64_t te) {
     for (int64_t k = tb; k < te; ++k) {
-      const int64_t lo = total * k / T, hi = total * (k + 1) / T;
+      const int64_t lo = cost * k / T, hi = cost * (k + 1) / T;
       int64_t c = std::lower_bound(starts.begin(), starts.end(), lo) - starts.begin();
       const int64_t c_end = std::lower_bound(starts.begin(), starts.end(), hi) - starts.begin();
       for (; c < c_end; ++c) {
