@@ -205,6 +205,8 @@ def main(argv=None):
         n, med = bench_model(name, impls, args.rounds, args.steps, args.warmup, device)
         base_f, base_u = med.get("adamw-foreach"), med.get("adamw-fused")
         print(f"\n{name}: {n / 1e6:.1f}M parameters")
+        if base_u:  # the memory bandwidth this run actually had (it changes between runs on shared machines)
+            print(f"  fused AdamW streamed {n * BYTES_PER_PARAM['adamw'] / (base_u / 1e3) / 1e9:.0f} GB/s")
         print(f"  {'implementation':<22}{'step ms':>10}{'/ foreach':>11}{'/ fused':>9}{'bound ms':>10}{'/ bound':>9}")
         bounds = {}
         for k, ms in med.items():
@@ -213,7 +215,8 @@ def main(argv=None):
             bound = n * BYTES_PER_PARAM["adamw" if k.startswith("adamw") else "adam-mini"] / (gbps * 1e9) * 1e3
             bounds[k] = bound
             print(f"  {k:<22}{ms:>10.1f}{rf:>11}{ru:>9}{bound:>10.1f}{ms / bound:>8.2f}x")
-        results.append({"model": name, "params": n, "median_ms": med, "bound_ms": bounds})
+        results.append({"model": name, "params": n, "median_ms": med, "bound_ms": bounds,
+                        "adamw_fused_gbps": n * BYTES_PER_PARAM["adamw"] / (base_u / 1e3) / 1e9 if base_u else None})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
