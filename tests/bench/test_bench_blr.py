@@ -156,3 +156,47 @@ def test_blr_speedup_table_from_a_tiny_sweep(cli, corpus, cache_dir, tmp_path): 
     assert [r.split(" | ")[1] for r in rows] == ["AdamW", "AdamW + BLR", "AdamMini default", "AdamMini default + BLR"]
     st = data["optimizers"]["adamw"]["steps_to_adamw_loss"]  # AdamW reaches its own final loss by the end
     assert st is not None and st <= 6 and f"| {st} | {6 / st:.2f}x |" in rows[0]
+
+
+def test_blr_half_budget_table_merges_one_optimizers_grid_across_sweeps(cli, corpus, cache_dir, tmp_path):  # noqa: F811
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    runs = tmp_path / "runs" / "blr"
+    rc, _, err = cli(tiny_args(corpus, cache_dir, runs / "S300_a", "--optimizers", "adamw", "--seeds", "0,1",
+                               "--lrs", "adamw=3e-3"))
+    assert rc == 0, err
+    for half, lr in (("a", "1e-3"), ("b", "1e-2")):  # one optimizer, its two lrs in two sweeps
+        rc, _, err = cli(tiny_args(corpus, cache_dir, runs / f"S600_{half}", "--optimizers", "adamw+blr",
+                                   "--seeds", "0,1", "--lrs", f"adamw+blr={lr}"))
+        assert rc == 0, err
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "blr_speedup_table.py"
+    res = tmp_path / "res"
+    res.mkdir()
+    # the full-budget record: an S300-style record of AdamW alone, filed as S1200 (the same format)
+    (runs / "S300_b").mkdir()
+    shutil.copy(runs / "S300_a" / "summary.json", runs / "S300_b" / "summary.json")
+    shutil.copy(runs / "S300_a" / "metrics.jsonl", runs / "S300_b" / "metrics.jsonl")
+    done = subprocess.run([sys.executable, str(script), "--write", "--root", str(tmp_path), "--res", str(res)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (res / "S1200.json").write_text((res / "S300.json").read_text())
+    done = subprocess.run([sys.executable, str(script), "--write", "--root", str(tmp_path), "--res", str(res)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    half = json.loads((res / "half_S600.json").read_text())
+    o = half["optimizers"]["adamw+blr"]
+    assert o["grid"] == [1e-3, 1e-2]  # the union of the two sweeps' grids
+    finals = {}
+    for h in ("a", "b"):
+        for r in json.loads((runs / f"S600_{h}" / "summary.json").read_text())["runs"]:
+            finals.setdefault(r["lr"], {})[str(r["seed"])] = r["final_val_loss"]
+    best = min(finals, key=lambda lr: sum(finals[lr].values()))
+    assert o["best_lr"] == best and o["final"] == finals[best]
+    ref = json.loads((res / "S1200.json").read_text())["optimizers"]["adamw"]["final"]
+    assert half["adamw_final"] == ref
+    row = next(ln for ln in done.stdout.splitlines() if ln.startswith("| AdamW + BLR | 0.001 / 0.01 |"))
+    below = sum(v <= ref[k] for k, v in finals[best].items())
+    assert row.endswith(f"| {below} of 2 |")
