@@ -82,17 +82,19 @@ def build(root: Path, budget: int) -> dict:
     return out
 
 
-HALF = {"budget": 600, "against": 1200, "sweeps": ["runs/blr/S600_a", "runs/blr/S600_b"]}
+HALF = {"budget": 600, "against": 1200,
+        "sweeps": ["runs/blr/S600_a", "runs/blr/S600_b", "runs/blr/S600_c", "runs/blr/S600_d"]}
 
 
 def build_half(root: Path, full: dict) -> dict:
     """The +BLR optimizers at half the budget (their best lr there, by mean final held-out loss)
     against AdamW's final loss at the full budget (``full``: the S1200 record), mean and per seed."""
-    runs, _records, grids, steps_run = _load(root, HALF["sweeps"])
+    dirs = [d for d in HALF["sweeps"] if (root / d / "summary.json").is_file()]  # AdamW's (S600c/d) may be absent
+    runs, _records, grids, steps_run = _load(root, dirs)
     opts = [o for o in OPTS if o in grids]
     agg = aggregate(runs, opts, grids)
     ref = full["optimizers"]["adamw"]["final"]
-    out = {"budget": steps_run, "against": full["budget"], "adamw_final": ref, "optimizers": {}}
+    out = {"budget": steps_run, "against": full["budget"], "sweeps": dirs, "adamw_final": ref, "optimizers": {}}
     for w in agg["winners"]:
         opt, lr = w["optimizer"], w.get("best_lr")
         rs = {r["seed"]: r for r in runs if r["optimizer"] == opt and r.get("status") == "ok" and lr is not None
@@ -153,7 +155,7 @@ def main() -> None:
             if all((args.root / d / "summary.json").is_file() for d in dirs):
                 (args.res / f"S{budget}.json").write_text(json.dumps(build(args.root, budget), indent=1) + "\n")
         full = args.res / f"S{HALF['against']}.json"
-        if full.is_file() and all((args.root / d / "summary.json").is_file() for d in HALF["sweeps"]):
+        if full.is_file() and all((args.root / d / "summary.json").is_file() for d in HALF["sweeps"][:2]):
             half = build_half(args.root, json.loads(full.read_text()))
             (args.res / f"half_S{HALF['budget']}.json").write_text(json.dumps(half, indent=1) + "\n")
     data = [json.loads(p.read_text()) for p in sorted(args.res.glob("S*.json"), key=lambda p: int(p.stem[1:]))]
