@@ -14,7 +14,8 @@
 #   S600   adamw+blr (S600a, lr 5e-4 and 1e-3) and adam-mini-default+blr (S600b, 2.5e-4 and 5e-4) at
 #          600 steps: does Blockwise LR reach in half the steps what AdamW reaches at 1,200 (the 2x claim,
 #          run against run)? Two lrs each: the 1,200-step best and the next one up. S600c and S600d:
-#          AdamW at 600 steps (its 3-point grid), the same budget without BLR
+#          AdamW at 600 steps (its 3-point grid), the same budget without BLR; S600e: one lr higher
+#          (6.75e-3), as its best fell on the grid's top
 # One lane per part (one thread each):
 #   bash benchmarks/blr_speedup.sh S300 S1200        # one lane: -> runs/blr/*, benchmarks/results/blr_speedup/
 #   bash benchmarks/blr_speedup.sh S300a S1200a & bash benchmarks/blr_speedup.sh S300b S1200b   # two lanes
@@ -58,6 +59,7 @@ S600a() { lr_sweep S600_a 600 adamw+blr 5e-4,1e-3; }
 S600b() { lr_sweep S600_b 600 adam-mini-default+blr 2.5e-4,5e-4; }
 S600c() { lr_sweep S600_c 600 adamw 2e-3,3e-3; }  # AdamW at 600 steps, its usual grid in two lanes
 S600d() { lr_sweep S600_d 600 adamw 4.5e-3; }
-S600() { S600a; S600b; S600c; S600d; }
+S600e() { lr_sweep S600_e 600 adamw 6.75e-3; }  # AdamW's best 600-step lr was its grid's top: one more
+S600() { S600a; S600b; S600c; S600d; S600e; }
 for p in "${@:-S300}"; do "$p"; done
 python benchmarks/blr_speedup_table.py --write

@@ -83,7 +83,7 @@ def build(root: Path, budget: int) -> dict:
 
 
 HALF = {"budget": 600, "against": 1200,
-        "sweeps": ["runs/blr/S600_a", "runs/blr/S600_b", "runs/blr/S600_c", "runs/blr/S600_d"]}
+        "sweeps": ["runs/blr/S600_a", "runs/blr/S600_b", "runs/blr/S600_c", "runs/blr/S600_d", "runs/blr/S600_e"]}
 
 
 def build_half(root: Path, full: dict) -> dict:
