@@ -117,6 +117,23 @@ inline double sum_sq(const float* __restrict g, int64_t n) {
   return acc;
 }
 
+// sum_sq, with each square also added into ts (a factored matrix's column tile).
+inline double sum_sq_into(const float* __restrict g, int64_t n, float* __restrict ts) {
+  double acc = 0.0;
+  for (int64_t t = 0; t < n; t += kTile) {
+    const int64_t e = std::min(n, t + kTile);
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = t; i < e; ++i) {
+      const float q = g[i] * g[i];
+      part += q;
+      ts[i] += q;
+    }
+    acc += (double)part;
+  }
+  return acc;
+}
+
 // Blocks of `bs` consecutive elements. Software-pipelined: the loop that updates block j also sums
 // the squares of block j + 1, so g, m and p stream together (as in AdamW's single loop) while
 // block j's gradient is re-read from cache. Sums are tiled as in sum_sq.
@@ -434,6 +451,19 @@ inline double factored_row_fp32_in(int form, float* pr, const float* gr, const f
   }
 }
 
+// One row with compact momentum, in the form series_form chose (see factored_row).
+template <int Kind>
+inline void factored_row_in(int form, float* pr, const float* gr, const Momentum& mo, int64_t r, int64_t cols,
+                            const float* sh, const float* inv, float a, float* rowscale, const Scalars& s,
+                            const Hyper& h) {
+  switch (form) {
+    case 2: return factored_row<Kind, 2>(pr, gr, mo, r, cols, sh, inv, a, rowscale, s, h);
+    case 3: return factored_row<Kind, 3>(pr, gr, mo, r, cols, sh, inv, a, rowscale, s, h);
+    case 1: return factored_row<Kind, 1>(pr, gr, mo, r, cols, sh, inv, a, rowscale, s, h);
+    default: return factored_row<Kind, 0>(pr, gr, mo, r, cols, sh, inv, a, rowscale, s, h);
+  }
+}
+
 // Rows whose column squares the row loop adds into the column tile itself (fp32 momentum): up to this
 // many columns, the tile, the inverse shapes and a row of each stream stay in L1 (32 KiB).
 constexpr int64_t kNarrowCols = 1024;
@@ -468,13 +498,8 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
   }
   constexpr bool narrow = Kind == 0 && Narrow;
   const int64_t r1 = r0 + nr;
-  double acc = 0.0;
-  if constexpr (narrow) {  // the first row's squares into the tile too
-    const float* __restrict g0 = g + r0 * cols;
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) ts[c] = g0[c] * g0[c];
-  }
-  acc = sum_sq(g + r0 * cols, cols);
+  // narrow: the first row's squares go into the tile too
+  double acc = narrow ? sum_sq_into(g + r0 * cols, cols, ts) : sum_sq(g + r0 * cols, cols);
   int64_t in_tile = 1;  // narrow: rows whose squares are in the tile
   for (int64_t r = r0; r < r1; ++r) {
     const float* __restrict gr = g + r * cols;
@@ -501,14 +526,8 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
         continue;
       }
       acc = factored_row_fp32_in<false>(form, pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
-    } else if (form == 2) {
-      factored_row<Kind, 2>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
-    } else if (form == 3) {
-      factored_row<Kind, 3>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
-    } else if (form == 1) {
-      factored_row<Kind, 1>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
     } else {
-      factored_row<Kind, 0>(pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
+      factored_row_in<Kind>(form, pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
     }
     if ((r - r0 + 1) % 4 == 0) {  // the last 4 rows' squares (still in cache) into the column tile, in one sweep
       const float* __restrict g0 = g + (r - 3) * cols;
@@ -693,12 +712,10 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
             factorwise<2>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
           } else if (mo.kind == 1) {
             factorwise<1>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
+          } else if (cols <= kNarrowCols) {
+            factorwise<0, true>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
           } else {
-            if (cols <= kNarrowCols) {
-              factorwise<0, true>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
-            } else {
-              factorwise<0, false>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
-            }
+            factorwise<0, false>(Pp[i], Gp[i], mo, Vp[i], rows, cols, r0, x.blocks, cs, sc[i], h);
           }
         } else if (x.block_size == 0) {
           const int64_t rows = params[i].size(-2), cols = params[i].size(-1);
