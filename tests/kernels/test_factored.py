@@ -244,3 +244,28 @@ def test_fused_cpu_factored_step_equals_the_reference_at_every_gradient_scale(co
     v, w = fast.state[model.weight]["block_exp_avg_sq"], slow.state[ref.weight]["block_exp_avg_sq"]
     assert max_rel_diff(v, w) <= TOL[torch.float32]
     assert torch.equal(fast.state[model.weight]["exp_avg"], slow.state[ref.weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 33, 67])
+@pytest.mark.parametrize("kind,cols", [("factored", 1100), ("factored", 96), ("row", 96)])
+def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, cols, rows):
+    # fp32 row blocks and wide factored rows step an item's two halves together: odd, single and
+    # two-row items leave one half empty or one row longer; 33 and 67 rows cross the 32-row column tile
+    torch.manual_seed(0)
+    model = torch.nn.Linear(cols, rows, bias=False)
+    ref = copy.deepcopy(model)
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "overrides": {"weight": kind}}
+    fast = blockopt.AdamMini(model, fused=True, **kw)
+    slow = blockopt.AdamMini(ref, foreach=False, **kw)
+    g = torch.Generator().manual_seed(1)
+    row_spread = torch.rand(rows, 1, generator=g) * 3 + 0.25  # rows of different size: each row's own step
+    for _ in range(3):
+        grad = torch.randn(rows, cols, generator=g) * row_spread * 1e-3
+        model.weight.grad, ref.weight.grad = grad.clone(), grad.clone()
+        fast.step()
+        slow.step()
+    assert fast.routes["weight"] == "fused_cpu"
+    assert max_rel_diff(model.weight, ref.weight) <= TOL[torch.float32]
+    v, w = fast.state[model.weight]["block_exp_avg_sq"], slow.state[ref.weight]["block_exp_avg_sq"]
+    assert max_rel_diff(v, w) <= TOL[torch.float32]
+    assert torch.equal(fast.state[model.weight]["exp_avg"], slow.state[ref.weight]["exp_avg"])

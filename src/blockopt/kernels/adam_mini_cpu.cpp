@@ -134,17 +134,85 @@ inline double sum_sq_into(const float* __restrict g, int64_t n, float* __restric
   return acc;
 }
 
-// Blocks of `bs` consecutive elements. Software-pipelined: the loop that updates block j also sums
-// the squares of block j + 1, so g, m and p stream together (as in AdamW's single loop) while
-// block j's gradient is re-read from cache. Sums are tiled as in sum_sq.
-// `Bf16`: m is stored as bfloat16 (read exactly, written with stochastic rounding); `first` is
-// the index of p[0] in the full tensor (the random bits depend on it).
+// One tile [t, e) of a block's update with fp32 momentum (block at pb, mb, gradient gb, step `scale`);
+// returns the sum of the squares of the next block's tile gn (nullptr: none, 0).
+inline float block_tile(float* __restrict pb, const float* __restrict gb, const float* __restrict gn,
+                        float* __restrict mb, int64_t t, int64_t e, float scale, const Scalars& s, const Hyper& h) {
+  const float sg = h.sign, w1 = h.w1, decay = s.decay;
+  float part = 0.0f;
+  if (gn != nullptr) {
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = t; i < e; ++i) {
+      part += gn[i] * gn[i];
+      const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
+      mb[i] = mm;
+      pb[i] = pb[i] * decay - scale * mm;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = t; i < e; ++i) {
+      const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
+      mb[i] = mm;
+      pb[i] = pb[i] * decay - scale * mm;
+    }
+  }
+  return part;
+}
+
+// Blocks with fp32 momentum. The item's two halves are stepped together, a tile of each in turn: twice
+// the streams in flight, which the hardware prefetcher turns into more bandwidth per core when memory
+// is fast (blocks/factored items of gpt2-160m, benchmarks/step_time.py). Each half is software-pipelined:
+// the loop that updates block j also sums the squares of block j + 1, so g, m and p stream together
+// (as in AdamW's single loop) while block j's gradient is re-read from cache. Sums are tiled as in sum_sq.
+inline void blockwise_halves(float* __restrict p, const float* __restrict g, float* __restrict m,
+                             float* __restrict v, int64_t nb, int64_t bs, const Scalars& s, const Hyper& h) {
+  const double inv_bs = 1.0 / (double)bs;
+  struct Run {
+    int64_t j, end;  // the next block, and the end of this half
+    double acc, next;
+    float scale;
+  };
+  auto begin = [&](Run& r) {  // block r.j's second moment (from r.acc) and step
+    const float vv = h.b2 * v[r.j] + h.omb2 * (float)(r.acc * inv_bs);
+    v[r.j] = vv;
+    r.scale = s.step_size / (std::sqrt(vv) / s.bc2_sqrt + h.eps);
+    r.next = 0.0;
+  };
+  Run runs[2] = {{0, nb / 2, 0.0, 0.0, 0.0f}, {nb / 2, nb, 0.0, 0.0, 0.0f}};
+  for (Run& r : runs) {
+    if (r.j == r.end) continue;
+    r.acc = sum_sq(g + r.j * bs, bs);
+    begin(r);
+  }
+  while (runs[1].j < runs[1].end) {  // the second half has at least as many blocks
+    for (int64_t t = 0; t < bs; t += kTile) {
+      const int64_t e = std::min(bs, t + kTile);
+      for (Run& r : runs) {
+        if (r.j == r.end) continue;
+        const int64_t o = r.j * bs;
+        r.next += (double)block_tile(p + o, g + o, r.j + 1 < r.end ? g + o + bs : nullptr, m + o, t, e, r.scale, s, h);
+      }
+    }
+    for (Run& r : runs) {
+      if (r.j == r.end) continue;
+      r.acc = r.next;
+      if (++r.j < r.end) begin(r);
+    }
+  }
+}
+
+// Blocks of `bs` consecutive elements, bfloat16 momentum (read exactly, written with stochastic rounding;
+// `first` is the index of p[0] in the full tensor, the random bits depend on it); fp32 momentum goes to
+// blockwise_halves. Software-pipelined as there, one run.
 template <bool Bf16>
 inline void blockwise(float* __restrict p, const float* __restrict g, void* mv, float* __restrict v, int64_t nb,
                       int64_t bs, const Scalars& s, const Hyper& h, uint32_t seed, int64_t first) {
+  if constexpr (!Bf16) {
+    blockwise_halves(p, g, (float*)mv, v, nb, bs, s, h);
+    return;
+  }
   const double inv_bs = 1.0 / (double)bs;
   const float sg = h.sign, w1 = h.w1, decay = s.decay;
-  float* __restrict m = (float*)mv;
   uint16_t* __restrict mb16 = (uint16_t*)mv;
   double acc = sum_sq(g, bs);
   for (int64_t j = 0; j < nb; ++j) {
@@ -157,45 +225,20 @@ inline void blockwise(float* __restrict p, const float* __restrict g, void* mv, 
     const float* __restrict gn = gb + bs;
     const bool more = j + 1 < nb;
     double next = 0.0;
-    if (Bf16) {
-      uint16_t* __restrict mb = mb16 + j * bs;
-      const int64_t base = first + j * bs;
-      for (int64_t t = 0; t < bs; t += kTile) {
-        const int64_t e = std::min(bs, t + kTile);
-        float part = 0.0f;
+    uint16_t* __restrict mb = mb16 + j * bs;
+    const int64_t base = first + j * bs;
+    for (int64_t t = 0; t < bs; t += kTile) {
+      const int64_t e = std::min(bs, t + kTile);
+      float part = 0.0f;
 #pragma omp simd reduction(+ : part)
-        for (int64_t i = t; i < e; ++i) {
-          if (more) part += gn[i] * gn[i];
-          const float m0 = bf16_load(mb[i]);
-          const float mm = std::fma(w1, sg * gb[i] - m0, m0);
-          mb[i] = bf16_store_sr(mm, hash_at(seed, base + i));
-          pb[i] = pb[i] * decay - scale * mm;
-        }
-        next += (double)part;
+      for (int64_t i = t; i < e; ++i) {
+        if (more) part += gn[i] * gn[i];
+        const float m0 = bf16_load(mb[i]);
+        const float mm = std::fma(w1, sg * gb[i] - m0, m0);
+        mb[i] = bf16_store_sr(mm, hash_at(seed, base + i));
+        pb[i] = pb[i] * decay - scale * mm;
       }
-    } else {
-      float* __restrict mb = m + j * bs;
-      if (more) {
-        for (int64_t t = 0; t < bs; t += kTile) {
-          const int64_t e = std::min(bs, t + kTile);
-          float part = 0.0f;
-#pragma omp simd reduction(+ : part)
-          for (int64_t i = t; i < e; ++i) {
-            part += gn[i] * gn[i];
-            const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
-            mb[i] = mm;
-            pb[i] = pb[i] * decay - scale * mm;
-          }
-          next += (double)part;
-        }
-      } else {
-#pragma omp simd
-        for (int64_t i = 0; i < bs; ++i) {
-          const float mm = std::fma(w1, sg * gb[i] - mb[i], mb[i]);
-          mb[i] = mm;
-          pb[i] = pb[i] * decay - scale * mm;
-        }
-      }
+      next += (double)part;
     }
     acc = next;
   }
@@ -400,55 +443,130 @@ inline void factored_row(float* __restrict pr, const float* __restrict gr, const
   }
 }
 
-// fp32 momentum, software-pipelined as in `blockwise`: the loop that updates row r also sums the
-// squares of row gn (row r + 1; nullptr for the last row), tiled as in sum_sq, and returns that sum.
-// `Cols`: the loop also adds those squares into the column tile `ts` (narrow rows, where `ts` stays
-// in L1; wide rows sweep the column squares every 4 rows instead, see factorwise).
-template <int Series, bool Cols>
-inline double factored_row_fp32(float* __restrict pr, const float* __restrict gr, const float* __restrict gn,
-                                float* __restrict mr, int64_t cols, const float* __restrict sh,
-                                const float* __restrict inv, float a, const Scalars& s, const Hyper& h,
-                                float* __restrict ts) {
+// One column tile [t, end) of a factored row with fp32 momentum: m and p updated with each column's
+// factored_scale. Software-pipelined as in `blockwise`: the loop also sums the squares of the next row's
+// tile gn (nullptr: none), adds them into the column tile ts, and returns their sum.
+template <int Series>
+inline float factored_tile(float* __restrict pr, const float* __restrict gr, const float* __restrict gn,
+                           float* __restrict mr, int64_t t, int64_t end, const float* __restrict sh,
+                           const float* __restrict inv, float a, const Scalars& s, const Hyper& h,
+                           float* __restrict ts) {
   const float sg = h.sign, w1 = h.w1, decay = s.decay, eps = h.eps, step = s.step_size;
   const float ra = Series ? step / a : 0.0f, e = Series ? eps / a : 0.0f;
+  float part = 0.0f;
+  if (gn != nullptr) {
+#pragma omp simd reduction(+ : part)
+    for (int64_t c = t; c < end; ++c) {
+      const float q = gn[c] * gn[c];
+      part += q;
+      ts[c] += q;
+      const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
+      mr[c] = mm;
+      pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t c = t; c < end; ++c) {
+      const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
+      mr[c] = mm;
+      pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
+    }
+  }
+  return part;
+}
+
+// factored_tile in the form series_form chose.
+inline float factored_tile_in(int form, float* pr, const float* gr, const float* gn, float* mr, int64_t t,
+                              int64_t end, const float* sh, const float* inv, float a, const Scalars& s,
+                              const Hyper& h, float* ts) {
+  switch (form) {
+    case 2: return factored_tile<2>(pr, gr, gn, mr, t, end, sh, inv, a, s, h, ts);
+    case 3: return factored_tile<3>(pr, gr, gn, mr, t, end, sh, inv, a, s, h, ts);
+    case 1: return factored_tile<1>(pr, gr, gn, mr, t, end, sh, inv, a, s, h, ts);
+    default: return factored_tile<0>(pr, gr, gn, mr, t, end, sh, inv, a, s, h, ts);
+  }
+}
+
+// One whole row with fp32 momentum (narrow rows): its tiles in order; returns the next row's sum of squares,
+// the tiles' float sums added in double (as sum_sq).
+template <int Series>
+inline double factored_row_fp32(float* pr, const float* gr, const float* gn, float* mr, int64_t cols,
+                                const float* sh, const float* inv, float a, const Scalars& s, const Hyper& h,
+                                float* ts) {
   double next = 0.0;
   for (int64_t t = 0; t < cols; t += kTile) {
-    const int64_t end = std::min(cols, t + kTile);
-    float part = 0.0f;
-    if (gn != nullptr) {
-#pragma omp simd reduction(+ : part)
-      for (int64_t c = t; c < end; ++c) {
-        const float q = gn[c] * gn[c];
-        part += q;
-        if (Cols) ts[c] += q;
-        const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
-        mr[c] = mm;
-        pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
-      }
-    } else {
-#pragma omp simd
-      for (int64_t c = t; c < end; ++c) {
-        const float mm = std::fma(w1, sg * gr[c] - mr[c], mr[c]);
-        mr[c] = mm;
-        pr[c] = pr[c] * decay - factored_scale<Series>(sh[c], inv[c], step, a, eps, ra, e) * mm;
-      }
-    }
-    next += (double)part;
+    next += (double)factored_tile<Series>(pr, gr, gn, mr, t, std::min(cols, t + kTile), sh, inv, a, s, h, ts);
   }
   return next;
 }
 
-// Rows of a factored matrix, in the form series_form chose (fp32 momentum; see factored_row_fp32).
-template <bool Cols>
+// factored_row_fp32 in the form series_form chose.
 inline double factored_row_fp32_in(int form, float* pr, const float* gr, const float* gn, float* mr, int64_t cols,
                                    const float* sh, const float* inv, float a, const Scalars& s, const Hyper& h,
                                    float* ts) {
   switch (form) {
-    case 2: return factored_row_fp32<2, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
-    case 3: return factored_row_fp32<3, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
-    case 1: return factored_row_fp32<1, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
-    default: return factored_row_fp32<0, Cols>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    case 2: return factored_row_fp32<2>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    case 3: return factored_row_fp32<3>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    case 1: return factored_row_fp32<1>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
+    default: return factored_row_fp32<0>(pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
   }
+}
+
+// Wide rows with fp32 momentum (cols > kNarrowCols), the item's two halves stepped together, a column
+// tile of each in turn (as blockwise_halves), each half pipelined as factored_row_fp32, both adding their
+// squares into the column tile ts. `ts` takes at most 32 rows before it is added, in double, into cs.
+inline void factored_halves(float* __restrict p, const float* __restrict g, float* __restrict m,
+                            float* __restrict v, int64_t cols, int64_t r0, int64_t nr, double* __restrict cs,
+                            const float* __restrict sh, const float* __restrict inv, float inv_max,
+                            float* __restrict ts, const Scalars& s, const Hyper& h) {
+  struct Run {
+    int64_t r, end;  // the next row, and the end of this half
+    double acc, next;
+    float a;
+    int form;
+  };
+  auto begin = [&](Run& u) {  // row u.r's second moment (from u.acc) and form
+    const float vr = h.b2 * v[u.r] + h.omb2 * (float)(u.acc / (double)cols);
+    v[u.r] = vr;
+    u.a = std::sqrt(vr) / s.bc2_sqrt;
+    u.form = series_form(u.a, (h.eps / u.a) * inv_max);
+    u.next = 0.0;
+  };
+  Run runs[2] = {{r0, r0 + nr / 2, 0.0, 0.0, 0.0f, 0}, {r0 + nr / 2, r0 + nr, 0.0, 0.0, 0.0f, 0}};
+  int64_t in_tile = 0;  // rows whose squares are in ts
+  for (Run& u : runs) {
+    if (u.r == u.end) continue;
+    u.acc = sum_sq_into(g + u.r * cols, cols, ts);
+    ++in_tile;
+    begin(u);
+  }
+  while (runs[1].r < runs[1].end) {  // the second half has at least as many rows
+    if (in_tile + 2 > 32) {
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) {
+        cs[c] += (double)ts[c];
+        ts[c] = 0.0f;
+      }
+      in_tile = 0;
+    }
+    for (int64_t t = 0; t < cols; t += kTile) {
+      const int64_t end = std::min(cols, t + kTile);
+      for (Run& u : runs) {
+        if (u.r == u.end) continue;
+        const int64_t o = u.r * cols;
+        const float* gn = u.r + 1 < u.end ? g + o + cols : nullptr;
+        u.next += (double)factored_tile_in(u.form, p + o, g + o, gn, m + o, t, end, sh, inv, u.a, s, h, ts);
+      }
+    }
+    for (Run& u : runs) {
+      if (u.r == u.end) continue;
+      in_tile += u.r + 1 < u.end;
+      u.acc = u.next;
+      if (++u.r < u.end) begin(u);
+    }
+  }
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) cs[c] += (double)ts[c];
 }
 
 // One row with compact momentum, in the form series_form chose (see factored_row).
@@ -464,8 +582,9 @@ inline void factored_row_in(int form, float* pr, const float* gr, const Momentum
   }
 }
 
-// Rows whose column squares the row loop adds into the column tile itself (fp32 momentum): up to this
-// many columns, the tile, the inverse shapes and a row of each stream stay in L1 (32 KiB).
+// Rows whose column squares the row loop adds into the column tile itself, one row at a time (fp32
+// momentum): up to this many columns, the tile, the inverse shapes and a row of each stream stay in L1
+// (32 KiB). Wider fp32 rows are stepped two at a time (factored_halves).
 constexpr int64_t kNarrowCols = 1024;
 
 // Factored second moment of a 2-D parameter (v = [R; C]: one value per row, then one per column), rows
@@ -473,11 +592,11 @@ constexpr int64_t kNarrowCols = 1024;
 // in tiles, added in double), its EMA R_r updated, and the row's m and p updated with
 // step_size / (sqrt(R_r / bc2) * shape_c + eps), where shape_c = sqrt(C_c / mean(C)) comes from the
 // column EMAs as they were before this step (1 while they are all zero). The squares go into a float
-// column tile: on narrow fp32 rows in the loop that sums them, otherwise every 4 rows in one sweep (the
-// rows still in cache); every 32 rows the tile is added in double into `colsum`, the item's own; the
-// column EMAs take the sums of all items after the step.
+// column tile: with fp32 momentum in the loop that sums them, otherwise every 4 rows in one sweep (the
+// rows still in cache); at most 32 rows at a time, then the tile is added in double into `colsum`, the
+// item's own; the column EMAs take the sums of all items after the step.
 // Memory traffic is that of row blocks, ~20 bytes per parameter.
-// `Narrow` (fp32 momentum, cols <= kNarrowCols): the row loop adds the column squares.
+// `Narrow` (fp32 momentum, cols <= kNarrowCols): one row at a time; wider fp32 rows: factored_halves.
 template <int Kind, bool Narrow = false>  // momentum kind: 0 fp32, 1 bf16, 2 int8
 inline void factorwise(float* __restrict p, const float* __restrict g, const Momentum& mo, float* __restrict v,
                        int64_t rows, int64_t cols, int64_t r0, int64_t nr, double* __restrict cs,
@@ -496,64 +615,57 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
     inv[c] = 1.0f / sh[c];  // inf where a column's EMA is 0: then the row divides
     inv_max = std::max(inv_max, inv[c]);
   }
-  constexpr bool narrow = Kind == 0 && Narrow;
+  auto flush = [&]() {  // the float tile into the item's column sums, in double
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      cs[c] += (double)ts[c];
+      ts[c] = 0.0f;
+    }
+  };
   const int64_t r1 = r0 + nr;
-  // narrow: the first row's squares go into the tile too
-  double acc = narrow ? sum_sq_into(g + r0 * cols, cols, ts) : sum_sq(g + r0 * cols, cols);
-  int64_t in_tile = 1;  // narrow: rows whose squares are in the tile
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* __restrict gr = g + r * cols;
-    float* __restrict pr = p + r * cols;
-    if (Kind != 0 && r > r0) acc = sum_sq(gr, cols);
-    const float vr = h.b2 * v[r] + h.omb2 * (float)(acc / (double)cols);
-    v[r] = vr;
-    const float a = std::sqrt(vr) / s.bc2_sqrt;
-    const int form = series_form(a, (h.eps / a) * inv_max);
-    if constexpr (Kind == 0) {  // the next row's sum comes with this row's update
-      const float* gn = r + 1 < r1 ? gr + cols : nullptr;
-      float* mr = (float*)mo.data + r * cols;
-      if constexpr (narrow) {
-        if (in_tile == 32) {  // float tiles of 32 rows, added in double, before the next row's squares
+  if constexpr (Kind == 0 && !Narrow) {
+    factored_halves(p, g, (float*)mo.data, v, cols, r0, nr, cs, sh, inv, inv_max, ts, s, h);
+  } else if constexpr (Kind == 0) {  // the next row's sum and squares come with this row's update
+    double acc = sum_sq_into(g + r0 * cols, cols, ts);
+    int64_t in_tile = 1;  // rows whose squares are in the tile
+    for (int64_t r = r0; r < r1; ++r) {
+      const float vr = h.b2 * v[r] + h.omb2 * (float)(acc / (double)cols);
+      v[r] = vr;
+      const float a = std::sqrt(vr) / s.bc2_sqrt;
+      if (in_tile == 32) {
+        flush();
+        in_tile = 0;
+      }
+      const float* gn = r + 1 < r1 ? g + (r + 1) * cols : nullptr;
+      acc = factored_row_fp32_in(series_form(a, (h.eps / a) * inv_max), p + r * cols, g + r * cols, gn,
+                                 (float*)mo.data + r * cols, cols, sh, inv, a, s, h, ts);
+      in_tile += gn != nullptr;
+    }
+    flush();
+  } else {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* __restrict gr = g + r * cols;
+      const float vr = h.b2 * v[r] + h.omb2 * (float)(sum_sq(gr, cols) / (double)cols);
+      v[r] = vr;
+      const float a = std::sqrt(vr) / s.bc2_sqrt;
+      factored_row_in<Kind>(series_form(a, (h.eps / a) * inv_max), p + r * cols, gr, mo, r, cols, sh, inv, a,
+                            rowscale.data(), s, h);
+      if ((r - r0 + 1) % 4 == 0) {  // the last 4 rows' squares (still in cache) into the tile, in one sweep
+        const float* __restrict g0 = g + (r - 3) * cols;
+        const float* __restrict g1 = g0 + cols;
+        const float* __restrict g2 = g1 + cols;
+        const float* __restrict g3 = g2 + cols;
 #pragma omp simd
-          for (int64_t c = 0; c < cols; ++c) {
-            cs[c] += (double)ts[c];
-            ts[c] = 0.0f;
-          }
-          in_tile = 0;
+        for (int64_t c = 0; c < cols; ++c) ts[c] += (g0[c] * g0[c] + g1[c] * g1[c]) + (g2[c] * g2[c] + g3[c] * g3[c]);
+      } else if (r + 1 == r1) {
+        for (int64_t q = r - (r - r0) % 4; q <= r; ++q) {
+          const float* __restrict gq = g + q * cols;
+#pragma omp simd
+          for (int64_t c = 0; c < cols; ++c) ts[c] += gq[c] * gq[c];
         }
-        acc = factored_row_fp32_in<true>(form, pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
-        in_tile += gn != nullptr;
-        continue;
       }
-      acc = factored_row_fp32_in<false>(form, pr, gr, gn, mr, cols, sh, inv, a, s, h, ts);
-    } else {
-      factored_row_in<Kind>(form, pr, gr, mo, r, cols, sh, inv, a, rowscale.data(), s, h);
+      if ((r - r0 + 1) % 32 == 0 || r + 1 == r1) flush();
     }
-    if ((r - r0 + 1) % 4 == 0) {  // the last 4 rows' squares (still in cache) into the column tile, in one sweep
-      const float* __restrict g0 = g + (r - 3) * cols;
-      const float* __restrict g1 = g0 + cols;
-      const float* __restrict g2 = g1 + cols;
-      const float* __restrict g3 = g2 + cols;
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) ts[c] += (g0[c] * g0[c] + g1[c] * g1[c]) + (g2[c] * g2[c] + g3[c] * g3[c]);
-    } else if (r + 1 == r1) {
-      for (int64_t q = r - (r - r0) % 4; q <= r; ++q) {
-        const float* __restrict gq = g + q * cols;
-#pragma omp simd
-        for (int64_t c = 0; c < cols; ++c) ts[c] += gq[c] * gq[c];
-      }
-    }
-    if ((r - r0 + 1) % 32 == 0 || r + 1 == r1) {  // column sums: float tiles of 32 rows, added in double
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        cs[c] += (double)ts[c];
-        ts[c] = 0.0f;
-      }
-    }
-  }
-  if constexpr (narrow) {
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) cs[c] += (double)ts[c];
   }
 }
 
