@@ -246,6 +246,7 @@ def test_fused_cpu_factored_step_equals_the_reference_at_every_gradient_scale(co
     assert torch.equal(fast.state[model.weight]["exp_avg"], slow.state[ref.weight]["exp_avg"])
 
 
+@pytest.mark.filterwarnings("ignore:AdamMini\\(model\\).*above the default state budget")  # a 1-row matrix is over it
 @pytest.mark.parametrize("rows", [1, 2, 3, 33, 67])
 @pytest.mark.parametrize("kind,cols", [("factored", 1100), ("factored", 96), ("row", 96)])
 def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, cols, rows):
