@@ -1,8 +1,12 @@
 """Step time of one kind of second moment on a stack of equal matrices, against fused AdamW, in one
 process (interleaved rounds, median): where the factored step stands next to row blocks for a shape.
 
+Each round times every kind right after fused AdamW, so each round gives a ratio to AdamW; the
+ratios are also split by the memory bandwidth AdamW streamed in that round (28 bytes per parameter),
+because on a shared machine the bandwidth moves within seconds and the ratios move with it.
+
     python benchmarks/factored_micro.py 768 3072          # rows cols (8 matrices)
-    python benchmarks/factored_micro.py 3072 768 --kinds row,factored,element
+    python benchmarks/factored_micro.py 3072 768 --kinds row,factored,element --rounds 60
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="row,factored")
     ap.add_argument("--matrices", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--fast", type=float, default=75.0, help="GB/s: rounds where AdamW streamed at least this")
+    ap.add_argument("--slow", type=float, default=65.0, help="GB/s: rounds where AdamW streamed less than this")
     a = ap.parse_args()
     torch.manual_seed(0)
     base = torch.nn.Sequential(*[torch.nn.Linear(a.cols, a.rows, bias=False) for _ in range(a.matrices)])
@@ -40,9 +46,12 @@ def main() -> None:
         p.grad = g
     for o in opts.values():
         o.step()
+    n = sum(p.numel() for p in base.parameters())
     times: dict[str, list[float]] = {k: [] for k in opts}
-    for _ in range(a.rounds):
-        for k, o in opts.items():
+    for r in range(a.rounds):
+        order = ["adamw"] + [k for k in opts if k != "adamw"]
+        for k in order if r % 2 == 0 else order[::-1]:  # AdamW first, then last: next to every kind
+            o = opts[k]
             t = time.perf_counter()
             for _ in range(5):
                 o.step()
@@ -52,7 +61,14 @@ def main() -> None:
     print(f"# {a.matrices} x [{a.rows}, {a.cols}], torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"routes {routes}")
     print("  ".join(f"{k} {v:.2f} ms ({v / med['adamw']:.2f}x)" for k, v in med.items()))
-
+    gbps = [n * 28 / (t / 1e3) / 1e9 for t in times["adamw"]]
+    splits = {f"AdamW >= {a.fast:g} GB/s": lambda b: b >= a.fast, f"AdamW < {a.slow:g} GB/s": lambda b: b < a.slow}
+    for label, keep in splits.items():
+        rounds = [i for i, b in enumerate(gbps) if keep(b)]
+        ratios = {k: statistics.median(times[k][i] / times["adamw"][i] for i in rounds) if rounds else None
+                  for k in opts if k != "adamw"}
+        print(f"rounds with {label}: {len(rounds)}; median ratio per round: "
+              + "  ".join(f"{k} {v:.2f}x" if v is not None else f"{k} -" for k, v in ratios.items()))
 
 if __name__ == "__main__":
     main()
