@@ -220,38 +220,9 @@ def test_a_large_factored_matrix_is_split_into_row_items_and_still_equals_the_re
     assert max_rel_diff(v[:rows], w[:rows]) <= TOL[torch.float32]
 
 
-@needs_compiler
-@pytest.mark.parametrize("cols", [96, 1100])  # narrow rows add their column squares in the row loop; wide ones sweep
-@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-5, 1e-7])  # eps / sqrt(v): ~1e-8, 1e-5, 1e-3, 0.1 (every form)
-def test_fused_cpu_factored_step_equals_the_reference_at_every_gradient_scale(cols, scale):
-    # the kernel writes step / (a * shape + eps) as ra * inv, a first- or second-order series, or a division,
-    # by the size of eps / a; 70 rows: two column tiles of 32 rows and a rest of 6
-    torch.manual_seed(0)
-    model = torch.nn.Linear(cols, 70, bias=False)
-    ref = copy.deepcopy(model)
-    kw = {"lr": 1e-2, "weight_decay": 0.1, "overrides": {"weight": "factored"}}
-    fast = blockopt.AdamMini(model, fused=True, **kw)
-    slow = blockopt.AdamMini(ref, foreach=False, **kw)
-    g = torch.Generator().manual_seed(1)
-    col_spread = torch.rand(1, cols, generator=g) * 3 + 0.25  # columns of different size: shapes away from 1
-    for _ in range(4):
-        grad = torch.randn(70, cols, generator=g) * col_spread * scale
-        model.weight.grad, ref.weight.grad = grad.clone(), grad.clone()
-        fast.step()
-        slow.step()
-    assert fast.routes["weight"] == "fused_cpu"
-    assert max_rel_diff(model.weight, ref.weight) <= TOL[torch.float32]
-    v, w = fast.state[model.weight]["block_exp_avg_sq"], slow.state[ref.weight]["block_exp_avg_sq"]
-    assert max_rel_diff(v, w) <= TOL[torch.float32]
-    assert torch.equal(fast.state[model.weight]["exp_avg"], slow.state[ref.weight]["exp_avg"])
-
-
-@pytest.mark.filterwarnings("ignore:AdamMini\\(model\\).*above the default state budget")  # a 1-row matrix is over it
-@pytest.mark.parametrize("rows", [1, 2, 3, 33, 67])
-@pytest.mark.parametrize("kind,cols", [("factored", 1100), ("factored", 96), ("row", 96)])
-def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, cols, rows):
-    # fp32 row blocks and wide factored rows step an item's two halves together: odd, single and
-    # two-row items leave one half empty or one row longer; 33 and 67 rows cross the 32-row column tile
+def _fused_equals_reference(rows, cols, kind, spread, steps):
+    """A [rows, cols] weight with `kind` blocks stepped by the C++ kernel and by the reference, with
+    gradients randn * spread: equal parameters and second moments within TOL, equal momentum."""
     torch.manual_seed(0)
     model = torch.nn.Linear(cols, rows, bias=False)
     ref = copy.deepcopy(model)
@@ -259,9 +230,8 @@ def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, col
     fast = blockopt.AdamMini(model, fused=True, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     g = torch.Generator().manual_seed(1)
-    row_spread = torch.rand(rows, 1, generator=g) * 3 + 0.25  # rows of different size: each row's own step
-    for _ in range(3):
-        grad = torch.randn(rows, cols, generator=g) * row_spread * 1e-3
+    for _ in range(steps):
+        grad = torch.randn(rows, cols, generator=g) * spread
         model.weight.grad, ref.weight.grad = grad.clone(), grad.clone()
         fast.step()
         slow.step()
@@ -270,3 +240,24 @@ def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, col
     v, w = fast.state[model.weight]["block_exp_avg_sq"], slow.state[ref.weight]["block_exp_avg_sq"]
     assert max_rel_diff(v, w) <= TOL[torch.float32]
     assert torch.equal(fast.state[model.weight]["exp_avg"], slow.state[ref.weight]["exp_avg"])
+
+
+@needs_compiler
+@pytest.mark.parametrize("cols", [96, 1100])  # narrow rows go one at a time; wide ones two halves together
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 1e-5, 1e-7])  # eps / sqrt(v): ~1e-8, 1e-5, 1e-3, 0.1 (every form)
+def test_fused_cpu_factored_step_equals_the_reference_at_every_gradient_scale(cols, scale):
+    # the kernel writes step / (a * shape + eps) as ra * inv, a first- or second-order series, or a division,
+    # by the size of eps / a; 70 rows: two column tiles of 32 rows and a rest of 6
+    col_spread = torch.rand(1, cols, generator=torch.Generator().manual_seed(2)) * 3 + 0.25  # shapes away from 1
+    _fused_equals_reference(70, cols, "factored", col_spread * scale, steps=4)
+
+
+@needs_compiler
+@pytest.mark.filterwarnings("ignore:AdamMini\\(model\\).*above the default state budget")  # a 1-row matrix is over it
+@pytest.mark.parametrize("rows", [1, 2, 3, 33, 67])
+@pytest.mark.parametrize("kind,cols", [("factored", 1100), ("factored", 96), ("row", 96)])
+def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, cols, rows):
+    # fp32 row blocks and wide factored rows step an item's two halves together: odd, single and
+    # two-row items leave one half empty or one row longer; 33 and 67 rows cross the 32-row column tile
+    row_spread = torch.rand(rows, 1, generator=torch.Generator().manual_seed(2)) * 3 + 0.25  # each row its own step
+    _fused_equals_reference(rows, cols, kind, row_spread * 1e-3, steps=3)
