@@ -46,3 +46,13 @@ def test_memory_table_formats_records(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| adamw | 4 MiB | 4 MiB | 8 MiB | 16.00 | 20 MiB | 1.00x |" in out.stdout
     assert "| x | not run: x failed on cpu: boom |" in out.stdout
+
+
+def test_step_parts_times_each_group_of_the_default_plan_in_a_tiny_mode():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_parts.py"), "--model", "gpt2-tiny",
+                          "--rounds", "2"], capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[0]: line for line in out.stdout.splitlines()[2:]}
+    assert {"narrow", "element", "all"} <= set(rows), out.stdout  # gpt2-tiny: factored matrices, per-element v
+    assert all(line.rstrip().endswith("fused_cpu") for line in rows.values()), out.stdout  # the C++ kernel ran
+    assert "UserWarning" not in out.stderr
