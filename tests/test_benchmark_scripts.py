@@ -3,6 +3,7 @@ library's public API (construction_cost.py once called a private method that a r
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,12 @@ def test_step_parts_times_each_group_of_the_default_plan_in_a_tiny_mode():
     assert {"narrow", "element", "all"} <= set(rows), out.stdout  # gpt2-tiny: factored matrices, per-element v
     assert all(line.rstrip().endswith("fused_cpu") for line in rows.values()), out.stdout  # the C++ kernel ran
     assert "UserWarning" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_stream_floor_times_its_loops_against_fused_adamw_in_a_tiny_mode():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stream_floor.py"), "--elements", "100000",
+                          "--rounds", "2"], capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loops = [line.split()[0] for line in out.stdout.splitlines()[3:]]
+    assert loops == ["4r3w", "3r2w", "3r2w-halves"], out.stdout

@@ -159,11 +159,13 @@ inline float block_tile(float* __restrict pb, const float* __restrict gb, const 
   return part;
 }
 
-// Blocks with fp32 momentum. The item's two halves are stepped together, a tile of each in turn: twice
-// the streams in flight, which the hardware prefetcher turns into more bandwidth per core when memory
-// is fast (blocks/factored items of gpt2-160m, benchmarks/step_time.py). Each half is software-pipelined:
-// the loop that updates block j also sums the squares of block j + 1, so g, m and p stream together
-// (as in AdamW's single loop) while block j's gradient is re-read from cache. Sums are tiled as in sum_sq.
+// Blocks with fp32 momentum. The item's two halves are stepped together, a tile of each in turn (twice
+// the memory streams in flight per core). In one-process A/Bs on gpt2-160m's row blocks this was faster
+// when memory was fast and no slower when it was slow (benchmarks/step_parts.py splits the groups by
+// bandwidth); on a bare stream (benchmarks/stream_floor.py) the gain does not always show.
+// Each half is software-pipelined: the loop that updates block j also sums the squares of block j + 1,
+// so g, m and p stream together (as in AdamW's single loop) while block j's gradient is re-read from
+// cache. Sums are tiled as in sum_sq.
 inline void blockwise_halves(float* __restrict p, const float* __restrict g, float* __restrict m,
                              float* __restrict v, int64_t nb, int64_t bs, const Scalars& s, const Hyper& h) {
   const double inv_bs = 1.0 / (double)bs;
