@@ -220,13 +220,13 @@ def test_a_large_factored_matrix_is_split_into_row_items_and_still_equals_the_re
     assert max_rel_diff(v[:rows], w[:rows]) <= TOL[torch.float32]
 
 
-def _fused_equals_reference(rows, cols, kind, spread, steps):
+def _fused_equals_reference(rows, cols, kind, spread, steps, maximize=False):
     """A [rows, cols] weight with `kind` blocks stepped by the C++ kernel and by the reference, with
     gradients randn * spread: equal parameters and second moments within TOL, equal momentum."""
     torch.manual_seed(0)
     model = torch.nn.Linear(cols, rows, bias=False)
     ref = copy.deepcopy(model)
-    kw = {"lr": 1e-2, "weight_decay": 0.1, "overrides": {"weight": kind}}
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "maximize": maximize, "overrides": {"weight": kind}}
     fast = blockopt.AdamMini(model, fused=True, **kw)
     slow = blockopt.AdamMini(ref, foreach=False, **kw)
     g = torch.Generator().manual_seed(1)
@@ -254,10 +254,11 @@ def test_fused_cpu_factored_step_equals_the_reference_at_every_gradient_scale(co
 
 @needs_compiler
 @pytest.mark.filterwarnings("ignore:AdamMini\\(model\\).*above the default state budget")  # a 1-row matrix is over it
+@pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("rows", [1, 2, 3, 33, 67])
 @pytest.mark.parametrize("kind,cols", [("factored", 1100), ("factored", 96), ("row", 96)])
-def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, cols, rows):
+def test_fused_cpu_paired_halves_equal_the_reference_for_any_row_count(kind, cols, rows, maximize):
     # fp32 row blocks and wide factored rows step an item's two halves together: odd, single and
     # two-row items leave one half empty or one row longer; 33 and 67 rows cross the 32-row column tile
     row_spread = torch.rand(rows, 1, generator=torch.Generator().manual_seed(2)) * 3 + 0.25  # each row its own step
-    _fused_equals_reference(rows, cols, kind, row_spread * 1e-3, steps=3)
+    _fused_equals_reference(rows, cols, kind, row_spread * 1e-3, steps=3, maximize=maximize)
