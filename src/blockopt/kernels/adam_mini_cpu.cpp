@@ -204,18 +204,13 @@ inline void blockwise_halves(float* __restrict p, const float* __restrict g, flo
 }
 
 // Blocks of `bs` consecutive elements, bfloat16 momentum (read exactly, written with stochastic rounding;
-// `first` is the index of p[0] in the full tensor, the random bits depend on it); fp32 momentum goes to
-// blockwise_halves. Software-pipelined as there, one run.
-template <bool Bf16>
-inline void blockwise(float* __restrict p, const float* __restrict g, void* mv, float* __restrict v, int64_t nb,
-                      int64_t bs, const Scalars& s, const Hyper& h, uint32_t seed, int64_t first) {
-  if constexpr (!Bf16) {
-    blockwise_halves(p, g, (float*)mv, v, nb, bs, s, h);
-    return;
-  }
+// `first` is the index of p[0] in the full tensor, the random bits depend on it). Software-pipelined as
+// blockwise_halves, one run.
+inline void blockwise_bf16(float* __restrict p, const float* __restrict g, uint16_t* __restrict mb16,
+                           float* __restrict v, int64_t nb, int64_t bs, const Scalars& s, const Hyper& h,
+                           uint32_t seed, int64_t first) {
   const double inv_bs = 1.0 / (double)bs;
   const float sg = h.sign, w1 = h.w1, decay = s.decay;
-  uint16_t* __restrict mb16 = (uint16_t*)mv;
   double acc = sum_sq(g, bs);
   for (int64_t j = 0; j < nb; ++j) {
     const float* __restrict gb = g + j * bs;
@@ -446,7 +441,7 @@ inline void factored_row(float* __restrict pr, const float* __restrict gr, const
 }
 
 // One column tile [t, end) of a factored row with fp32 momentum: m and p updated with each column's
-// factored_scale. Software-pipelined as in `blockwise`: the loop also sums the squares of the next row's
+// factored_scale. Software-pipelined as in blockwise_halves: the loop also sums the squares of the next row's
 // tile gn (nullptr: none), adds them into the column tile ts, and returns their sum.
 template <int Series>
 inline float factored_tile(float* __restrict pr, const float* __restrict gr, const float* __restrict gn,
@@ -477,6 +472,16 @@ inline float factored_tile(float* __restrict pr, const float* __restrict gr, con
   return part;
 }
 
+// A factored item's float column tile `ts` (at most 32 rows of squares) added, in double, into its
+// column sums `cs`, and cleared.
+inline void add_tile(double* __restrict cs, float* __restrict ts, int64_t cols) {
+#pragma omp simd
+  for (int64_t c = 0; c < cols; ++c) {
+    cs[c] += (double)ts[c];
+    ts[c] = 0.0f;
+  }
+}
+
 // factored_tile in the form series_form chose.
 inline float factored_tile_in(int form, float* pr, const float* gr, const float* gn, float* mr, int64_t t,
                               int64_t end, const float* sh, const float* inv, float a, const Scalars& s,
@@ -490,7 +495,8 @@ inline float factored_tile_in(int form, float* pr, const float* gr, const float*
 }
 
 // One whole row with fp32 momentum (narrow rows): its tiles in order; returns the next row's sum of squares,
-// the tiles' float sums added in double (as sum_sq).
+// the tiles' float sums added in double (as sum_sq). Kept apart from a per-tile dispatch of factored_tile_in:
+// that form was slower on narrow rows when memory was fast (one-process A/B with benchmarks/step_parts.py's split).
 template <int Series>
 inline double factored_row_fp32(float* pr, const float* gr, const float* gn, float* mr, int64_t cols,
                                 const float* sh, const float* inv, float a, const Scalars& s, const Hyper& h,
@@ -544,11 +550,7 @@ inline void factored_halves(float* __restrict p, const float* __restrict g, floa
   }
   while (runs[1].r < runs[1].end) {  // the second half has at least as many rows
     if (in_tile + 2 > 32) {
-#pragma omp simd
-      for (int64_t c = 0; c < cols; ++c) {
-        cs[c] += (double)ts[c];
-        ts[c] = 0.0f;
-      }
+      add_tile(cs, ts, cols);
       in_tile = 0;
     }
     for (int64_t t = 0; t < cols; t += kTile) {
@@ -567,8 +569,7 @@ inline void factored_halves(float* __restrict p, const float* __restrict g, floa
       if (++u.r < u.end) begin(u);
     }
   }
-#pragma omp simd
-  for (int64_t c = 0; c < cols; ++c) cs[c] += (double)ts[c];
+  add_tile(cs, ts, cols);
 }
 
 // One row with compact momentum, in the form series_form chose (see factored_row).
@@ -617,13 +618,6 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
     inv[c] = 1.0f / sh[c];  // inf where a column's EMA is 0: then the row divides
     inv_max = std::max(inv_max, inv[c]);
   }
-  auto flush = [&]() {  // the float tile into the item's column sums, in double
-#pragma omp simd
-    for (int64_t c = 0; c < cols; ++c) {
-      cs[c] += (double)ts[c];
-      ts[c] = 0.0f;
-    }
-  };
   const int64_t r1 = r0 + nr;
   if constexpr (Kind == 0 && !Narrow) {
     factored_halves(p, g, (float*)mo.data, v, cols, r0, nr, cs, sh, inv, inv_max, ts, s, h);
@@ -635,7 +629,7 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
       v[r] = vr;
       const float a = std::sqrt(vr) / s.bc2_sqrt;
       if (in_tile == 32) {
-        flush();
+        add_tile(cs, ts, cols);
         in_tile = 0;
       }
       const float* gn = r + 1 < r1 ? g + (r + 1) * cols : nullptr;
@@ -643,7 +637,7 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
                                  (float*)mo.data + r * cols, cols, sh, inv, a, s, h, ts);
       in_tile += gn != nullptr;
     }
-    flush();
+    add_tile(cs, ts, cols);
   } else {
     for (int64_t r = r0; r < r1; ++r) {
       const float* __restrict gr = g + r * cols;
@@ -666,7 +660,7 @@ inline void factorwise(float* __restrict p, const float* __restrict g, const Mom
           for (int64_t c = 0; c < cols; ++c) ts[c] += gq[c] * gq[c];
         }
       }
-      if ((r - r0 + 1) % 32 == 0 || r + 1 == r1) flush();
+      if ((r - r0 + 1) % 32 == 0 || r + 1 == r1) add_tile(cs, ts, cols);
     }
   }
 }
@@ -850,9 +844,9 @@ void adam_mini_step(at::TensorList params, at::TensorList grads,
         } else if (x.block_size == 1) {
           elementwise<false>(p, g, (float*)mo.data + x.offset, v, x.blocks, sc[i], h, 0, 0);
         } else if (mo.kind == 1) {
-          blockwise<true>(p, g, (uint16_t*)mo.data + x.offset, v, x.blocks, x.block_size, sc[i], h, mo.seed, x.offset);
+          blockwise_bf16(p, g, (uint16_t*)mo.data + x.offset, v, x.blocks, x.block_size, sc[i], h, mo.seed, x.offset);
         } else {
-          blockwise<false>(p, g, (float*)mo.data + x.offset, v, x.blocks, x.block_size, sc[i], h, 0, 0);
+          blockwise_halves(p, g, (float*)mo.data + x.offset, v, x.blocks, x.block_size, sc[i], h);
         }
       }
     }
