@@ -64,6 +64,23 @@ def step_bound_ms(n_params: int, gbps: float, optimizer: str) -> float:
     return n_params * BYTES_PER_PARAM[optimizer] / (gbps * 1e9) * 1e3
 
 
+def add_bandwidth_split(ap) -> None:
+    """``--fast`` and ``--slow``: the GB/s thresholds of :func:`split_by_bandwidth` on an argparse parser."""
+    ap.add_argument("--fast", type=float, default=75.0, help="GB/s: rounds where AdamW streamed at least this")
+    ap.add_argument("--slow", type=float, default=65.0, help="GB/s: rounds where AdamW streamed less than this")
+
+
+def split_by_bandwidth(ratios, gbps, fast: float, slow: float) -> tuple[float | None, int, float | None, int]:
+    """Per-round ratios split by the bandwidth AdamW streamed in each round: the median ratio and the round
+    count where it streamed at least ``fast`` GB/s, then where it streamed less than ``slow`` (None: no round).
+    On a shared machine the bandwidth moves within seconds, and the ratios with it."""
+    out = []
+    for keep in (lambda b: b >= fast, lambda b: b < slow):
+        sel = [r for r, b in zip(ratios, gbps) if keep(b)]
+        out += [statistics.median(sel) if sel else None, len(sel)]
+    return tuple(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")

@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 import blockopt
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bandwidth import add_bandwidth_split, split_by_bandwidth
 
 
 def main() -> None:
@@ -28,8 +33,7 @@ def main() -> None:
     ap.add_argument("--kinds", default="row,factored")
     ap.add_argument("--matrices", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--fast", type=float, default=75.0, help="GB/s: rounds where AdamW streamed at least this")
-    ap.add_argument("--slow", type=float, default=65.0, help="GB/s: rounds where AdamW streamed less than this")
+    add_bandwidth_split(ap)
     a = ap.parse_args()
     torch.manual_seed(0)
     base = torch.nn.Sequential(*[torch.nn.Linear(a.cols, a.rows, bias=False) for _ in range(a.matrices)])
@@ -62,13 +66,12 @@ def main() -> None:
           f"routes {routes}")
     print("  ".join(f"{k} {v:.2f} ms ({v / med['adamw']:.2f}x)" for k, v in med.items()))
     gbps = [n * 28 / (t / 1e3) / 1e9 for t in times["adamw"]]
-    splits = {f"AdamW >= {a.fast:g} GB/s": lambda b: b >= a.fast, f"AdamW < {a.slow:g} GB/s": lambda b: b < a.slow}
-    for label, keep in splits.items():
-        rounds = [i for i, b in enumerate(gbps) if keep(b)]
-        ratios = {k: statistics.median(times[k][i] / times["adamw"][i] for i in rounds) if rounds else None
-                  for k in opts if k != "adamw"}
-        print(f"rounds with {label}: {len(rounds)}; median ratio per round: "
-              + "  ".join(f"{k} {v:.2f}x" if v is not None else f"{k} -" for k, v in ratios.items()))
+    splits = {k: split_by_bandwidth([t / w for t, w in zip(times[k], times["adamw"])], gbps, a.fast, a.slow)
+              for k in opts if k != "adamw"}
+    for j, label in enumerate([f"AdamW >= {a.fast:g} GB/s", f"AdamW < {a.slow:g} GB/s"]):
+        count = next(iter(splits.values()))[2 * j + 1] if splits else 0
+        print(f"rounds with {label}: {count}; median ratio per round: "
+              + "  ".join(f"{k} {v[2 * j]:.2f}x" if v[2 * j] is not None else f"{k} -" for k, v in splits.items()))
 
 if __name__ == "__main__":
     main()

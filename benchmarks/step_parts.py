@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 
 import torch
 
 import blockopt
 from blockopt.models import build_model
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bandwidth import add_bandwidth_split, split_by_bandwidth
 
 NARROW_COLS = 1024  # the C++ kernel steps factored rows up to this many columns one at a time
 
@@ -37,8 +42,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-160m")
     ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--fast", type=float, default=75.0, help="GB/s: rounds where AdamW streamed at least this")
-    ap.add_argument("--slow", type=float, default=65.0, help="GB/s: rounds where AdamW streamed less than this")
+    add_bandwidth_split(ap)
     a = ap.parse_args(argv)
     base = build_model(a.model, seed=0)
     plan = blockopt.AdamMini(base).plan
@@ -83,14 +87,10 @@ def main(argv=None) -> None:
         ratios = [m / w for m, w in zip(tm, ta)]
         gbps = [n * 28 / w / 1e9 for w in ta]
 
-        def split(keep, ratios=ratios, gbps=gbps):
-            sel = [x for x, b in zip(ratios, gbps) if keep(b)]
-            return f"{statistics.median(sel):.3f}x (n={len(sel)})" if sel else "- (n=0)"
-
+        fast, n_fast, slow, n_slow = split_by_bandwidth(ratios, gbps, a.fast, a.slow)
+        cells = [f"{r:.3f}x (n={c})" if r is not None else "- (n=0)" for r, c in ((fast, n_fast), (slow, n_slow))]
         print(f"{k:<9}{n / 1e6:>8.1f}M{statistics.median(tm) * 1e3:>13.2f}{statistics.median(ta) * 1e3:>10.2f}"
-              f"{statistics.median(ratios):>7.3f}x{split(lambda b: b >= a.fast):>16}"
-              f"{split(lambda b: b < a.slow):>16}  {','.join(routes)}")
-
+              f"{statistics.median(ratios):>7.3f}x{cells[0]:>16}{cells[1]:>16}  {','.join(routes)}")
 
 if __name__ == "__main__":
     main()

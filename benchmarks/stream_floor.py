@@ -22,7 +22,9 @@ like the library's kernel, about 10 s).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +32,9 @@ from pathlib import Path
 import torch
 from torch.optim.adamw import adamw
 from torch.utils.cpp_extension import load
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bandwidth import add_bandwidth_split, split_by_bandwidth
 
 # as the library's kernel: at::parallel_for is only parallel when the extension is built with OpenMP
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -97,8 +102,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--elements", type=int, default=40_000_000)
-    ap.add_argument("--fast", type=float, default=75.0, help="GB/s: rounds where AdamW streamed at least this")
-    ap.add_argument("--slow", type=float, default=65.0, help="GB/s: rounds where AdamW streamed less than this")
+    add_bandwidth_split(ap)
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as build:
         src = Path(build) / "stream_floor.cpp"
@@ -134,13 +138,10 @@ def main(argv=None) -> None:
     for k in LOOPS:
         ratios = [t / w for t, w in zip(times[k], times["adamw"])]
 
-        def split(keep, ratios=ratios):
-            sel = [x for x, b in zip(ratios, gbps) if keep(b)]
-            return f"{statistics.median(sel):.3f}x" if sel else "-"
-
+        fast, _, slow, _ = split_by_bandwidth(ratios, gbps, a.fast, a.slow)
+        cells = [f"{r:.3f}x" if r is not None else "-" for r in (fast, slow)]
         print(f"{k:<13}{statistics.median(times[k]) * 1e3:>8.1f}{statistics.median(ratios):>11.3f}x"
-              f"{split(lambda b: b >= a.fast):>18}{split(lambda b: b < a.slow):>18}")
-
+              f"{cells[0]:>18}{cells[1]:>18}")
 
 if __name__ == "__main__":
     main()
