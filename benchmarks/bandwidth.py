@@ -64,6 +64,17 @@ def step_bound_ms(n_params: int, gbps: float, optimizer: str) -> float:
     return n_params * BYTES_PER_PARAM[optimizer] / (gbps * 1e9) * 1e3
 
 
+def at_least_one(text: str) -> int:
+    """argparse type for a count of rounds: an integer of at least 1 (a median needs one value)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {n}")
+    return n
+
+
 def add_bandwidth_split(ap) -> None:
     """``--fast`` and ``--slow``: the GB/s thresholds of :func:`split_by_bandwidth` on an argparse parser."""
     ap.add_argument("--fast", type=float, default=75.0, help="GB/s: rounds where AdamW streamed at least this")

@@ -23,7 +23,7 @@ import torch
 import blockopt
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bandwidth import add_bandwidth_split, split_by_bandwidth
+from bandwidth import add_bandwidth_split, at_least_one, split_by_bandwidth
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("cols", type=int)
     ap.add_argument("--kinds", default="row,factored")
     ap.add_argument("--matrices", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=at_least_one, default=15)
     add_bandwidth_split(ap)
     a = ap.parse_args()
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ import blockopt
 from blockopt.models import build_model
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bandwidth import add_bandwidth_split, split_by_bandwidth
+from bandwidth import add_bandwidth_split, at_least_one, split_by_bandwidth
 
 NARROW_COLS = 1024  # the C++ kernel steps factored rows up to this many columns one at a time
 
@@ -41,7 +41,7 @@ def group_of(entry) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-160m")
-    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--rounds", type=at_least_one, default=60)
     add_bandwidth_split(ap)
     a = ap.parse_args(argv)
     base = build_model(a.model, seed=0)

@@ -28,7 +28,7 @@ import blockopt
 from blockopt.models import build_model
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from bandwidth import BYTES_PER_PARAM, measure_bandwidth
+from bandwidth import BYTES_PER_PARAM, at_least_one, measure_bandwidth
 
 
 def make_optimizers(model, which, lr=1e-4):
@@ -184,7 +184,7 @@ def main(argv=None):
     ap.add_argument("--models", default="gpt2-20m,gpt2-160m")
     ap.add_argument("--impls", default="adamw-foreach,adamw-fused,adam-mini-official,adam-mini-rules-official,"
                                        "adam-mini-foreach,adam-mini")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=at_least_one, default=5)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per round and implementation")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")

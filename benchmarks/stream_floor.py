@@ -34,7 +34,7 @@ from torch.optim.adamw import adamw
 from torch.utils.cpp_extension import load
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bandwidth import add_bandwidth_split, split_by_bandwidth
+from bandwidth import add_bandwidth_split, at_least_one, split_by_bandwidth
 
 # as the library's kernel: at::parallel_for is only parallel when the extension is built with OpenMP
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
@@ -100,7 +100,7 @@ LOOPS = {"4r3w": 0, "3r2w": 1, "3r2w-halves": 2}
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--rounds", type=at_least_one, default=200)
     ap.add_argument("--elements", type=int, default=40_000_000)
     add_bandwidth_split(ap)
     a = ap.parse_args(argv)
