@@ -65,11 +65,9 @@ def step_bound_ms(n_params: int, gbps: float, optimizer: str) -> float:
 
 
 def at_least_one(text: str) -> int:
-    """argparse type for a count of rounds: an integer of at least 1 (a median needs one value)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    """argparse type for a count of rounds: an integer of at least 1 (a median needs one value); text that is
+    not an integer is refused by argparse itself (the ValueError of int)."""
+    n = int(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {n}")
     return n
