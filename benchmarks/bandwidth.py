@@ -65,8 +65,8 @@ def step_bound_ms(n_params: int, gbps: float, optimizer: str) -> float:
 
 
 def at_least_one(text: str) -> int:
-    """argparse type for a count of rounds: an integer of at least 1 (a median needs one value); text that is
-    not an integer is refused by argparse itself (the ValueError of int)."""
+    """argparse type for a count the timing scripts cannot take as 0 (rounds, steps, elements, matrices): an
+    integer of at least 1; text that is not an integer is refused by argparse itself (the ValueError of int)."""
     n = int(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {n}")

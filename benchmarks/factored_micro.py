@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("rows", type=int)
     ap.add_argument("cols", type=int)
     ap.add_argument("--kinds", default="row,factored")
-    ap.add_argument("--matrices", type=int, default=8)
+    ap.add_argument("--matrices", type=at_least_one, default=8)
     ap.add_argument("--rounds", type=at_least_one, default=15)
     add_bandwidth_split(ap)
     a = ap.parse_args()
@@ -72,6 +72,7 @@ def main() -> None:
         count = next(iter(splits.values()))[2 * j + 1] if splits else 0
         print(f"rounds with {label}: {count}; median ratio per round: "
               + "  ".join(f"{k} {v[2 * j]:.2f}x" if v[2 * j] is not None else f"{k} -" for k, v in splits.items()))
+
 
 if __name__ == "__main__":
     main()

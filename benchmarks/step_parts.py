@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     grads = {n: torch.randn(p.shape, generator=gen) * 1e-3 for n, p in base.named_parameters()}
 
-    runs = {}  # group -> (AdamMini, AdamW, parameter count)
+    runs = {}  # group -> (AdamMini, AdamW, parameter count, routes AdamMini took)
     for k, members in groups.items():
         model = copy.deepcopy(base)
         named = dict(model.named_parameters())
@@ -86,11 +86,11 @@ def main(argv=None) -> None:
         tm, ta = times[k]["mini"], times[k]["adamw"]
         ratios = [m / w for m, w in zip(tm, ta)]
         gbps = [n * 28 / w / 1e9 for w in ta]
-
         fast, n_fast, slow, n_slow = split_by_bandwidth(ratios, gbps, a.fast, a.slow)
         cells = [f"{r:.3f}x (n={c})" if r is not None else "- (n=0)" for r, c in ((fast, n_fast), (slow, n_slow))]
         print(f"{k:<9}{n / 1e6:>8.1f}M{statistics.median(tm) * 1e3:>13.2f}{statistics.median(ta) * 1e3:>10.2f}"
               f"{statistics.median(ratios):>7.3f}x{cells[0]:>16}{cells[1]:>16}  {','.join(routes)}")
+
 
 if __name__ == "__main__":
     main()

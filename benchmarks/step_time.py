@@ -185,7 +185,7 @@ def main(argv=None):
     ap.add_argument("--impls", default="adamw-foreach,adamw-fused,adam-mini-official,adam-mini-rules-official,"
                                        "adam-mini-foreach,adam-mini")
     ap.add_argument("--rounds", type=at_least_one, default=5)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round and implementation")
+    ap.add_argument("--steps", type=at_least_one, default=3, help="timed steps per round and implementation")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)

@@ -101,7 +101,7 @@ LOOPS = {"4r3w": 0, "3r2w": 1, "3r2w-halves": 2}
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=at_least_one, default=200)
-    ap.add_argument("--elements", type=int, default=40_000_000)
+    ap.add_argument("--elements", type=at_least_one, default=40_000_000)
     add_bandwidth_split(ap)
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as build:
@@ -137,11 +137,11 @@ def main(argv=None) -> None:
           f"{sum(b >= a.fast for b in gbps):>12} rounds{sum(b < a.slow for b in gbps):>12} rounds")
     for k in LOOPS:
         ratios = [t / w for t, w in zip(times[k], times["adamw"])]
-
         fast, _, slow, _ = split_by_bandwidth(ratios, gbps, a.fast, a.slow)
         cells = [f"{r:.3f}x" if r is not None else "-" for r in (fast, slow)]
         print(f"{k:<13}{statistics.median(times[k]) * 1e3:>8.1f}{statistics.median(ratios):>11.3f}x"
               f"{cells[0]:>18}{cells[1]:>18}")
+
 
 if __name__ == "__main__":
     main()

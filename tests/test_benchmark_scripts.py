@@ -68,11 +68,14 @@ def test_stream_floor_times_its_loops_against_fused_adamw_in_a_tiny_mode():
     assert loops == ["4r3w", "3r2w", "3r2w-halves"], out.stdout
 
 
-@pytest.mark.parametrize("script", ["step_time.py", "step_parts.py", "stream_floor.py", "factored_micro.py"])
-def test_timing_scripts_refuse_zero_rounds_naming_the_argument(script):
+@pytest.mark.parametrize("script, arg", [("step_time.py", "--rounds"), ("step_time.py", "--steps"),
+                                         ("step_parts.py", "--rounds"), ("stream_floor.py", "--rounds"),
+                                         ("stream_floor.py", "--elements"), ("factored_micro.py", "--rounds"),
+                                         ("factored_micro.py", "--matrices")])
+def test_timing_scripts_refuse_a_zero_count_naming_the_argument(script, arg):
     extra = ["64", "96"] if script == "factored_micro.py" else []
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *extra, "--rounds", "0"],
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *extra, arg, "0"],
                          capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "argument --rounds: must be an integer of at least 1, got 0" in out.stderr
+    assert f"argument {arg}: must be an integer of at least 1, got 0" in out.stderr
     assert "Traceback" not in out.stderr
